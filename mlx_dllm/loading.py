@@ -1,0 +1,121 @@
+"""Local folder or hub repo -> (model, tokenizer). Never runs code shipped with a checkpoint."""
+
+import glob
+import json
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer
+
+from .errors import DLLMError
+from .models import dflash
+
+# What a checkpoint needs; remote code (*.py) is deliberately not fetched.
+ALLOW_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jinja"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tiktoken.model")
+
+
+def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    """A local folder as is, else a snapshot of the hub repo."""
+    path = Path(path_or_repo)
+    if path.exists():
+        if not path.is_dir():
+            raise DLLMError(f"{path_or_repo} is not a folder")
+        return path
+    if path.is_absolute() or path_or_repo.startswith((".", "~")) or path_or_repo.count("/") != 1:
+        raise DLLMError(f"{path_or_repo} does not exist (and is not a hub repo id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except Exception as error:
+        raise DLLMError(f"cannot fetch {path_or_repo} from the hub: {type(error).__name__}") from error
+
+
+def read_config(path: Path) -> Dict:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise DLLMError(f"no config.json in {path}")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise DLLMError(f"{config_file} is not valid JSON: {error.msg} (line {error.lineno})") from error
+
+
+def is_dflash_config(config: Dict) -> bool:
+    """DFlash drafters are recognised by architecture or `dflash_config`, never by model_type (gpt-oss says gpt_oss)."""
+    architectures = config.get("architectures") or []
+    return "dflash_config" in config or any(a in dflash.DRAFT_ARCHITECTURES for a in architectures)
+
+
+def check_architecture(config: Dict) -> None:
+    architectures = config.get("architectures") or []
+    if "DFlash2DraftModel" in architectures:
+        raise DLLMError("DFlash2 drafters (DFlash2DraftModel) are not supported yet")
+    if architectures and not is_dflash_config(config) and "dflash" in " ".join(architectures).lower():
+        raise DLLMError(f"unknown DFlash architecture {architectures[0]}")
+
+
+def check_weight_files(path: Path) -> None:
+    """Fail with one line on missing or unreadable safetensors (a truncated download, say)."""
+    files = sorted(glob.glob(str(path / "model*.safetensors")))
+    if not files:
+        raise DLLMError(f"no model*.safetensors in {path}")
+    for file in files:
+        try:
+            mx.load(file)
+        except Exception as error:
+            raise DLLMError(f"cannot read {Path(file).name}: {str(error).splitlines()[0]}") from error
+
+
+# Families mlx-lm lacks a file for but whose architecture it has under another name.
+TARGET_REMAPPING = {"ministral": "llama"}
+
+
+def _draft_classes(config: Dict):
+    return dflash.Model, dflash.ModelArgs
+
+
+def _target_classes(config: Dict):
+    model_type = TARGET_REMAPPING.get(config["model_type"], config["model_type"])
+    return _get_classes({**config, "model_type": model_type})
+
+
+def _load_weights_checked(path: Path, get_classes, lazy: bool = False) -> nn.Module:
+    check_weight_files(path)
+    try:
+        model, _ = load_model(path, lazy=lazy, get_model_classes=get_classes)
+    except DLLMError:
+        raise
+    except (ValueError, KeyError, TypeError) as error:
+        raise DLLMError(f"cannot build the model in {path}: {str(error).splitlines()[0]}") from error
+    return model
+
+
+def load_tokenizer_checked(path: Path, config: Dict) -> TokenizerWrapper:
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise DLLMError(f"no tokenizer in {path} (expected tokenizer.json or tokenizer.model)")
+    try:
+        return load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as error:
+        raise DLLMError(f"cannot load the tokenizer in {path}: {str(error).splitlines()[0]}") from error
+
+
+def load(
+    path_or_repo: str, revision: Optional[str] = None, lazy: bool = False
+) -> Tuple[nn.Module, Optional[TokenizerWrapper]]:
+    """Load a DFlash drafter (tokenizer optional: it uses the target's) or an mlx-lm AR model."""
+    path = resolve(path_or_repo, revision)
+    config = read_config(path)
+    check_architecture(config)
+    if is_dflash_config(config):
+        model = _load_weights_checked(path, _draft_classes, lazy)
+        has_tokenizer = any((path / name).exists() for name in TOKENIZER_FILES)
+        return model, load_tokenizer_checked(path, config) if has_tokenizer else None
+    if "model_type" not in config:
+        raise DLLMError(f"config.json in {path} has no model_type")
+    model = _load_weights_checked(path, _target_classes, lazy)
+    return model, load_tokenizer_checked(path, config)

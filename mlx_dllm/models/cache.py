@@ -1,0 +1,79 @@
+"""Caches that mlx-lm lacks: a sliding-window K/V cache that can roll back past its window."""
+
+import mlx.core as mx
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import _BaseCache
+
+
+class WindowKVCache(_BaseCache):
+    """Sliding-window K/V in temporal order that can be trimmed by up to the rows of the last update.
+
+    mlx-lm's RotatingKVCache overwrites rows once it is full, so it stops being trimmable past its
+    window. This cache keeps the last `window - 1` rows before each update and appends the new ones,
+    so rolling back any part of the latest update (a rejected speculative block) is exact.
+    """
+
+    def __init__(self, window: int):
+        self.window = window
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    def _kept_before_update(self) -> int:
+        return 0 if self.keys is None else min(self.keys.shape[2], self.window - 1)
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            drop = self.keys.shape[2] - self._kept_before_update()
+            self.keys = mx.concatenate([self.keys[..., drop:, :], keys], axis=2)
+            self.values = mx.concatenate([self.values[..., drop:, :], values], axis=2)
+        self.offset += keys.shape[2]
+        return self.keys, self.values
+
+    def make_mask(self, N: int, window_size=None, return_array: bool = False):
+        kept = self._kept_before_update()
+        window = window_size or self.window
+        if N == 1 and kept < window and not return_array:
+            return None
+        return create_causal_mask(N, kept, window_size=window)
+
+    def key_positions(self) -> mx.array:
+        """Absolute positions of the rows `update_and_fetch` last returned."""
+        stored = 0 if self.keys is None else self.keys.shape[2]
+        return mx.arange(self.offset - stored, self.offset)
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v
+        self.offset = 0 if self.keys is None else self.keys.shape[2]
+
+    def size(self):
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(n, self.offset)
+        if n == 0:
+            return 0
+        stored = self.keys.shape[2]
+        if stored - n < min(self.offset - n, self.window - 1):
+            raise RuntimeError("WindowKVCache cannot roll back past the rows of its last update")
+        self.keys = self.keys[..., : stored - n, :]
+        self.values = self.values[..., : stored - n, :]
+        self.offset -= n
+        return n
+
+    def empty(self):
+        return self.keys is None
+
+    @property
+    def nbytes(self):
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

@@ -1,0 +1,212 @@
+"""DFlash block-diffusion drafter (z-lab v1, and the transformers Muse Glimmer assistant layout).
+
+The drafter owns no embedding and no LM head: the target embeds the block `[anchor, mask x (B-1)]`
+and its lm_head reads the drafter's output positions 1..B-1. Target layer outputs, fused once by
+`fc` + `hidden_norm`, give every layer extra K/V rows placed before the block's own K/V.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.rope_utils import initialize_rope
+
+from ..errors import DLLMError
+from ..kernels import attention
+from .cache import WindowKVCache
+
+DRAFT_ARCHITECTURES = ("DFlashDraftModel", "MuseGlimmerAssistantModel")
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    architectures: List[str] = field(default_factory=lambda: ["DFlashDraftModel"])
+    rms_norm_eps: float = 1e-6
+    head_dim: Optional[int] = None
+    attention_bias: bool = False
+    rope_theta: Optional[float] = None
+    rope_scaling: Optional[Dict[str, Any]] = None
+    rope_parameters: Optional[Dict[str, Any]] = None
+    max_position_embeddings: int = 40960
+    layer_types: Optional[List[str]] = None
+    sliding_window: Optional[int] = None
+    is_causal: Optional[bool] = None
+    block_size: Optional[int] = None
+    mask_token_id: Optional[int] = None
+    target_layer_ids: Optional[List[int]] = None
+    dflash_config: Optional[Dict[str, Any]] = None
+
+    def __post_init__(self):
+        nested = self.dflash_config or {}
+        for key in ("target_layer_ids", "mask_token_id", "block_size"):
+            if nested.get(key) is not None:
+                setattr(self, key, nested[key])
+        if nested.get("causal") is not None:
+            self.is_causal = nested["causal"]
+        missing = [k for k in ("target_layer_ids", "mask_token_id", "block_size") if getattr(self, k) is None]
+        if missing:
+            raise DLLMError(f"DFlash config is missing {', '.join(missing)}")
+        if self.block_size < 2:
+            raise DLLMError(f"DFlash block_size must be at least 2, got {self.block_size}")
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.layer_types = self.layer_types or ["full_attention"] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise DLLMError("DFlash config: layer_types must have one entry per layer")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise DLLMError("DFlash config: sliding_attention layers need sliding_window")
+        rope = dict(self.rope_parameters or self.rope_scaling or {})
+        self.rope_theta = self.rope_theta or rope.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        self.rope_scaling = rope if rope_type != "default" else None
+
+    @property
+    def is_muse_glimmer(self) -> bool:
+        return "MuseGlimmerAssistantModel" in (self.architectures or [])
+
+
+def sliding_mask(query_positions: mx.array, key_positions: mx.array, window: int, causal: bool) -> mx.array:
+    """Bool [Tq, Tk] mask of a sliding layer from absolute positions."""
+    distance = query_positions[:, None] - key_positions[None]
+    if causal:
+        return (distance >= 0) & (distance < window)
+    return mx.abs(distance) <= window  # the Muse Glimmer (transformers) bidirectional window
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.rope = initialize_rope(
+            self.head_dim,
+            base=args.rope_theta,
+            traditional=False,
+            scaling_config=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+        self.window = args.sliding_window if layer_type == "sliding_attention" else None
+        # z-lab/vLLM/SGLang: sliding draft layers are causal unless the config says otherwise.
+        self.causal = not args.is_muse_glimmer and args.is_causal is not False
+
+    def _heads(self, x: mx.array, n_heads: int) -> mx.array:
+        B, L, _ = x.shape
+        return x.reshape(B, L, n_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, context: mx.array, cache) -> mx.array:
+        B, L, _ = x.shape
+        S = context.shape[1]
+        start = cache.offset  # absolute position of the first new context row
+        queries = self.q_norm(self._heads(self.q_proj(x), self.n_heads))
+        block_keys = self.k_norm(self._heads(self.k_proj(x), self.n_kv_heads))
+        block_values = self._heads(self.v_proj(x), self.n_kv_heads)
+        context_keys = self.k_norm(self._heads(self.k_proj(context), self.n_kv_heads))
+        context_values = self._heads(self.v_proj(context), self.n_kv_heads)
+
+        queries = self.rope(queries, offset=start + S)
+        block_keys = self.rope(block_keys, offset=start + S)
+        context_keys = self.rope(context_keys, offset=start)
+        # Only context rows persist: the block's K/V are never written to the cache.
+        context_keys, context_values = cache.update_and_fetch(context_keys, context_values)
+        keys = mx.concatenate([context_keys, block_keys], axis=2)
+        values = mx.concatenate([context_values, block_values], axis=2)
+
+        mask = None
+        if self.window is not None:
+            block_positions = mx.arange(start + S, start + S + L)
+            key_positions = mx.concatenate([cache.key_positions(), block_positions])
+            mask = sliding_mask(block_positions, key_positions, self.window, self.causal)
+        out = attention(queries, keys, values, self.scale, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def make_cache(self):
+        if self.window is None:
+            return KVCache()
+        # A causal window needs window-1 earlier rows; the bidirectional one needs window.
+        return WindowKVCache(self.window if self.causal else self.window + 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        self.self_attn = Attention(args, layer_type)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, context: mx.array, cache) -> mx.array:
+        # The context is already normalised by hidden_norm: it skips input_layernorm.
+        h = x + self.self_attn(self.input_layernorm(x), context, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Model(nn.Module):
+    """The drafter. `__call__` maps block embeddings + new target features to normalised hidden states."""
+
+    modes = ("dflash",)
+    default_mode = "dflash"
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = "dflash"
+        feature_size = len(args.target_layer_ids) * args.hidden_size
+        self.fc = nn.Linear(feature_size, args.hidden_size, bias=False)
+        self.hidden_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.layers = [DecoderLayer(args, t) for t in args.layer_types]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, block_embeddings: mx.array, target_features: mx.array, cache, start: int = 0) -> mx.array:
+        """block_embeddings [1, B, H]; target_features [1, S, K*H] for context rows not yet cached.
+
+        Returns the final-normed hidden states of block positions `start..B-1`.
+        """
+        context = self.hidden_norm(self.fc(target_features))
+        h = block_embeddings
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, context, layer_cache)
+        return self.norm(h[:, start:])
+
+    def make_cache(self) -> List:
+        return [layer.self_attn.make_cache() for layer in self.layers]
+
+    @staticmethod
+    def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        renames = (("encoder.fc.", "fc."), ("encoder.output_norm_enc.", "hidden_norm."))
+        sanitized = {}
+        for name, value in weights.items():
+            if "rotary_emb" in name:
+                continue
+            name = name.removeprefix("model.")
+            for old, new in renames:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+            sanitized[name] = value
+        return sanitized

@@ -1,0 +1,32 @@
+"""Plain autoregressive decoding: the baseline every other strategy is measured against."""
+
+from typing import Iterator, List
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
+
+from .common import Stats, TokenSelector, prefill_chunks
+
+
+def generate_ar(
+    model: nn.Module,
+    prompt: mx.array,
+    *,
+    select: TokenSelector,
+    stats: Stats,
+    prefill_step_size: int = 2048,
+    **_,
+) -> Iterator[List[int]]:
+    """Yield one token at a time; the next forward is queued (async_eval) before the current token is yielded."""
+    cache = make_prompt_cache(model)
+    last_logits = prefill_chunks(lambda ids: model(ids[None], cache=cache)[:, -1], prompt, prefill_step_size)
+    token = select(last_logits[-1])
+    mx.eval(token)
+    stats.mark_prefill()
+    while True:
+        next_token = select(model(token[None], cache=cache)[:, -1])
+        mx.async_eval(next_token)
+        stats.forwards += 1  # the forward that produced `token`
+        yield [token.item()]
+        token = next_token

@@ -1,0 +1,106 @@
+"""DFlash speculative decoding: one drafter forward proposes a block, one target forward verifies it.
+
+Proposals are the drafter's argmax; the target's token at each position is its own sample (argmax at
+temp 0), and a proposal is accepted iff it equals that sample. That is rejection sampling with a
+one-hot proposal, so the output follows the target's distribution exactly (lossless).
+"""
+
+from typing import Iterator, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import DLLMError
+from ..models.dflash import Model as DFlashDraft
+from ..models.target import Target
+from .common import Stats, TokenSelector, prefill_chunks
+
+
+def bind_target(draft: DFlashDraft, model: nn.Module) -> Target:
+    """Check that `draft` can read `model` and return the target adapter capturing its layers."""
+    if not isinstance(draft, DFlashDraft):
+        raise DLLMError(f"the draft model must be a DFlash drafter, got {type(draft).__name__}")
+    args = draft.args
+    target_args = getattr(model, "args", None)
+    target_hidden = getattr(target_args, "hidden_size", None)
+    if target_hidden is not None and target_hidden != args.hidden_size:
+        raise DLLMError(
+            f"draft hidden size {args.hidden_size} does not match the target's {target_hidden}"
+        )
+    target = Target(model, args.target_layer_ids)
+    vocab_rows = target.embed_tokens.weight.shape[0]
+    if not 0 <= args.mask_token_id < vocab_rows:
+        raise DLLMError(
+            f"mask_token_id {args.mask_token_id} is outside the target's embedding table ({vocab_rows} rows)"
+        )
+    return target
+
+
+def _accepted_prefix(draft_tokens: List[int], target_tokens: List[int]) -> int:
+    accepted = 0
+    while accepted < len(draft_tokens) and draft_tokens[accepted] == target_tokens[accepted]:
+        accepted += 1
+    return accepted
+
+
+def generate_dflash(
+    model: nn.Module,
+    prompt: mx.array,
+    *,
+    draft_model: DFlashDraft,
+    select: TokenSelector,
+    stats: Stats,
+    max_tokens: int,
+    block_size: Optional[int] = None,
+    prefill_step_size: int = 2048,
+    **_,
+) -> Iterator[List[int]]:
+    """Yield the tokens committed by each round (the first yield is the prefill's token)."""
+    trained = draft_model.args.block_size
+    block_size = block_size or trained
+    if not 2 <= block_size <= trained:
+        raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
+    target = bind_target(draft_model, model)
+    mask_id = draft_model.args.mask_token_id
+    cache = target.make_cache()
+    draft_cache = draft_model.make_cache()
+
+    def target_forward(ids: mx.array):
+        return target(ids[None], cache), target.features()
+
+    chunks = prefill_chunks(lambda ids: target_forward(ids), prompt, prefill_step_size)
+    features = mx.concatenate([f for _, f in chunks], axis=1)
+    anchor = int(select(chunks[-1][0][:, -1]).item())
+    del chunks
+    stats.mark_prefill()
+    stats.forwards = 1
+    generated = [anchor]
+
+    def draft(anchor: int, features: mx.array, size: int) -> mx.array:
+        block = mx.array([[anchor] + [mask_id] * (size - 1)])
+        hidden = draft_model(target.embed(block), features, draft_cache, start=1)
+        return mx.argmax(target.lm_head(hidden)[0], axis=-1)
+
+    size = min(block_size, max_tokens - len(generated) + 1)
+    proposal = draft(anchor, features, size) if size >= 2 else None
+    while True:
+        if proposal is not None:
+            mx.async_eval(proposal)  # the drafter runs while the front streams the last tokens
+        yield generated
+        if proposal is None:
+            return
+        stats.draft_forwards += 1
+        logits, features = target_forward(mx.concatenate([mx.array([anchor]), proposal.astype(mx.int32)]))
+        target_tokens = select(logits[0])
+        mx.eval(target_tokens, proposal)
+        stats.forwards += 1
+        draft_tokens, target_tokens = proposal.tolist(), target_tokens.tolist()
+        accepted = _accepted_prefix(draft_tokens, target_tokens)
+        generated = draft_tokens[:accepted] + [target_tokens[accepted]]
+        stats.accept_lengths.append(accepted + 1)
+        target.rollback(cache, size - accepted - 1)
+        features = features[:, : accepted + 1]
+        anchor = generated[-1]
+        produced = sum(stats.accept_lengths) + 1
+        size = min(block_size, max_tokens - produced + 1)
+        proposal = draft(anchor, features, size) if size >= 2 else None
