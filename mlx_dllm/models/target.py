@@ -25,6 +25,8 @@ _CAPTURING_CLASSES = {}
 
 def _capturing_class(cls):
     """A subclass of `cls` whose call records its output; the parameter tree is unchanged."""
+    if cls in _CAPTURING_CLASSES.values():
+        return cls
     if cls not in _CAPTURING_CLASSES:
 
         def __call__(self, *args, **kwargs):
@@ -69,7 +71,6 @@ class Target:
         self.layers = layers
         self._lm_head = getattr(model, "lm_head", None)
         self.num_layers = len(layers)
-        self.hidden_size = self.embed_tokens.weight.shape[-1] if not hasattr(self.embed_tokens, "scales") else None
         self.capture_layer_ids = list(capture_layer_ids)
         self._slot = _CaptureSlot()
         for index, layer_id in enumerate(self.capture_layer_ids):

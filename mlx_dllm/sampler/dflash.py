@@ -43,6 +43,13 @@ def _accepted_prefix(draft_tokens: List[int], target_tokens: List[int]) -> int:
     return accepted
 
 
+def propose_block(draft: DFlashDraft, target: Target, anchor: int, features: mx.array, draft_cache, size: int) -> mx.array:
+    """One drafter forward over `[anchor, mask x (size-1)]`: the argmax proposals for positions 1..size-1."""
+    block = mx.array([[anchor] + [draft.args.mask_token_id] * (size - 1)])
+    hidden = draft(target.embed(block), features, draft_cache, start=1)
+    return mx.argmax(target.lm_head(hidden)[0], axis=-1)
+
+
 def generate_dflash(
     model: nn.Module,
     prompt: mx.array,
@@ -61,7 +68,6 @@ def generate_dflash(
     if not 2 <= block_size <= trained:
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
     target = bind_target(draft_model, model)
-    mask_id = draft_model.args.mask_token_id
     cache = target.make_cache()
     draft_cache = draft_model.make_cache()
 
@@ -77,9 +83,7 @@ def generate_dflash(
     generated = [anchor]
 
     def draft(anchor: int, features: mx.array, size: int) -> mx.array:
-        block = mx.array([[anchor] + [mask_id] * (size - 1)])
-        hidden = draft_model(target.embed(block), features, draft_cache, start=1)
-        return mx.argmax(target.lm_head(hidden)[0], axis=-1)
+        return propose_block(draft_model, target, anchor, features, draft_cache, size)
 
     size = min(block_size, max_tokens - len(generated) + 1)
     proposal = draft(anchor, features, size) if size >= 2 else None

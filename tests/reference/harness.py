@@ -89,8 +89,10 @@ def build_target(name: str, out_dir: Path, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def build_draft(target_config, out_dir: Path, block_size: int = 8, seed: int = 1, layers: int = 2) -> torch.nn.Module:
-    """The DFlash v1 drafter as transformers ships it (Muse Glimmer assistant), every layer full attention."""
+def build_draft(
+    target_config, out_dir: Path, block_size: int = 8, seed: int = 1, layers: int = 2, layer_types=None, sliding_window=8
+) -> torch.nn.Module:
+    """The DFlash v1 drafter as transformers ships it (Muse Glimmer assistant), by default all full attention."""
     torch.manual_seed(seed)
     config = MuseGlimmerAssistantConfig(
         hidden_size=target_config.hidden_size,
@@ -102,7 +104,8 @@ def build_draft(target_config, out_dir: Path, block_size: int = 8, seed: int = 1
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         max_position_embeddings=1024,
-        layer_types=["full_attention"] * layers,
+        layer_types=layer_types or ["full_attention"] * layers,
+        sliding_window=sliding_window,
         block_size=block_size,
         mask_token_id=MASK_TOKEN_ID,
         target_layer_ids=TARGET_LAYER_IDS,
@@ -141,6 +144,7 @@ def reference_draft_forward(draft, calls: List[Dict]) -> List[torch.Tensor]:
     from transformers.cache_utils import DFlashCache
 
     cache = DFlashCache(config=draft.config)
+    cache.activate_past_recording()  # lets crop() undo the block on sliding layers
     seen = 0
     outputs = []
     for call in calls:
