@@ -10,6 +10,7 @@ from mlx_lm.generate import generate_step
 
 from mlx_dllm import load, stream_generate
 from mlx_dllm.sampler import dflash as dflash_strategy
+from tests.oracle import Oracle
 
 harness = pytest.importorskip("tests.reference.harness")
 
@@ -59,24 +60,6 @@ def test_greedy_dflash_equals_reference_and_ar(hf_checkpoints, loaded, name):
             assert last.generation_tokens == MAX_TOKENS and last.finish_reason == "length"
 
 
-class Oracle:
-    """Replaces the drafter's proposals by the true greedy continuation for the first `k` positions of
-    each block (k cycling through `pattern`), then a wrong token, so rounds accept all, none or part."""
-
-    def __init__(self, propose_block, reference, prompt_length, pattern):
-        self.propose_block, self.reference, self.prompt_length = propose_block, reference, prompt_length
-        self.pattern = pattern
-        self.expected_accepts = []
-
-    def __call__(self, draft, target, anchor, features, draft_cache, size):
-        self.propose_block(draft, target, anchor, features, draft_cache, size)  # keeps the draft cache real
-        anchor_index = draft_cache[0].offset - self.prompt_length  # context rows = tokens before the anchor
-        correct = self.pattern[len(self.expected_accepts) % len(self.pattern)]
-        self.expected_accepts.append(min(correct, size - 1) + 1)
-        truth = self.reference[anchor_index + 1 : anchor_index + size]
-        return mx.array([t if j < correct else (t + 1) % harness.VOCAB for j, t in enumerate(truth)])
-
-
 @pytest.mark.parametrize("name", list(harness.TARGETS))
 def test_lossless_with_high_acceptance(loaded, monkeypatch, name):
     """Accepted, partly accepted and rejected blocks roll the target back exactly (sliding layers too:
@@ -84,7 +67,7 @@ def test_lossless_with_high_acceptance(loaded, monkeypatch, name):
     target, tokenizer, draft = loaded[name]
     prompt, max_tokens = PROMPTS[1], 40
     reference = _mlx_lm_greedy(target, prompt, max_tokens)
-    oracle = Oracle(dflash_strategy.propose_block, reference, len(prompt), pattern=[7, 0, 3, 7, 1, 5, 2])
+    oracle = Oracle(dflash_strategy.propose_block, reference, len(prompt), [7, 0, 3, 7, 1, 5, 2], harness.VOCAB)
     monkeypatch.setattr(dflash_strategy, "propose_block", oracle)
     ours, last = _generate(target, tokenizer, prompt, max_tokens, draft_model=draft, block_size=8)
     assert ours == reference

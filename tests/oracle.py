@@ -1,0 +1,22 @@
+"""A stand-in drafter whose proposals are known: right for the first k positions of a block, then wrong."""
+
+import mlx.core as mx
+
+
+class Oracle:
+    """Replaces `propose_block`: the true greedy continuation for the first k positions of each block
+    (k cycling through `pattern`), then a wrong token, so rounds accept all, none or part of a block.
+    The real drafter still runs, so its cache behaves as in a real run."""
+
+    def __init__(self, propose_block, reference, prompt_length, pattern, vocab_size):
+        self.propose_block, self.reference, self.prompt_length = propose_block, reference, prompt_length
+        self.pattern, self.vocab_size = pattern, vocab_size
+        self.expected_accepts = []
+
+    def __call__(self, draft, target, anchor, features, draft_cache, size):
+        self.propose_block(draft, target, anchor, features, draft_cache, size)
+        anchor_index = draft_cache[0].offset - self.prompt_length  # context rows = tokens before the anchor
+        correct = self.pattern[len(self.expected_accepts) % len(self.pattern)]
+        self.expected_accepts.append(min(correct, size - 1) + 1)
+        truth = self.reference[anchor_index + 1 : anchor_index + size]
+        return mx.array([t if j < correct else (t + 1) % self.vocab_size for j, t in enumerate(truth)])

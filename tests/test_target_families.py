@@ -1,0 +1,109 @@
+"""The target adapter on every mlx-lm family DFlash is tested with: capture, rollback and lossless decoding."""
+
+import importlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import load_tokenizer
+
+from mlx_dllm import DLLMError, stream_generate
+from mlx_dllm.models import dflash
+from mlx_dllm.models.cache import WindowKVCache
+from mlx_dllm.models.target import Target
+from mlx_dllm.sampler import dflash as dflash_strategy
+from tests.oracle import Oracle
+
+VOCAB, HIDDEN, LAYERS, WINDOW = 128, 32, 4, 8
+BASE = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=64, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, vocab_size=VOCAB,
+            max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False)
+FAMILIES = {
+    "qwen3": {},
+    "llama": {"layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": WINDOW,
+              "tie_word_embeddings": True},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "moe_intermediate_size": 32, "norm_topk_prob": True},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW,
+                "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "ministral3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                                       "original_max_position_embeddings": 1024},
+                   "layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": WINDOW},
+}
+
+
+def make_target(family):
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    mx.random.seed(0)
+    model = module.Model(module.ModelArgs.from_dict({"model_type": family, **BASE, **FAMILIES[family]}))
+    mx.eval(model.parameters())
+    return model
+
+
+def make_drafter(hidden_size=HIDDEN):
+    mx.random.seed(1)
+    args = dflash.ModelArgs(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, intermediate_size=48, block_size=8,
+                            mask_token_id=VOCAB - 1, target_layer_ids=[0, 2])
+    return dflash.Model(args)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    harness = pytest.importorskip("tests.reference.harness")
+    folder = tmp_path_factory.mktemp("tokenizer")
+    harness.save_tokenizer(folder)
+    return load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_captured_features_are_layer_outputs(family):
+    model = make_target(family)
+    target = Target(model, [2, 0])
+    ids = mx.array([[3, 9, 27, 81]])
+    target(ids, target.make_cache())
+    features = target.features()
+    # An independent probe: record every layer's output on a second run.
+    outputs = {}
+    for index, layer in enumerate(model.layers):
+        def record(self, *args, _index=index, _cls=type(layer), **kwargs):
+            outputs[_index] = _cls.__call__(self, *args, **kwargs)
+            return outputs[_index]
+
+        layer.__class__ = type("Probe", (type(layer),), {"__call__": record})
+    model(ids, cache=target.make_cache())
+    expected = mx.concatenate([outputs[2], outputs[0]], axis=-1)
+    np.testing.assert_array_equal(np.array(features), np.array(expected))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dflash_is_lossless_on_family(family, tokenizer, monkeypatch):
+    model = make_target(family)
+    target_caches = Target(model, []).make_cache()
+    if "sliding_window" in FAMILIES[family]:
+        assert any(isinstance(c, WindowKVCache) for c in target_caches)  # rollback past the window
+    prompt, max_tokens = [5, 17, 42, 9, 3], 40
+    reference = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens)]
+    oracle = Oracle(dflash_strategy.propose_block, reference, len(prompt), [7, 0, 3, 7, 1, 5, 2], VOCAB)
+    monkeypatch.setattr(dflash_strategy, "propose_block", oracle)
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    tokens = []
+    for response in stream_generate(model, tokenizer, prompt, max_tokens, draft_model=make_drafter()):
+        tokens += response.tokens
+    assert tokens == reference
+    assert response.acceptance_length == pytest.approx(np.mean(oracle.expected_accepts))
+
+
+def test_hidden_size_mismatch_is_refused():
+    with pytest.raises(DLLMError, match="does not match the target's"):
+        dflash_strategy.bind_target(make_drafter(hidden_size=48), make_target("qwen3"))
+
+
+def test_family_without_rollback_names_what_is_missing():
+    from mlx_lm.models.cache import ArraysCache
+
+    model = make_target("qwen3")
+    model.make_cache = lambda: [ArraysCache(2) for _ in range(LAYERS)]
+    with pytest.raises(DLLMError, match="layer 0 uses ArraysCache, which has no token rollback"):
+        Target(model, [0])
