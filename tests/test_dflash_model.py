@@ -114,3 +114,22 @@ def test_window_cache_rolls_back_past_its_window():
         if rollback:
             all_keys = [mx.concatenate(all_keys, axis=2)[..., : full.shape[2] - rollback, :]]
         assert cache.offset == sum(k.shape[2] for k in all_keys)
+
+
+ROPE_VARIANTS = {
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+             "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPE_VARIANTS))
+def test_scaled_rope_drafter_matches_reference(hf_checkpoints, tmp_path, rope):
+    """llama3 and YaRN RoPE (gpt-oss drafts use YaRN) at positions past the original context."""
+    target_config = hf_checkpoints["qwen3_gqa"]["target_model"].config
+    reference = harness.build_draft(target_config, tmp_path, rope_parameters=ROPE_VARIANTS[rope])
+    draft, _ = load(str(tmp_path))
+    calls = _random_calls(reference.config, [70, 3, 40], block_size=8, seed=7)
+    errors, _ = _max_errors(reference, draft, calls)
+    assert max(errors) <= TOLERANCE, errors

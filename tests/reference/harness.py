@@ -90,7 +90,14 @@ def build_target(name: str, out_dir: Path, seed: int = 0) -> torch.nn.Module:
 
 
 def build_draft(
-    target_config, out_dir: Path, block_size: int = 8, seed: int = 1, layers: int = 2, layer_types=None, sliding_window=8
+    target_config,
+    out_dir: Path,
+    block_size: int = 8,
+    seed: int = 1,
+    layers: int = 2,
+    layer_types=None,
+    sliding_window=8,
+    rope_parameters=None,
 ) -> torch.nn.Module:
     """The DFlash v1 drafter as transformers ships it (Muse Glimmer assistant), by default all full attention."""
     torch.manual_seed(seed)
@@ -102,7 +109,7 @@ def build_draft(
         num_key_value_heads=2,
         head_dim=24,
         rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
         max_position_embeddings=1024,
         layer_types=layer_types or ["full_attention"] * layers,
         sliding_window=sliding_window,
