@@ -4,13 +4,6 @@ from ._version import __version__
 from .errors import DLLMError
 from .loading import load
 from .sampler import GenerationResponse, generate, stream_generate
-
-
-def convert(*args, **kwargs):
-    """HF checkpoint -> MLX folder; see `mlx_dllm.convert.convert`."""
-    from .convert import convert as _convert
-
-    return _convert(*args, **kwargs)
-
+from .convert import convert  # noqa: E402  (after loading: the converter uses it)
 
 __all__ = ["DLLMError", "GenerationResponse", "__version__", "convert", "generate", "load", "stream_generate"]

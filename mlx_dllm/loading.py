@@ -59,16 +59,18 @@ def check_architecture(config: Dict) -> None:
         raise DLLMError(f"unknown DFlash architecture {architectures[0]}")
 
 
-def check_weight_files(path: Path) -> None:
-    """Fail with one line on missing or unreadable safetensors (a truncated download, say)."""
+def read_weights(path: Path) -> Dict[str, mx.array]:
+    """All `model*.safetensors` tensors (lazily); one line on missing or unreadable files (a truncated download)."""
     files = sorted(glob.glob(str(path / "model*.safetensors")))
     if not files:
         raise DLLMError(f"no model*.safetensors in {path}")
+    weights = {}
     for file in files:
         try:
-            mx.load(file)
+            weights.update(mx.load(file))
         except Exception as error:
             raise DLLMError(f"cannot read {Path(file).name}: {str(error).splitlines()[0]}") from error
+    return weights
 
 
 # Families mlx-lm lacks a file for but whose architecture it has under another name.
@@ -84,15 +86,32 @@ def _target_classes(config: Dict):
     return _get_classes({**config, "model_type": model_type})
 
 
-def _load_weights_checked(path: Path, get_classes, lazy: bool = False) -> nn.Module:
-    check_weight_files(path)
+def check_target_architecture(config: Dict) -> None:
+    if "model_type" not in config:
+        raise DLLMError("config.json has no model_type")
     try:
-        model, _ = load_model(path, lazy=lazy, get_model_classes=get_classes)
+        _target_classes(config)
+    except ValueError as error:
+        architecture = (config.get("architectures") or ["(none)"])[0]
+        raise DLLMError(
+            f"unknown architecture {architecture} (model_type {config['model_type']}): mlx-lm has no model for it"
+        ) from error
+
+
+def build_model(path: Path, config: Dict, lazy: bool = False) -> Tuple[nn.Module, Dict]:
+    """The drafter or mlx-lm target in `path` with its weights, and the config mlx-lm saw (quantization included)."""
+    if is_dflash_config(config):
+        get_classes = _draft_classes
+    else:
+        check_target_architecture(config)
+        get_classes = _target_classes
+    read_weights(path)  # one-line errors before mlx-lm reads them
+    try:
+        return load_model(path, lazy=lazy, get_model_classes=get_classes)
     except DLLMError:
         raise
     except (ValueError, KeyError, TypeError) as error:
         raise DLLMError(f"cannot build the model in {path}: {str(error).splitlines()[0]}") from error
-    return model
 
 
 def load_tokenizer_checked(path: Path, config: Dict) -> TokenizerWrapper:
@@ -111,11 +130,7 @@ def load(
     path = resolve(path_or_repo, revision)
     config = read_config(path)
     check_architecture(config)
-    if is_dflash_config(config):
-        model = _load_weights_checked(path, _draft_classes, lazy)
-        has_tokenizer = any((path / name).exists() for name in TOKENIZER_FILES)
-        return model, load_tokenizer_checked(path, config) if has_tokenizer else None
-    if "model_type" not in config:
-        raise DLLMError(f"config.json in {path} has no model_type")
-    model = _load_weights_checked(path, _target_classes, lazy)
+    model, _ = build_model(path, config, lazy)
+    if is_dflash_config(config) and not any((path / name).exists() for name in TOKENIZER_FILES):
+        return model, None
     return model, load_tokenizer_checked(path, config)

@@ -43,7 +43,9 @@ def _accepted_prefix(draft_tokens: List[int], target_tokens: List[int]) -> int:
     return accepted
 
 
-def propose_block(draft: DFlashDraft, target: Target, anchor: int, features: mx.array, draft_cache, size: int) -> mx.array:
+def propose_block(
+    draft: DFlashDraft, target: Target, anchor: int, features: mx.array, draft_cache, size: int
+) -> mx.array:
     """One drafter forward over `[anchor, mask x (size-1)]`: the argmax proposals for positions 1..size-1."""
     block = mx.array([[anchor] + [draft.args.mask_token_id] * (size - 1)])
     hidden = draft(target.embed(block), features, draft_cache, start=1)

@@ -1,0 +1,82 @@
+"""`mlx-dllm generate`: flags follow `mlx_lm.generate`; ends with mlx-lm's summary lines plus our stats."""
+
+import sys
+
+import click
+
+import mlx_dllm
+from mlx_dllm.errors import DLLMError
+from mlx_dllm.sampler import summary
+
+DEFAULT_PROMPT = "hello"
+
+
+def build_prompt(tokenizer, prompt: str, system_prompt, ignore_chat_template: bool):
+    """The prompt, wrapped in the chat template when there is one and it is wanted."""
+    if ignore_chat_template or not tokenizer.has_chat_template:
+        return prompt
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    messages.append({"role": "user", "content": prompt})
+    template_options = {}
+    # Qwen3-style templates think by default; only pass the switch to templates that know it.
+    if "enable_thinking" in str(tokenizer.chat_template):
+        template_options["enable_thinking"] = False
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_options)
+
+
+def load_models(model_path: str, draft_path):
+    model, tokenizer = mlx_dllm.load(model_path)
+    if tokenizer is None:
+        raise DLLMError(f"{model_path} has no tokenizer")
+    draft_model = mlx_dllm.load(draft_path)[0] if draft_path is not None else None  # the target's tokenizer serves both
+    return model, tokenizer, draft_model
+
+
+@click.command("generate")
+@click.option("--model", required=True, help="MLX target model folder or hub repo id.")
+@click.option("--draft-model", default=None, help="DFlash drafter folder or hub repo id.")
+@click.option("--block-size", type=int, default=None, help="Draft block size (default: the drafter's).")
+@click.option("-p", "--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt text; '-' reads stdin.")
+@click.option("-m", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Sampling top-p.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sampling top-k (0: off).")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="Sampling min-p.")
+@click.option("--seed", type=int, default=None, help="Random seed.")
+@click.option("--system-prompt", default=None, help="System prompt for the chat template.")
+@click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as is.")
+@click.option("--verbose/--no-verbose", default=True, show_default=True, help="Print rulers and the summary.")
+@click.option("--prefill-step-size", type=int, default=2048, show_default=True, help="Prompt tokens per prefill chunk.")
+@click.option("--stop", multiple=True, help="Stop at this text (repeatable).")
+def generate_command(model, draft_model, block_size, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
+                     system_prompt, ignore_chat_template, verbose, prefill_step_size, stop):
+    """Generate text with a target model, optionally drafted by a DFlash drafter."""
+    if prefill_step_size < 1:
+        raise DLLMError(f"prefill step size must be positive, got {prefill_step_size}")
+    target, tokenizer, drafter = load_models(model, draft_model)
+    prompt = sys.stdin.read() if prompt == "-" else prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = build_prompt(tokenizer, prompt, system_prompt, ignore_chat_template)
+    responses = mlx_dllm.stream_generate(
+        target,
+        tokenizer,
+        prompt,
+        max_tokens,
+        draft_model=drafter,
+        block_size=block_size,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        stop=stop,
+        prefill_step_size=prefill_step_size,
+    )
+    response = None
+    for index, response in enumerate(responses):
+        if verbose and index == 0:
+            click.echo("=" * 10)  # after the first response: a bad flag fails before anything is printed
+        click.echo(response.text, nl=False)
+    click.echo()
+    if verbose and response is not None:
+        click.echo("=" * 10)
+        click.echo(summary(response))

@@ -1,0 +1,50 @@
+"""Hugging Face checkpoint -> MLX folder that `mlx_dllm.load` reads (one recipe per architecture)."""
+
+from pathlib import Path
+from typing import Optional, Union
+
+from mlx_dllm import loading
+from mlx_dllm.errors import DLLMError
+
+from .common import cast_parameters, check_destination, quantize_weights, resolve_dtype, save, staged_folder
+from .dflash import load_draft
+from .target import load_target
+
+
+def convert(
+    hf_path: Union[str, Path],
+    mlx_path: Union[str, Path] = "mlx_model",
+    quantize: bool = False,
+    q_group_size: Optional[int] = None,
+    q_bits: Optional[int] = None,
+    dtype: Optional[str] = None,
+    force: bool = False,
+    revision: Optional[str] = None,
+) -> Path:
+    """Convert `hf_path` (folder or hub repo) into `mlx_path`; nothing is left behind if it fails."""
+    mlx_path = Path(mlx_path)
+    check_destination(mlx_path, force)
+    source = loading.resolve(str(hf_path), revision)
+    if source.resolve() == mlx_path.resolve():
+        raise DLLMError("the MLX path must differ from the Hugging Face path")
+    config = loading.read_config(source)
+    loading.check_architecture(config)
+    dtype = resolve_dtype(dtype, config)
+
+    print(f"[INFO] Loading {source}")
+    if loading.is_dflash_config(config):
+        model = load_draft(source, config)
+    else:
+        model, config = load_target(source, config)
+    cast_parameters(model, dtype, config)
+    if quantize:
+        print("[INFO] Quantizing")
+        model, config = quantize_weights(model, config, q_group_size, q_bits)
+
+    with staged_folder(mlx_path, force) as staging:
+        save(staging, model, config, source)
+    print(f"[INFO] Saved to {mlx_path}")
+    return mlx_path
+
+
+__all__ = ["convert"]

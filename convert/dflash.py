@@ -1,0 +1,41 @@
+"""DFlash drafter recipe: HF safetensors -> sanitized, shape-checked `mlx_dllm.models.dflash.Model`."""
+
+from pathlib import Path
+from typing import Dict
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from mlx_dllm.errors import DLLMError
+from mlx_dllm.models.dflash import Model, ModelArgs
+
+from mlx_dllm.loading import read_weights
+
+
+def check_weights(weights: Dict[str, mx.array], expected: Dict[str, mx.array]) -> None:
+    """Every expected tensor present with its shape, nothing else; the error names the first culprit."""
+    for name, value in tqdm(weights.items(), desc="Checking weights", unit="tensor"):
+        if name not in expected:
+            raise DLLMError(f"unexpected tensor {name} {tuple(value.shape)} in the checkpoint")
+        if value.shape != expected[name].shape:
+            raise DLLMError(
+                f"tensor {name} has shape {tuple(value.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        raise DLLMError(f"the checkpoint lacks {missing[0]} {tuple(expected[missing[0]].shape)}")
+
+
+def load_draft(path: Path, config: Dict) -> Model:
+    if "quantization" in config:
+        raise DLLMError(f"{path} is already a quantized MLX drafter; convert the original checkpoint")
+    try:
+        args = ModelArgs.from_dict(config)
+    except TypeError as error:
+        raise DLLMError(f"DFlash config: {str(error).splitlines()[0]}") from error
+    weights = Model.sanitize(read_weights(path))
+    model = Model(args)
+    check_weights(weights, dict(tree_flatten(model.parameters())))
+    model.load_weights(list(weights.items()))
+    return model

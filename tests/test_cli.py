@@ -1,0 +1,199 @@
+"""The `mlx-dllm` CLI: convert + generate end to end, and one-line errors (nothing half-written) on bad input."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_dllm.cli import main
+from mlx_dllm.cli.generate import build_prompt
+
+PROMPT = [5, 17, 42]
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+
+def assert_user_error(result, pattern: str):
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()  # progress bars may come first, also on stderr
+    assert lines[-1].startswith("Error: ") and "Error" not in "".join(lines[:-1]), result.stderr
+    assert pattern in lines[-1], lines[-1]
+    assert "Traceback" not in result.output
+
+
+def assert_nothing_written(mlx_path: Path):
+    assert not mlx_path.exists()
+    assert list(mlx_path.parent.iterdir()) == []  # no temporary folder either
+
+
+def edited_copy(source: Path, destination: Path, **config_changes) -> Path:
+    shutil.copytree(source, destination)
+    config = json.loads((destination / "config.json").read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            del config[key]
+        else:
+            config[key] = value
+    (destination / "config.json").write_text(json.dumps(config))
+    return destination
+
+
+def words(ids):
+    return " ".join(f"w{i}" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def converted(hf_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlx")
+    for role in ("target", "draft"):
+        result = run("convert", "--hf-path", hf_checkpoints["qwen3_gqa"][role], "--mlx-path", root / role)
+        assert result.exit_code == 0, result.output
+    return {"target": root / "target", "draft": root / "draft"}
+
+
+@pytest.fixture
+def out(tmp_path):
+    (tmp_path / "out").mkdir()
+    return tmp_path / "out" / "model"
+
+
+def generated_text(stdout: str) -> str:
+    return stdout.split("=" * 10)[1].strip()
+
+
+def test_generate_dflash_matches_the_reference_greedy(hf_checkpoints, converted):
+    from tests.reference.harness import EOS_TOKEN_ID, reference_greedy
+
+    reference = reference_greedy(hf_checkpoints["qwen3_gqa"]["target_model"], PROMPT, 16)
+    reference = reference[: reference.index(EOS_TOKEN_ID)] if EOS_TOKEN_ID in reference else reference
+    args = ["--model", converted["target"], "-p", words(PROMPT), "-m", 16]
+    ar = run("generate", *args)
+    dflash = run("generate", *args, "--draft-model", converted["draft"], "--block-size", 4)
+    assert ar.exit_code == 0 and dflash.exit_code == 0, ar.output + dflash.output
+    assert generated_text(ar.stdout) == generated_text(dflash.stdout) == words(reference)
+    assert "Prompt: 3 tokens" in dflash.stdout and f"Generation: {len(reference)} tokens" in dflash.stdout
+    assert "Peak memory: " in dflash.stdout and "Mode: dflash" in dflash.stdout and "acceptance length" in dflash.stdout
+
+
+def test_generate_quiet_reads_stdin(converted):
+    result = run("generate", "--model", converted["target"], "-p", "-", "-m", 4, "--no-verbose", input=words(PROMPT))
+    assert result.exit_code == 0, result.output
+    assert "=" * 10 not in result.stdout and "Prompt:" not in result.stdout
+    assert len(result.stdout.split()) == 4
+
+
+def test_chat_template_gets_system_prompt_and_thinking_switch(converted, tmp_path):
+    target = shutil.copytree(converted["target"], tmp_path / "chat")
+    tokenizer_config = json.loads((target / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}w9{% endif %}"
+    )
+    (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    chat = run("generate", "--model", target, "-p", "w5", "--system-prompt", "w3", "-m", 2)
+    plain = run("generate", "--model", target, "-p", "w5", "--system-prompt", "w3", "-m", 2, "--ignore-chat-template")
+    assert "Prompt: 3 tokens" in chat.stdout, chat.output  # w3 w5 w9
+    assert "Prompt: 1 tokens" in plain.stdout, plain.output
+
+
+def test_thinking_switch_only_for_templates_that_know_it():
+    calls = []
+    tokenizer = SimpleNamespace(
+        has_chat_template=True,
+        chat_template="{{ messages }}",
+        apply_chat_template=lambda messages, **options: calls.append(options) or "text",
+    )
+    build_prompt(tokenizer, "hi", None, False)
+    assert "enable_thinking" not in calls[-1]
+    tokenizer.chat_template = "{% if enable_thinking %}{% endif %}"
+    build_prompt(tokenizer, "hi", None, False)
+    assert calls[-1]["enable_thinking"] is False
+
+
+def test_version_and_usage_errors():
+    assert run("--version").stdout.startswith("mlx-dllm, version ")
+    assert_user_error(run("generate", "-p", "hi"), "Missing option '--model'")
+    assert_user_error(run("convert", "--hf-path", "x", "--dtype", "float64"), "'float64' is not one of")
+
+
+def test_unknown_architecture(hf_checkpoints, tmp_path, out):
+    source = edited_copy(
+        hf_checkpoints["qwen3_gqa"]["target"], tmp_path / "foo", architectures=["FooForCausalLM"], model_type="foo"
+    )
+    assert_user_error(run("convert", "--hf-path", source, "--mlx-path", out), "unknown architecture FooForCausalLM")
+    assert_nothing_written(out)
+    assert_user_error(run("generate", "--model", source), "foo")
+
+
+def test_draft_hidden_size_mismatch(converted, tmp_path):
+    from tests.reference.harness import build_draft
+
+    build_draft(SimpleNamespace(hidden_size=32), tmp_path / "narrow")
+    result = run("generate", "--model", converted["target"], "--draft-model", tmp_path / "narrow")
+    assert_user_error(result, "draft hidden size 32 does not match the target's 64")
+
+
+def test_mask_id_outside_the_embedding(converted, tmp_path):
+    draft = edited_copy(converted["draft"], tmp_path / "draft", mask_token_id=10**6)
+    result = run("generate", "--model", converted["target"], "--draft-model", draft)
+    assert_user_error(result, "mask_token_id 1000000 is outside the target's embedding table (256 rows)")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--block-size", 1], "block size must be at least 2, got 1"),
+        (["--block-size", 9], "block size must be between 2 and the drafter's trained 8, got 9"),
+        (["--max-tokens", 0], "max_tokens must be positive, got 0"),
+        (["--top-p", 0], "top_p must be in (0, 1]"),
+    ],
+)
+def test_bad_generate_flags(converted, flags, message):
+    result = run("generate", "--model", converted["target"], "--draft-model", converted["draft"], *flags)
+    assert_user_error(result, message)
+    assert result.stdout == ""
+
+
+def test_missing_config_keys(hf_checkpoints, tmp_path, out):
+    draft = edited_copy(hf_checkpoints["qwen3_gqa"]["draft"], tmp_path / "draft", target_layer_ids=None)
+    assert_user_error(run("convert", "--hf-path", draft, "--mlx-path", out), "missing target_layer_ids")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("role", ["target", "draft"])
+def test_truncated_safetensors(hf_checkpoints, tmp_path, out, role):
+    source = shutil.copytree(hf_checkpoints["qwen3_gqa"][role], tmp_path / role)
+    weights = source / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    assert_user_error(run("convert", "--hf-path", source, "--mlx-path", out), "cannot read model.safetensors")
+    assert_nothing_written(out)
+
+
+def test_missing_tokenizer(hf_checkpoints, tmp_path, out):
+    source = shutil.copytree(hf_checkpoints["qwen3_gqa"]["target"], tmp_path / "target")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (source / name).unlink()
+    assert_user_error(run("convert", "--hf-path", source, "--mlx-path", out), "no tokenizer in")
+    assert_nothing_written(out)
+    assert_user_error(run("generate", "--model", source), "no tokenizer in")
+
+
+def test_existing_output_folder(hf_checkpoints, out):
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run("convert", "--hf-path", hf_checkpoints["qwen3_gqa"]["draft"], "--mlx-path", out)
+    assert_user_error(result, "already exists and is not empty (use --force")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_quantization_bits(hf_checkpoints, out):
+    result = run("convert", "--hf-path", hf_checkpoints["qwen3_gqa"]["target"], "--mlx-path", out, "-q", "--q-bits", 7)
+    assert_user_error(result, "cannot quantize")
+    assert_nothing_written(out)
