@@ -1,7 +1,6 @@
 """Drafter forward parity with the transformers reference, both weight layouts, and the window cache."""
 
 import json
-import shutil
 
 import mlx.core as mx
 import numpy as np
