@@ -107,3 +107,12 @@ def test_family_without_rollback_names_what_is_missing():
     model.make_cache = lambda: [ArraysCache(2) for _ in range(LAYERS)]
     with pytest.raises(DLLMError, match="layer 0 uses ArraysCache, which has no token rollback"):
         Target(model, [0])
+
+
+def test_target_gives_the_layers_back(tokenizer, monkeypatch):
+    """After a DFlash run the target's layers are their own classes again (plain AR pays no capture)."""
+    model = make_target("llama")
+    classes = [type(layer) for layer in model.layers]
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    list(stream_generate(model, tokenizer, [5, 6, 7], 6, draft_model=make_drafter()))
+    assert [type(layer) for layer in model.layers] == classes

@@ -73,16 +73,24 @@ class Target:
         self.num_layers = len(layers)
         self.capture_layer_ids = list(capture_layer_ids)
         self._slot = _CaptureSlot()
+        self._original_classes = {}
         for index, layer_id in enumerate(self.capture_layer_ids):
             if not 0 <= layer_id < self.num_layers:
                 raise DLLMError(
                     f"target layer id {layer_id} is outside the target's {self.num_layers} layers"
                 )
             layer = layers[layer_id]
+            self._original_classes.setdefault(layer_id, type(layer))
             layer.__class__ = _capturing_class(type(layer))
             layer._capture_slot = self._slot
             layer._capture_index = index
         self.make_cache()  # fail early on caches that cannot roll back
+
+    def close(self) -> None:
+        """Give the layers their own classes back, so the model runs exactly as before."""
+        for layer_id, cls in self._original_classes.items():
+            self.layers[layer_id].__class__ = cls
+        self._original_classes.clear()
 
     def embed(self, ids: mx.array) -> mx.array:
         return self.embed_tokens(ids)

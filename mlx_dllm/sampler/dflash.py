@@ -30,6 +30,7 @@ def bind_target(draft: DFlashDraft, model: nn.Module) -> Target:
     target = Target(model, args.target_layer_ids)
     vocab_rows = target.embed_tokens.weight.shape[0]
     if not 0 <= args.mask_token_id < vocab_rows:
+        target.close()
         raise DLLMError(
             f"mask_token_id {args.mask_token_id} is outside the target's embedding table ({vocab_rows} rows)"
         )
@@ -70,13 +71,21 @@ def generate_dflash(
     if not 2 <= block_size <= trained:
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
     target = bind_target(draft_model, model)
+    try:
+        yield from _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size)
+    finally:
+        target.close()
+
+
+def _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size):
+    """Prefill, then draft -> verify -> accept -> roll back, one round per yield."""
     cache = target.make_cache()
     draft_cache = draft_model.make_cache()
 
     def target_forward(ids: mx.array):
         return target(ids[None], cache), target.features()
 
-    chunks = prefill_chunks(lambda ids: target_forward(ids), prompt, prefill_step_size)
+    chunks = prefill_chunks(target_forward, prompt, prefill_step_size)
     features = mx.concatenate([f for _, f in chunks], axis=1)
     anchor = int(select(chunks[-1][0][:, -1]).item())
     del chunks
