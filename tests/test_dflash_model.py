@@ -116,10 +116,22 @@ def test_window_cache_rolls_back_past_its_window():
 
 
 ROPE_VARIANTS = {
-    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-    "yarn": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-             "original_max_position_embeddings": 64},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 150000.0,
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "original_max_position_embeddings": 64,
+    },
 }
 
 
@@ -132,3 +144,42 @@ def test_scaled_rope_drafter_matches_reference(hf_checkpoints, tmp_path, rope):
     calls = _random_calls(reference.config, [70, 3, 40], block_size=8, seed=7)
     errors, _ = _max_errors(reference, draft, calls)
     assert max(errors) <= TOLERANCE, errors
+
+
+def test_gpt_oss_style_drafter_dispatches_on_architecture(tmp_path):
+    """The gpt-oss drafter says model_type gpt_oss, has attention biases, YaRN and a nested block size."""
+    from mlx.utils import tree_flatten
+
+    from mlx_dllm.models import dflash
+
+    config = {
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "gpt_oss",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 48,
+        "attention_bias": True,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 150000,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096,
+        },
+        "max_position_embeddings": 131072,
+        "dflash_config": {"target_layer_ids": [1, 2], "mask_token_id": 200, "block_size": 8},
+    }
+    model = dflash.Model(dflash.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _ = load(str(tmp_path))
+    assert isinstance(loaded, dflash.Model) and loaded.args.block_size == 8
+    assert "bias" in loaded.layers[0].self_attn.o_proj
+    names = dict(tree_flatten(loaded.parameters()))
+    for name, value in tree_flatten(model.parameters()):
+        np.testing.assert_array_equal(np.array(names[name]), np.array(value))

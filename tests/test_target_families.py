@@ -16,20 +16,50 @@ from mlx_dllm.sampler import dflash as dflash_strategy
 from tests.oracle import Oracle
 
 VOCAB, HIDDEN, LAYERS, WINDOW = 128, 32, 4, 8
-BASE = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=64, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, vocab_size=VOCAB,
-            max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False)
+BASE = dict(
+    hidden_size=HIDDEN,
+    num_hidden_layers=LAYERS,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    vocab_size=VOCAB,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
 FAMILIES = {
     "qwen3": {},
-    "llama": {"layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": WINDOW,
-              "tie_word_embeddings": True},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
-                  "moe_intermediate_size": 32, "norm_topk_prob": True},
-    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW,
-                "layer_types": ["sliding_attention", "full_attention"] * 2},
-    "ministral3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
-                                       "original_max_position_embeddings": 1024},
-                   "layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": WINDOW},
+    "llama": {
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "sliding_window": WINDOW,
+        "tie_word_embeddings": True,
+    },
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+    },
+    "gpt_oss": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
+    "ministral3": {
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "llama_4_scaling_beta": 0.1,
+            "original_max_position_embeddings": 1024,
+        },
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "sliding_window": WINDOW,
+    },
 }
 
 
@@ -43,9 +73,17 @@ def make_target(family):
 
 def make_drafter(hidden_size=HIDDEN):
     mx.random.seed(1)
-    args = dflash.ModelArgs(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
-                            num_key_value_heads=1, head_dim=16, intermediate_size=48, block_size=8,
-                            mask_token_id=VOCAB - 1, target_layer_ids=[0, 2])
+    args = dflash.ModelArgs(
+        hidden_size=hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=48,
+        block_size=8,
+        mask_token_id=VOCAB - 1,
+        target_layer_ids=[0, 2],
+    )
     return dflash.Model(args)
 
 
@@ -67,6 +105,7 @@ def test_captured_features_are_layer_outputs(family):
     # An independent probe: record every layer's output on a second run.
     outputs = {}
     for index, layer in enumerate(model.layers):
+
         def record(self, *args, _index=index, _cls=type(layer), **kwargs):
             outputs[_index] = _cls.__call__(self, *args, **kwargs)
             return outputs[_index]
@@ -116,3 +155,21 @@ def test_target_gives_the_layers_back(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "eos_token_ids", [])
     list(stream_generate(model, tokenizer, [5, 6, 7], 6, draft_model=make_drafter()))
     assert [type(layer) for layer in model.layers] == classes
+
+
+def test_dflash_is_lossless_on_a_quantized_target(tokenizer, monkeypatch):
+    """A 4-bit target: the mask row comes from a QuantizedEmbedding and the head is quantized too."""
+    import mlx.nn as nn
+
+    model = make_target("qwen3")
+    nn.quantize(model, group_size=32, bits=4)
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    prompt, max_tokens = [5, 17, 42, 9, 3], 30
+    reference = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens)]
+    oracle = Oracle(dflash_strategy.propose_block, reference, len(prompt), [7, 0, 3, 2], VOCAB)
+    monkeypatch.setattr(dflash_strategy, "propose_block", oracle)
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    tokens = [
+        t for r in stream_generate(model, tokenizer, prompt, max_tokens, draft_model=make_drafter()) for t in r.tokens
+    ]
+    assert tokens == reference
