@@ -173,3 +173,11 @@ def test_dflash_is_lossless_on_a_quantized_target(tokenizer, monkeypatch):
         t for r in stream_generate(model, tokenizer, prompt, max_tokens, draft_model=make_drafter()) for t in r.tokens
     ]
     assert tokens == reference
+
+
+def test_layer_ids_beyond_the_target_are_refused_untouched():
+    model = make_target("qwen3")
+    classes = [type(layer) for layer in model.layers]
+    with pytest.raises(DLLMError, match="target layer id 9 is outside the target's 4 layers"):
+        Target(model, [0, 9])
+    assert [type(layer) for layer in model.layers] == classes

@@ -72,19 +72,18 @@ class Target:
         self._lm_head = getattr(model, "lm_head", None)
         self.num_layers = len(layers)
         self.capture_layer_ids = list(capture_layer_ids)
+        outside = [i for i in self.capture_layer_ids if not 0 <= i < self.num_layers]
+        if outside:
+            raise DLLMError(f"target layer id {outside[0]} is outside the target's {self.num_layers} layers")
+        self.make_cache()  # fail early on caches that cannot roll back
         self._slot = _CaptureSlot()
         self._original_classes = {}
         for index, layer_id in enumerate(self.capture_layer_ids):
-            if not 0 <= layer_id < self.num_layers:
-                raise DLLMError(
-                    f"target layer id {layer_id} is outside the target's {self.num_layers} layers"
-                )
             layer = layers[layer_id]
             self._original_classes.setdefault(layer_id, type(layer))
             layer.__class__ = _capturing_class(type(layer))
             layer._capture_slot = self._slot
             layer._capture_index = index
-        self.make_cache()  # fail early on caches that cannot roll back
 
     def close(self) -> None:
         """Give the layers their own classes back, so the model runs exactly as before."""
