@@ -22,3 +22,15 @@ def hf_checkpoints(tmp_path_factory):
             "draft_model": draft,
         }
     return checkpoints
+
+
+@pytest.fixture(scope="session")
+def mlx_checkpoints(hf_checkpoints, tmp_path_factory):
+    """name -> {"target": Path, "draft": Path}: the HF checkpoints converted by our converter."""
+    from mlx_dllm import convert
+
+    root = tmp_path_factory.mktemp("mlx")
+    return {
+        name: {role: convert(checkpoint[role], root / name / role) for role in ("target", "draft")}
+        for name, checkpoint in hf_checkpoints.items()
+    }

@@ -51,7 +51,8 @@ def words(ids):
 
 @pytest.fixture(scope="module")
 def converted(hf_checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlx")
+    """qwen3_gqa converted through the CLI itself."""
+    root = tmp_path_factory.mktemp("cli")
     for role in ("target", "draft"):
         result = run("convert", "--hf-path", hf_checkpoints["qwen3_gqa"][role], "--mlx-path", root / role)
         assert result.exit_code == 0, result.output

@@ -19,10 +19,10 @@ MAX_TOKENS = 21
 
 
 @pytest.fixture(scope="module")
-def loaded(hf_checkpoints):
-    """name -> (target, tokenizer, draft), loaded by our loader."""
+def loaded(mlx_checkpoints):
+    """name -> (target, tokenizer, draft): converted by our converter, loaded by our loader."""
     result = {}
-    for name, checkpoint in hf_checkpoints.items():
+    for name, checkpoint in mlx_checkpoints.items():
         target, tokenizer = load(str(checkpoint["target"]))
         draft, _ = load(str(checkpoint["draft"]))
         result[name] = (target, tokenizer, draft)

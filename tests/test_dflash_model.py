@@ -44,9 +44,9 @@ def _max_errors(draft_torch, draft_mlx, calls):
 
 
 @pytest.mark.parametrize("lengths", [[7], [7, 3, 1, 5]], ids=["fresh", "incremental"])
-def test_drafter_forward_matches_reference(hf_checkpoints, lengths):
+def test_drafter_forward_matches_reference(hf_checkpoints, mlx_checkpoints, lengths):
     checkpoint = hf_checkpoints["qwen3_gqa"]
-    draft, _ = load(str(checkpoint["draft"]))
+    draft, _ = load(str(mlx_checkpoints["qwen3_gqa"]["draft"]))
     calls = _random_calls(checkpoint["draft_model"].config, lengths, block_size=8)
     errors, cache = _max_errors(checkpoint["draft_model"], draft, calls)
     assert max(errors) <= TOLERANCE, errors

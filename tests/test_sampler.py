@@ -12,9 +12,9 @@ PROMPT = [100, 3, 3, 250, 7, 64, 12]
 
 
 @pytest.fixture(scope="module")
-def models(hf_checkpoints):
-    target, tokenizer = load(str(hf_checkpoints["qwen3_gqa"]["target"]))
-    draft, _ = load(str(hf_checkpoints["qwen3_gqa"]["draft"]))
+def models(mlx_checkpoints):
+    target, tokenizer = load(str(mlx_checkpoints["qwen3_gqa"]["target"]))
+    draft, _ = load(str(mlx_checkpoints["qwen3_gqa"]["draft"]))
     return target, tokenizer, draft
 
 
