@@ -11,7 +11,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .errors import DLLMError
-from .models import dflash
+from .models import dflash, diffusion_gemma
 
 # What a checkpoint needs; remote code (*.py) is deliberately not fetched.
 ALLOW_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jinja"]
@@ -77,8 +77,19 @@ def read_weights(path: Path) -> Dict[str, mx.array]:
 TARGET_REMAPPING = {"ministral": "llama"}
 
 
-def _draft_classes(config: Dict):
-    return dflash.Model, dflash.ModelArgs
+# Architectures implemented here rather than in mlx-lm.
+OWN_ARCHITECTURES = {"DiffusionGemmaForBlockDiffusion": diffusion_gemma}
+OWN_MODEL_TYPES = {"diffusion_gemma": diffusion_gemma}
+
+
+def own_module(config: Dict):
+    """Our model file for this config, or None when mlx-lm's AR classes serve it."""
+    if is_dflash_config(config):
+        return dflash
+    for architecture in config.get("architectures") or []:
+        if architecture in OWN_ARCHITECTURES:
+            return OWN_ARCHITECTURES[architecture]
+    return OWN_MODEL_TYPES.get(config.get("model_type"))
 
 
 def _target_classes(config: Dict):
@@ -99,9 +110,10 @@ def check_target_architecture(config: Dict) -> None:
 
 
 def build_model(path: Path, config: Dict, lazy: bool = False) -> Tuple[nn.Module, Dict]:
-    """The drafter or mlx-lm target in `path` with its weights, and the config mlx-lm saw (quantization included)."""
-    if is_dflash_config(config):
-        get_classes = _draft_classes
+    """The model in `path` with its weights, and the config mlx-lm saw (quantization included)."""
+    module = own_module(config)
+    if module is not None:
+        get_classes = lambda config: (module.Model, module.ModelArgs)  # noqa: E731
     else:
         check_target_architecture(config)
         get_classes = _target_classes

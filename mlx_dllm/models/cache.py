@@ -39,6 +39,9 @@ class WindowKVCache(_BaseCache):
             return None
         return create_causal_mask(N, kept, window_size=window)
 
+    def keys_and_values(self):
+        return self.keys, self.values
+
     def key_positions(self) -> mx.array:
         """Absolute positions of the rows `update_and_fetch` last returned."""
         stored = 0 if self.keys is None else self.keys.shape[2]

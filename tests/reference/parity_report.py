@@ -30,9 +30,8 @@ def main() -> None:
         draft, _ = load(str(convert(root / f"hf{index}", root / f"mlx{index}")))
         calls = cases._random_calls(reference.config, lengths, block_size=8, seed=5)
         errors, _ = cases._max_errors(reference, draft, calls)
-        print(
-            f"{name} (context rows {lengths}): max abs error {max(errors):.1e} (per call {['%.1e' % e for e in errors]})"
-        )
+        per_call = ", ".join(f"{e:.1e}" for e in errors)
+        print(f"{name} (context rows {lengths}): max abs error {max(errors):.1e} (per call {per_call})")
 
 
 if __name__ == "__main__":
