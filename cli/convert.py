@@ -4,6 +4,7 @@ import click
 
 from mlx_dllm.convert import convert as convert_checkpoint
 from mlx_dllm.convert.common import DTYPES
+from mlx_dllm.convert.diffusion_gemma import RECIPES
 
 
 @click.command("convert")
@@ -12,11 +13,18 @@ from mlx_dllm.convert.common import DTYPES
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the weights.")
 @click.option("--q-group-size", type=click.IntRange(min=1), default=None, help="Quantization group size (default 64).")
 @click.option("--q-bits", type=click.IntRange(min=1), default=None, help="Bits per weight (default 4).")
+@click.option(
+    "--quant-recipe",
+    type=click.Choice(RECIPES),
+    default=None,
+    help="DiffusionGemma mixed-bit recipe (implies -q): 8-bit embeddings, attention, dense MLP and router; "
+    "--q-bits for experts and self-conditioning.",
+)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Weight dtype (default: the checkpoint's).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --mlx-path.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
-def convert_command(hf_path, mlx_path, quantize, q_group_size, q_bits, dtype, force, revision):
-    """Convert a Hugging Face checkpoint (DFlash drafter or mlx-lm target) to MLX."""
+def convert_command(hf_path, mlx_path, quantize, q_group_size, q_bits, quant_recipe, dtype, force, revision):
+    """Convert a Hugging Face checkpoint (DFlash drafter, DiffusionGemma or mlx-lm target) to MLX."""
     convert_checkpoint(
         hf_path,
         mlx_path,
@@ -26,4 +34,5 @@ def convert_command(hf_path, mlx_path, quantize, q_group_size, q_bits, dtype, fo
         dtype=dtype,
         force=force,
         revision=revision,
+        quant_recipe=quant_recipe,
     )

@@ -8,6 +8,7 @@ from mlx_dllm.errors import DLLMError
 
 from .common import cast_parameters, check_destination, quantize_weights, resolve_dtype, save, staged_folder
 from .dflash import load_draft
+from .diffusion_gemma import RECIPES, convert_diffusion_gemma, is_diffusion_gemma
 from .target import load_target
 
 
@@ -20,10 +21,17 @@ def convert(
     dtype: Optional[str] = None,
     force: bool = False,
     revision: Optional[str] = None,
+    quant_recipe: Optional[str] = None,
 ) -> Path:
-    """Convert `hf_path` (folder or hub repo) into `mlx_path`; nothing is left behind if it fails."""
+    """Convert `hf_path` (folder or hub repo) into `mlx_path`; nothing is left behind if it fails.
+
+    `quant_recipe="mixed"` (DiffusionGemma only) implies `quantize`: 8-bit embeddings, attention, dense MLP and
+    router, `q_bits` (default 4) for the experts and self-conditioning.
+    """
     mlx_path = Path(mlx_path)
     check_destination(mlx_path, force)
+    if quant_recipe is not None and quant_recipe not in RECIPES:
+        raise DLLMError(f"unknown quantization recipe {quant_recipe!r} (known: {', '.join(RECIPES)})")
     source = loading.resolve(str(hf_path), revision)
     if source.resolve() == mlx_path.resolve():
         raise DLLMError("the MLX path must differ from the Hugging Face path")
@@ -32,6 +40,12 @@ def convert(
     dtype = resolve_dtype(dtype, config)
 
     print(f"[INFO] Loading {source}")
+    if is_diffusion_gemma(config):
+        convert_diffusion_gemma(source, mlx_path, config, dtype, quantize, q_group_size, q_bits, quant_recipe, force)
+        print(f"[INFO] Saved to {mlx_path}")
+        return mlx_path
+    if quant_recipe is not None:
+        raise DLLMError(f"the {quant_recipe} quantization recipe is for DiffusionGemma checkpoints only")
     if loading.is_dflash_config(config):
         model = load_draft(source, config)
     else:

@@ -45,6 +45,15 @@ def read_config(path: Path) -> Dict:
         raise DLLMError(f"{config_file} is not valid JSON: {error.msg} (line {error.lineno})") from error
 
 
+def read_generation_config(path: Path) -> Dict:
+    """generation_config.json, or {} when the folder has none."""
+    file = path / "generation_config.json"
+    try:
+        return json.loads(file.read_text()) if file.exists() else {}
+    except json.JSONDecodeError as error:
+        raise DLLMError(f"{file} is not valid JSON: {error.msg} (line {error.lineno})") from error
+
+
 def is_dflash_config(config: Dict) -> bool:
     """DFlash drafters are recognised by architecture or `dflash_config`, never by model_type (gpt-oss says gpt_oss)."""
     architectures = config.get("architectures") or []
@@ -118,8 +127,10 @@ def build_model(path: Path, config: Dict, lazy: bool = False) -> Tuple[nn.Module
         check_target_architecture(config)
         get_classes = _target_classes
     read_weights(path)  # one-line errors before mlx-lm reads them
+    # Our own models read their decoding defaults (e.g. DiffusionGemma's denoising knobs) from their args.
+    extra = {"generation_config": read_generation_config(path)} if module is not None else None
     try:
-        return load_model(path, lazy=lazy, get_model_classes=get_classes)
+        return load_model(path, lazy=lazy, model_config=extra, get_model_classes=get_classes)
     except DLLMError:
         raise
     except (ValueError, KeyError, TypeError) as error:
@@ -129,8 +140,10 @@ def build_model(path: Path, config: Dict, lazy: bool = False) -> Tuple[nn.Module
 def load_tokenizer_checked(path: Path, config: Dict) -> TokenizerWrapper:
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise DLLMError(f"no tokenizer in {path} (expected tokenizer.json or tokenizer.model)")
+    # As in mlx-lm, the generation config's EOS ids win over the model config's.
+    eos_token_ids = read_generation_config(path).get("eos_token_id", config.get("eos_token_id"))
     try:
-        return load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        return load_tokenizer(path, eos_token_ids=eos_token_ids)
     except Exception as error:
         raise DLLMError(f"cannot load the tokenizer in {path}: {str(error).splitlines()[0]}") from error
 

@@ -97,6 +97,7 @@ class ModelArgs(BaseModelArgs):
     canvas_length: int = 256
     vision_config: Optional[Dict[str, Any]] = None
     eos_token_id: Any = None
+    generation_config: Optional[Dict[str, Any]] = None  # generation_config.json, filled in by the loader
     text: TextArgs = field(init=False)
 
     def __post_init__(self):
@@ -305,6 +306,11 @@ class Model(nn.Module):
     @property
     def canvas_length(self) -> int:
         return self.args.canvas_length
+
+    @property
+    def embedding_dtype(self):
+        table = self.model.decoder.embed_tokens
+        return table.scales.dtype if isinstance(table, nn.QuantizedEmbedding) else table.weight.dtype
 
     def _embed_scale(self, dtype) -> mx.array:
         # transformers rounds sqrt(H) to the weight dtype (53.0 in bf16, not 53.07).

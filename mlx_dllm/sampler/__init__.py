@@ -11,8 +11,9 @@ from ..errors import DLLMError
 from .ar import generate_ar
 from .common import GenerationResponse, Stats, make_token_selector
 from .dflash import generate_dflash
+from .diffusion import DiffusionSettings, generate_diffusion
 
-STRATEGIES = {"ar": generate_ar, "dflash": generate_dflash}
+STRATEGIES = {"ar": generate_ar, "dflash": generate_dflash, "diffusion": generate_diffusion}
 
 
 def _encode(tokenizer: TokenizerWrapper, prompt) -> mx.array:
@@ -25,11 +26,17 @@ def _encode(tokenizer: TokenizerWrapper, prompt) -> mx.array:
     return prompt
 
 
-def _choose_mode(mode: Optional[str], draft_model: Optional[nn.Module]) -> str:
+def _choose_mode(mode: Optional[str], model: nn.Module, draft_model: Optional[nn.Module]) -> str:
+    """The asked mode, else the draft's, else the model's own default (mlx-lm models: plain AR)."""
     if mode is None:
-        mode = getattr(draft_model, "default_mode", "dflash") if draft_model is not None else "ar"
+        source = draft_model if draft_model is not None else model
+        mode = getattr(source, "default_mode", "dflash" if draft_model is not None else "ar")
     if mode not in STRATEGIES:
         raise DLLMError(f"unknown mode '{mode}' (choose from {', '.join(STRATEGIES)})")
+    supported = getattr(model, "modes", ("ar", "dflash"))
+    if mode not in supported:
+        family = type(model).__module__.rsplit(".", 1)[-1]
+        raise DLLMError(f"{family} models support {', '.join(supported)}, not {mode}")
     if mode == "dflash" and draft_model is None:
         raise DLLMError("mode 'dflash' needs a draft model (--draft-model)")
     return mode
@@ -51,15 +58,22 @@ def stream_generate(
     stop: Sequence[str] = (),
     block_size: Optional[int] = None,
     prefill_step_size: int = 2048,
+    **options,
 ) -> Iterator[GenerationResponse]:
-    """Stream the generated text chunk by chunk; every response carries the running stats."""
+    """Stream the generated text chunk by chunk; every response carries the running stats.
+
+    `options` go to the strategy: for diffusion the denoising knobs (`max_denoising_steps`,
+    `entropy_bound`, `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`) and `on_step`.
+    """
     if max_tokens <= 0:
         raise DLLMError(f"max_tokens must be positive, got {max_tokens}")
     if block_size is not None and block_size < 2:
         raise DLLMError(f"block size must be at least 2, got {block_size}")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
-    mode = _choose_mode(mode, draft_model)
+    mode = _choose_mode(mode, model, draft_model)
+    if options and mode != "diffusion":
+        raise DLLMError(f"unknown option {sorted(options)[0]} for mode {mode}")
     select = make_token_selector(temp, top_p, top_k, min_p)
     prompt = _encode(tokenizer, prompt)
     if seed is not None:
@@ -75,6 +89,7 @@ def stream_generate(
         max_tokens=max_tokens,
         block_size=block_size,
         prefill_step_size=prefill_step_size,
+        options=options,
     )
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
@@ -133,6 +148,7 @@ def _response(segment, tokens, mode, prompt_size, start, stats, generated, finis
         draft_forwards=stats.draft_forwards,
         tokens_per_forward=generated / forwards,
         acceptance_length=stats.acceptance_length,
+        canvases=stats.canvases,
     )
 
 
@@ -162,7 +178,9 @@ def summary(response: GenerationResponse) -> str:
     stats += f", tokens per forward: {response.tokens_per_forward:.2f}"
     if response.acceptance_length is not None:
         stats += f", acceptance length: {response.acceptance_length:.2f}"
+    if response.canvases:
+        stats += f", canvases: {response.canvases}"
     return "\n".join(lines + [stats])
 
 
-__all__ = ["GenerationResponse", "generate", "stream_generate", "summary"]
+__all__ = ["DiffusionSettings", "GenerationResponse", "generate", "stream_generate", "summary"]

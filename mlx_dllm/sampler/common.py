@@ -29,15 +29,17 @@ class GenerationResponse:
     draft_forwards: int = 0
     tokens_per_forward: float = 0.0
     acceptance_length: Optional[float] = None
+    canvases: int = 0
 
 
 @dataclass
 class Stats:
     """Counters a strategy updates as it runs; the front turns them into a response."""
 
-    forwards: int = 0  # target (or standalone model) forwards, prefill included
+    forwards: int = 0  # target forwards (prefill included), or denoiser forwards in diffusion mode
     draft_forwards: int = 0
     accept_lengths: List[int] = field(default_factory=list)  # tokens committed per verify round
+    canvases: int = 0  # diffusion blocks denoised
     prefill_done: Optional[float] = None  # perf_counter when the first token was ready
 
     def mark_prefill(self):

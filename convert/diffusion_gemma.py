@@ -1,0 +1,207 @@
+"""DiffusionGemma recipe: HF shards -> MLX shards one tensor at a time, named like the mlx-community conversions.
+
+The model is only built lazily, for its parameter shapes and module types (its weights are never evaluated),
+so peak memory stays near one output shard plus one tensor, whatever the size of the checkpoint.
+Vision weights are carried over as stored (unquantized, uncast) for when the vision tower is ported.
+"""
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import save_config
+from tqdm import tqdm
+
+from mlx_dllm import loading
+from mlx_dllm.errors import DLLMError
+from mlx_dllm.models import diffusion_gemma
+from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES, Model, ModelArgs
+
+from .common import copy_tokenizer_files, staged_folder
+
+RECIPES = ("mixed",)
+DEFAULT_GROUP_SIZE, DEFAULT_BITS = 64, 4  # MLX's affine defaults, as `mlx_lm.convert -q`
+# The mixed recipe's 8-bit modules (mlx-vlm's): embed_tokens is also the LM head and the self-conditioning matrix.
+EIGHT_BIT = {"group_size": 64, "bits": 8}
+
+
+def is_diffusion_gemma(config: Dict) -> bool:
+    return loading.own_module(config) is diffusion_gemma
+
+
+def is_eight_bit(path: str) -> bool:
+    return (
+        path == "model.decoder.embed_tokens"
+        or ".self_attn." in path
+        or ".mlp." in path
+        or path.endswith(".router.proj")
+    )
+
+
+def quantization_plan(model: nn.Module, group_size: int, bits: int, recipe: Optional[str]) -> Dict[str, Dict]:
+    """Module path -> `mx.quantize` params, for each Linear/Embedding/SwitchLinear whose input dim fits its group."""
+    plan = {}
+    for path, module in reversed(model.named_modules()):  # model order: embed_tokens, layers.0.self_attn.q_proj...
+        if not hasattr(module, "to_quantized"):
+            continue
+        params = EIGHT_BIT if recipe == "mixed" and is_eight_bit(path) else {"group_size": group_size, "bits": bits}
+        if module.weight.shape[-1] % params["group_size"] == 0:  # same rule as mlx-lm: others stay float
+            plan[path] = dict(params)
+    return plan
+
+
+def quantization_config(plan: Dict[str, Dict], group_size: int, bits: int, recipe: Optional[str]) -> Dict:
+    """mlx-lm's `quantization` entry: the defaults plus one override per 8-bit module (the loader's class_predicate
+    reads `config["quantization"][path]`); modules left float have no `.scales` and stay float on load."""
+    config = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    if recipe == "mixed":
+        config.update({path: params for path, params in plan.items() if is_eight_bit(path)})
+    return config
+
+
+def check_quantization(group_size: int, bits: int) -> None:
+    try:
+        mx.quantize(mx.zeros((1, group_size)), group_size, bits)
+    except ValueError as error:
+        raise DLLMError(f"cannot quantize: {str(error).splitlines()[0]}") from error
+
+
+def weight_files(path: Path) -> List[Path]:
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise DLLMError(f"no model*.safetensors in {path}")
+    return files
+
+
+def read_shard(file: Path, model: Model) -> Dict[str, mx.array]:
+    """The shard's tensors, lazily: text ones under our names, vision ones as stored."""
+    try:
+        tensors = mx.load(str(file))
+    except Exception as error:
+        raise DLLMError(f"cannot read {file.name}: {str(error).splitlines()[0]}") from error
+    vision = {name: value for name, value in tensors.items() if name.startswith(VISION_PREFIXES)}
+    return {**model.sanitize(tensors), **vision}
+
+
+def check_shards(files: List[Path], model: Model) -> List[int]:
+    """Every tensor's name and shape against the model before anything is written; the tensor count per shard."""
+    expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
+    seen, counts = set(), []
+    for file in files:
+        tensors = read_shard(file, model)
+        for name, value in tensors.items():
+            if name.startswith(VISION_PREFIXES):
+                continue
+            if name not in expected:
+                raise DLLMError(f"unexpected tensor {name} {tuple(value.shape)} in {file.name}")
+            if tuple(value.shape) != expected[name]:
+                raise DLLMError(f"tensor {name} has shape {tuple(value.shape)}, the model expects {expected[name]}")
+        seen.update(tensors)
+        counts.append(len(tensors))
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        raise DLLMError(f"the checkpoint lacks {missing[0]} {expected[missing[0]]}")
+    return counts
+
+
+def convert_tensor(name: str, value: mx.array, dtype: Optional[str], plan: Dict[str, Dict]) -> Dict[str, mx.array]:
+    """One checkpoint tensor -> the tensors `load` reads: cast, then packed weight, scales and biases if quantized."""
+    if name.startswith(VISION_PREFIXES):
+        return {name: value}
+    if dtype is not None and mx.issubdtype(value.dtype, mx.floating) and value.dtype != getattr(mx, dtype):
+        value = value.astype(getattr(mx, dtype))
+    path = name.removesuffix(".weight")
+    if path == name or path not in plan:
+        return {name: value}
+    weight, scales, biases = mx.quantize(value, mode="affine", **plan[path])
+    return {name: weight, f"{path}.scales": scales, f"{path}.biases": biases}
+
+
+def shard_names(count: int) -> List[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_shards(
+    files: List[Path], counts: List[int], model: Model, destination: Path, dtype: Optional[str], plan: Dict
+) -> Dict:
+    """One output shard per input shard that keeps tensors; returns the index (weight_map, total_size)."""
+    files = [file for file, count in zip(files, counts) if count]  # e.g. a shard holding only lm_head
+    index = {"metadata": {"total_size": 0, "total_parameters": 0}, "weight_map": {}}
+    with tqdm(total=sum(counts), desc="Converting", unit="tensor") as progress:
+        for file, shard_name in zip(files, shard_names(len(files))):
+            tensors, shard = read_shard(file, model), {}
+            while tensors:
+                name, value = tensors.popitem()  # the shard no longer holds the source once it is converted
+                converted = convert_tensor(name, value, dtype, plan)
+                try:
+                    mx.eval(converted)
+                except Exception as error:
+                    raise DLLMError(f"cannot read {name} from {file.name}: {str(error).splitlines()[0]}") from error
+                index["metadata"]["total_parameters"] += value.size
+                shard.update(converted)
+                del value
+                progress.update()
+            mx.save_safetensors(str(destination / shard_name), shard, metadata={"format": "mlx"})
+            index["metadata"]["total_size"] += sum(value.nbytes for value in shard.values())
+            index["weight_map"].update(dict.fromkeys(shard, shard_name))
+            del shard
+            mx.clear_cache()  # freed buffers go back to the system, not to MLX's cache
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    return index
+
+
+def record_dtype(config: Dict, dtype: Optional[str]) -> None:
+    if dtype is None:
+        return
+    for section in (config, config.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            if key in section:
+                section[key] = dtype
+
+
+def build_lazy_model(config: Dict) -> Model:
+    """Our model with unevaluated weights: its shapes and module types cost no memory (measured: 39 KB for 26B)."""
+    if "quantization" in config or "quantization_config" in config:
+        raise DLLMError("the checkpoint is already quantized; convert the original one")
+    try:
+        return Model(ModelArgs.from_dict(config))
+    except (TypeError, KeyError, ValueError) as error:
+        raise DLLMError(f"DiffusionGemma config: {str(error).splitlines()[0]}") from error
+
+
+def convert_diffusion_gemma(
+    source: Path,
+    mlx_path: Path,
+    config: Dict,
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    recipe: Optional[str] = None,
+    force: bool = False,
+) -> None:
+    """Stream `source` into `mlx_path`; a recipe implies quantization (it is one)."""
+    model = build_lazy_model(config)
+    loading.load_tokenizer_checked(source, config)  # `load` needs it: refuse now, not after writing
+    plan = {}
+    if quantize or recipe is not None:
+        group_size, bits = group_size or DEFAULT_GROUP_SIZE, bits or DEFAULT_BITS
+        check_quantization(group_size, bits)
+        plan = quantization_plan(model, group_size, bits, recipe)
+        config["quantization"] = quantization_config(plan, group_size, bits, recipe)
+    record_dtype(config, dtype)
+    files = weight_files(source)
+    counts = check_shards(files, model)
+    with staged_folder(mlx_path, force) as staging:
+        index = write_shards(files, counts, model, staging, dtype, plan)
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+        save_config(config, staging / "config.json", keep_vision_config=True)
+        copy_tokenizer_files(source, staging)
+    if plan:
+        bits_per_weight = 8 * index["metadata"]["total_size"] / index["metadata"]["total_parameters"]
+        print(f"[INFO] Quantized model with {bits_per_weight:.3f} bits per weight.")

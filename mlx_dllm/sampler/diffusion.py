@@ -1,0 +1,182 @@
+"""Uniform-state block diffusion with the entropy-bound sampler (DiffusionGemma), transformers semantics.
+
+Each canvas starts as uniform random ids over the whole vocabulary. Every step samples all positions
+from the temperature-scaled logits, keeps the lowest-entropy ones while their summed entropy minus the
+largest stays within `entropy_bound`, and re-noises every other position. A canvas ends when its argmax
+is stable and the mean entropy is low (or after `max_denoising_steps`); its argmax is committed through
+the encoder and the next canvas starts.
+"""
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, Dict, Iterator, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import DLLMError
+from .common import Stats, prefill_chunks
+
+# Where knobs may sit in a generation_config.json besides the top level (release-candidate conversions).
+NESTED_SECTIONS = ("sampler_config", "linear_temperature_schedule_config", "diffusion_stopping_config")
+
+
+@dataclass
+class DiffusionSettings:
+    """The denoising knobs; defaults are transformers' global fallbacks."""
+
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: Optional[float] = 0.4
+    t_max: Optional[float] = 0.8
+    stability_threshold: Optional[int] = 1
+    confidence_threshold: Optional[float] = 0.005
+
+    @classmethod
+    def resolve(cls, generation_config: Optional[Dict], overrides: Dict) -> "DiffusionSettings":
+        """generation_config.json (flat or nested forms), then explicit overrides (None means: keep)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise DLLMError(f"unknown diffusion option {unknown[0]} (known: {', '.join(sorted(names))})")
+        values = {}
+        config = generation_config or {}
+        for section in (config, *(config.get(s) or {} for s in NESTED_SECTIONS)):
+            values.update({k: v for k, v in section.items() if k in names and v is not None})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps < 1:
+            raise DLLMError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps}")
+        if not self.entropy_bound > 0:
+            raise DLLMError(f"entropy_bound must be > 0, got {self.entropy_bound}")
+        if self.t_min is not None and self.t_max is not None and not 0 <= self.t_min < self.t_max:
+            raise DLLMError(f"temperatures need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.stability_threshold is not None and self.stability_threshold < 0:
+            raise DLLMError(f"stability_threshold must be >= 0, got {self.stability_threshold}")
+        if self.confidence_threshold is not None and not self.confidence_threshold > 0:
+            raise DLLMError(f"confidence_threshold must be > 0, got {self.confidence_threshold}")
+
+    def temperature(self, remaining: int) -> float:
+        """Linear in the steps *remaining*: t_max on the first step, never reaching t_min."""
+        if self.t_min is None or self.t_max is None:
+            return 1.0
+        return self.t_min + (self.t_max - self.t_min) * remaining / self.max_denoising_steps
+
+    @property
+    def adaptive_stop(self) -> bool:
+        return self.stability_threshold is not None and self.confidence_threshold is not None
+
+
+class RandomNoise:
+    """The sampler's random draws, from `mx.random` (seeded by the caller); tests replay recorded ones instead."""
+
+    def canvas(self, length: int, vocab_size: int) -> mx.array:
+        return mx.random.randint(0, vocab_size, (1, length))
+
+    def draw(self, logits: mx.array) -> mx.array:
+        return mx.random.categorical(logits)
+
+
+@dataclass
+class StepState:
+    """What a step leaves behind, for `on_step` (the --visualize redraw)."""
+
+    canvas_index: int
+    step: int
+    canvas: List[int]  # the next step's input: accepted samples, noise elsewhere
+    accepted: List[bool]
+    argmax: List[int]
+    mean_entropy: float
+
+
+def entropy_bound_mask(entropy: mx.array, bound: float) -> mx.array:
+    """Accept the lowest-entropy positions while cumsum(sorted H) - H <= bound (the lowest always)."""
+    order = mx.argsort(entropy, axis=-1)
+    sorted_entropy = mx.take_along_axis(entropy, order, axis=-1)
+    selected = (mx.cumsum(sorted_entropy, axis=-1) - sorted_entropy) <= bound
+    return mx.put_along_axis(mx.zeros(entropy.shape, dtype=mx.bool_), order, selected, axis=-1)
+
+
+def denoise_canvas(
+    model: nn.Module,
+    cache: List,
+    settings: DiffusionSettings,
+    noise,
+    stats: Stats,
+    on_step: Optional[Callable[[StepState], None]] = None,
+    canvas_index: int = 0,
+) -> List[int]:
+    """Denoise one canvas against the committed cache; return its argmax tokens."""
+    vocab_size, length = model.text.vocab_size, model.canvas_length
+    canvas = noise.canvas(length, vocab_size)
+    self_conditioning = None
+    history: List[mx.array] = []
+    argmax = canvas
+    for step, remaining in enumerate(range(settings.max_denoising_steps, 0, -1)):
+        logits = model.denoise(canvas, cache, self_conditioning) / settings.temperature(remaining)
+        stats.forwards += 1
+        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        entropy = -(mx.exp(log_probs) * log_probs).sum(axis=-1)
+        samples = noise.draw(logits)
+        argmax = mx.argmax(logits, axis=-1)
+        accepted = entropy_bound_mask(entropy, settings.entropy_bound)
+        canvas = mx.where(accepted, samples, noise.canvas(length, vocab_size))
+        # The next step conditions on this step's tempered logits, stored in the embedding dtype.
+        self_conditioning = logits.astype(model.embedding_dtype)
+        mean_entropy = entropy.mean()
+        stable = all(mx.array_equal(argmax, previous) for previous in history)
+        mx.eval(canvas, argmax, mean_entropy, self_conditioning)
+        if on_step is not None:
+            on_step(
+                StepState(
+                    canvas_index,
+                    step,
+                    canvas[0].tolist(),
+                    accepted[0].tolist(),
+                    argmax[0].tolist(),
+                    mean_entropy.item(),
+                )
+            )
+        if settings.adaptive_stop:
+            threshold = settings.stability_threshold
+            stable = threshold == 0 or (len(history) == threshold and bool(stable))
+            if stable and mean_entropy.item() < settings.confidence_threshold:
+                break
+            history = (history + [argmax])[-threshold:] if threshold else []
+    return argmax[0].tolist()
+
+
+def generate_diffusion(
+    model: nn.Module,
+    prompt: mx.array,
+    *,
+    stats: Stats,
+    max_tokens: int,
+    prefill_step_size: int = 2048,
+    options: Optional[Dict] = None,
+    **_,
+) -> Iterator[List[int]]:
+    """Yield one committed canvas at a time; the front stops at EOS or `max_tokens`."""
+    options = dict(options or {})
+    noise = options.pop("noise", None) or RandomNoise()
+    on_step = options.pop("on_step", None)
+    settings = DiffusionSettings.resolve(getattr(model.args, "generation_config", None), options)
+    cache = model.make_cache()
+
+    def encode(ids: mx.array):
+        model.encode(ids[None], cache)
+        return [c.keys_and_values() for c in cache]  # evaluated per chunk, so the graph stays small
+
+    prefill_chunks(encode, prompt, prefill_step_size)
+    stats.mark_prefill()
+    tokens = None
+    for canvas_index in range(math.ceil(max_tokens / model.canvas_length)):
+        if tokens is not None:
+            encode(mx.array(tokens))  # commit the previous canvas; the last one is never encoded
+        tokens = denoise_canvas(model, cache, settings, noise, stats, on_step, canvas_index)
+        stats.canvases += 1
+        yield tokens
