@@ -8,6 +8,8 @@ import mlx_dllm
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.sampler import summary
 
+from .visualize import CanvasView
+
 DEFAULT_PROMPT = "hello"
 
 
@@ -48,14 +50,46 @@ def load_models(model_path: str, draft_path):
 @click.option("--verbose/--no-verbose", default=True, show_default=True, help="Print rulers and the summary.")
 @click.option("--prefill-step-size", type=int, default=2048, show_default=True, help="Prompt tokens per prefill chunk.")
 @click.option("--stop", multiple=True, help="Stop at this text (repeatable).")
-def generate_command(model, draft_model, block_size, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
-                     system_prompt, ignore_chat_template, verbose, prefill_step_size, stop):
-    """Generate text with a target model, optionally drafted by a DFlash drafter."""
+@click.option("--image", multiple=True, help="Image input (not supported yet).")
+@click.option("--max-denoising-steps", type=int, default=None, help="Diffusion: steps per canvas at most.")
+@click.option("--entropy-bound", type=float, default=None, help="Diffusion: entropy budget of accepted tokens.")
+@click.option("--t-min", type=float, default=None, help="Diffusion: temperature at the last step.")
+@click.option("--t-max", type=float, default=None, help="Diffusion: temperature at the first step.")
+@click.option("--stability-threshold", type=int, default=None, help="Diffusion: steps the argmax must hold.")
+@click.option("--confidence-threshold", type=float, default=None, help="Diffusion: mean entropy to stop under.")
+@click.option("--visualize", is_flag=True, help="Diffusion: redraw the canvas at every step.")
+def generate_command(
+    model,
+    draft_model,
+    block_size,
+    prompt,
+    max_tokens,
+    temp,
+    top_p,
+    top_k,
+    min_p,
+    seed,
+    system_prompt,
+    ignore_chat_template,
+    verbose,
+    prefill_step_size,
+    stop,
+    image,
+    visualize,
+    **diffusion_knobs,
+):
+    """Generate text: plain AR, DFlash with --draft-model, or diffusion for a diffusion model."""
+    if image:
+        raise DLLMError("image input is not supported yet")
     if prefill_step_size < 1:
         raise DLLMError(f"prefill step size must be positive, got {prefill_step_size}")
     target, tokenizer, drafter = load_models(model, draft_model)
     prompt = sys.stdin.read() if prompt == "-" else prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = build_prompt(tokenizer, prompt, system_prompt, ignore_chat_template)
+    options = {k: v for k, v in diffusion_knobs.items() if v is not None}
+    view = CanvasView(tokenizer) if visualize else None
+    if view is not None:
+        options["on_step"] = view
     responses = mlx_dllm.stream_generate(
         target,
         tokenizer,
@@ -70,12 +104,19 @@ def generate_command(model, draft_model, block_size, prompt, max_tokens, temp, t
         seed=seed,
         stop=stop,
         prefill_step_size=prefill_step_size,
+        **options,
     )
     response = None
     for index, response in enumerate(responses):
+        if view is not None:
+            view.clear()
         if verbose and index == 0:
             click.echo("=" * 10)  # after the first response: a bad flag fails before anything is printed
+            if view is not None:
+                view.committed("\n")
         click.echo(response.text, nl=False)
+        if view is not None:
+            view.committed(response.text)
     click.echo()
     if verbose and response is not None:
         click.echo("=" * 10)

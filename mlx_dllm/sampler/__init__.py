@@ -174,7 +174,8 @@ def summary(response: GenerationResponse) -> str:
         f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec",
         f"Peak memory: {response.peak_memory:.3f} GB",
     ]
-    stats = f"Mode: {response.mode}, forwards: {response.forwards}"
+    forwards = "denoising forwards" if response.mode == "diffusion" else "forwards"
+    stats = f"Mode: {response.mode}, {forwards}: {response.forwards}"
     stats += f", tokens per forward: {response.tokens_per_forward:.2f}"
     if response.acceptance_length is not None:
         stats += f", acceptance length: {response.acceptance_length:.2f}"
