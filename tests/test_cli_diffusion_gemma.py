@@ -48,3 +48,25 @@ def test_bad_denoising_flag(converted):
 def test_diffusion_flags_on_an_ar_model(hf_checkpoints):
     result = run("generate", "--model", hf_checkpoints["qwen3_gqa"]["target"], "-p", "w5", "--max-denoising-steps", 4)
     assert_user_error(result, "unknown option max_denoising_steps for mode ar")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_experts": None, "top_k_experts": None}, "missing the expert fields num_experts, top_k_experts"),
+        ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention='all' is not supported"),
+    ],
+)
+def test_config_errors_write_nothing(converted, tmp_path, change, message):
+    import json
+    import shutil
+
+    source = shutil.copytree(converted.parent / "hf", tmp_path / "hf")
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"].update(change)
+    config["text_config"] = {k: v for k, v in config["text_config"].items() if v is not None}
+    (source / "config.json").write_text(json.dumps(config))
+    (tmp_path / "out").mkdir()
+    assert_user_error(run("convert", "--hf-path", source, "--mlx-path", tmp_path / "out" / "mlx"), message)
+    assert list((tmp_path / "out").iterdir()) == []
+    assert_user_error(run("generate", "--model", source, "-p", "hi"), message)
