@@ -192,3 +192,13 @@ def test_diffusion_model_refuses_other_modes(checkpoint):
     _, model, tokenizer = checkpoint
     with pytest.raises(DLLMError, match="support diffusion, not ar"):
         list(stream_generate(model, tokenizer, [5, 9], 8, mode="ar"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"temp": 0.7}, "use t_min/t_max, not temp"), ({"block_size": 4}, "block size applies to DFlash drafting")],
+)
+def test_ar_sampling_flags_are_refused_in_diffusion_mode(checkpoint, options, message):
+    _, model, tokenizer = checkpoint
+    with pytest.raises(DLLMError, match=message):
+        list(stream_generate(model, tokenizer, [5, 9], 8, **options))
