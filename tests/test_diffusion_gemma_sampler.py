@@ -202,3 +202,29 @@ def test_ar_sampling_flags_are_refused_in_diffusion_mode(checkpoint, options, me
     _, model, tokenizer = checkpoint
     with pytest.raises(DLLMError, match=message):
         list(stream_generate(model, tokenizer, [5, 9], 8, **options))
+
+
+def test_random_draw_follows_the_weights():
+    """The exponential race picks id i with probability w_i / sum(w): chi-square over 40k draws."""
+    from mlx_dllm.sampler.diffusion import RandomNoise
+
+    mx.random.seed(0)
+    weights = mx.array([1.0, 2.0, 3.0, 4.0, 0.0])
+    draws = np.array(RandomNoise().draw(mx.broadcast_to(weights, (1, 40000, 5))))[0]
+    observed = np.bincount(draws, minlength=5)
+    expected = np.array([0.1, 0.2, 0.3, 0.4]) * 40000
+    assert observed[4] == 0
+    assert ((observed[:4] - expected) ** 2 / expected).sum() < 16.3  # chi-square, 3 dof, p = 0.001
+
+
+def test_entropy_from_one_exp_pass_is_exact():
+    from mlx_dllm.sampler.diffusion import softmax_weights_and_entropy
+
+    logits = mx.random.normal((2, 3, 50)) * 4
+    weights, entropy = softmax_weights_and_entropy(logits)
+    log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    expected = -(mx.exp(log_probs) * log_probs).sum(axis=-1)
+    np.testing.assert_allclose(np.array(entropy), np.array(expected), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(weights / weights.sum(-1, keepdims=True)), np.array(mx.exp(log_probs)), rtol=1e-5
+    )

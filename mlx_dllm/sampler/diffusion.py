@@ -77,8 +77,9 @@ class RandomNoise:
     def canvas(self, length: int, vocab_size: int) -> mx.array:
         return mx.random.randint(0, vocab_size, (1, length))
 
-    def draw(self, logits: mx.array) -> mx.array:
-        return mx.random.categorical(logits)
+    def draw(self, weights: mx.array) -> mx.array:
+        """One id per position with probability proportional to `weights` (an exponential race, exact)."""
+        return mx.argmax(weights / -mx.log(mx.random.uniform(shape=weights.shape)), axis=-1)
 
 
 @dataclass
@@ -91,6 +92,14 @@ class StepState:
     accepted: List[bool]
     argmax: List[int]
     mean_entropy: float
+
+
+def softmax_weights_and_entropy(logits: mx.array):
+    """Unnormalised softmax weights and the entropy of each position, with a single exp pass over the vocab."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    weights = mx.exp(shifted)
+    total = weights.sum(axis=-1)
+    return weights, mx.log(total) - (weights * shifted).sum(axis=-1) / total
 
 
 def entropy_bound_mask(entropy: mx.array, bound: float) -> mx.array:
@@ -119,17 +128,18 @@ def denoise_canvas(
     for step, remaining in enumerate(range(settings.max_denoising_steps, 0, -1)):
         logits = model.denoise(canvas, cache, self_conditioning) / settings.temperature(remaining)
         stats.forwards += 1
-        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        entropy = -(mx.exp(log_probs) * log_probs).sum(axis=-1)
-        samples = noise.draw(logits)
+        weights, entropy = softmax_weights_and_entropy(logits)
+        samples = noise.draw(weights)
         argmax = mx.argmax(logits, axis=-1)
         accepted = entropy_bound_mask(entropy, settings.entropy_bound)
         canvas = mx.where(accepted, samples, noise.canvas(length, vocab_size))
         # The next step conditions on this step's tempered logits, stored in the embedding dtype.
         self_conditioning = logits.astype(model.embedding_dtype)
         mean_entropy = entropy.mean()
-        stable = all(mx.array_equal(argmax, previous) for previous in history)
-        mx.eval(canvas, argmax, mean_entropy, self_conditioning)
+        stable = mx.array(True)
+        for previous in history:
+            stable = stable & mx.array_equal(argmax, previous)
+        mx.eval(canvas, argmax, mean_entropy, self_conditioning, stable)  # the step's one host sync
         if on_step is not None:
             on_step(
                 StepState(
