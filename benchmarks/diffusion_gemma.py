@@ -28,6 +28,8 @@ import mlx_lm
 import mlx_dllm
 from mlx_dllm.models.diffusion_gemma import Model as DiffusionGemma
 from mlx_dllm.sampler import diffusion as diffusion_sampler
+from mlx_dllm.sampler.common import Stats
+from mlx_dllm.sampler.diffusion import DiffusionSettings
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 KNOBS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
@@ -150,46 +152,6 @@ def peak_rss(result: dict):
 # ---------------------------------------------------------------------------------------------- ours
 
 
-class MLXClock:
-    """Wall clocks around our model calls, each evaluated synchronously (pending inputs first, outside the
-    clock; the output before the clock stops), and around each `denoise_canvas` call."""
-
-    def __init__(self):
-        self.calls = []  # (kind, seconds), in order
-
-    def wrap(self, kind, call):
-        def timed(*args, **kwargs):
-            mx.eval([a for a in args if isinstance(a, mx.array)])
-            start = time.perf_counter()
-            out = call(*args, **kwargs)
-            mx.eval(out)
-            self.calls.append((kind, time.perf_counter() - start))
-            return out
-
-        return timed
-
-    def wrap_loop(self, call):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = call(*args, **kwargs)  # returns a Python list: everything is evaluated
-            self.calls.append(("loop", time.perf_counter() - start))
-            return out
-
-        return timed
-
-
-@contextmanager
-def instrumented_ours(clock: MLXClock):
-    saved = (DiffusionGemma.denoise, DiffusionGemma.encode, diffusion_sampler.denoise_canvas)
-    DiffusionGemma.denoise = clock.wrap("denoise", saved[0])
-    DiffusionGemma.encode = clock.wrap("encode", saved[1])
-    diffusion_sampler.denoise_canvas = clock.wrap_loop(saved[2])  # generate_diffusion looks it up at call time
-    try:
-        yield
-    finally:
-        DiffusionGemma.denoise, DiffusionGemma.encode, diffusion_sampler.denoise_canvas = saved
-
-
 def run_ours(model, tokenizer, prompt, args, seed) -> dict:
     """One generation through the public API; numbers as `stream_generate` reports them."""
     start = time.perf_counter()
@@ -285,22 +247,34 @@ def run_reference(model, prompt, args, seed) -> dict:
 # ---------------------------------------------------------------------------------------------- passes
 
 
-def overhead_ours(model, tokenizer, prompt, args, seed) -> dict:
-    """A separate, serialised run: share of the denoising loop, and of the whole generation after the prefill,
-    spent outside model calls."""
-    clock = MLXClock()
-    with instrumented_ours(clock):
-        result = run_ours(model, tokenizer, prompt, args, seed)
-    denoise_s = sum(s for k, s in clock.calls if k == "denoise")
-    loop_s = sum(s for k, s in clock.calls if k == "loop")
-    encodes = [s for k, s in clock.calls if k == "encode"]
-    forwards = sum(1 for k, _ in clock.calls if k == "denoise")
-    return {
-        "step_overhead": 1 - denoise_s / loop_s,
-        "gen_overhead": 1 - (denoise_s + sum(encodes[1:])) / result["gen_s"],
-        "forward_ms": 1e3 * denoise_s / forwards,
-        "step_ms": 1e3 * loop_s / forwards,
-    }
+def overhead_ours(model, prompt, trials: int = 15, steps: int = 12) -> dict:
+    """Share of each denoising step outside the model forward. The real loop (`denoise_canvas`, sampler fused
+    into the forward's graph, one sync per step, adaptive stop off) and the same number of forwards evaluated
+    alone are timed in alternation, so that drift on a shared machine hits both; medians per step."""
+    cache = model.make_cache()
+    model.encode(mx.array([prompt]), cache)
+    shape = (1, model.canvas_length, model.text.vocab_size)
+    canvas = mx.random.randint(0, shape[2], shape[:2])
+    self_conditioning = mx.random.normal(shape).astype(model.embedding_dtype)
+    mx.eval([c.keys_and_values() for c in cache], canvas, self_conditioning)
+    settings = DiffusionSettings(max_denoising_steps=steps, confidence_threshold=None)
+
+    def loop():
+        diffusion_sampler.denoise_canvas(model, cache, settings, diffusion_sampler.RandomNoise(), Stats())
+
+    def forwards():
+        for _ in range(steps):
+            mx.eval(model.denoise(canvas, cache, self_conditioning))
+
+    loop_ms, forward_ms = [], []
+    for trial in range(trials + 2):  # the first two warm up
+        for call, times in ((loop, loop_ms), (forwards, forward_ms)):
+            start = time.perf_counter()
+            call()
+            if trial >= 2:
+                times.append(1e3 * (time.perf_counter() - start) / steps)
+    step, forward = statistics.median(loop_ms), statistics.median(forward_ms)
+    return {"step_overhead": 1 - forward / step, "gen_overhead": None, "forward_ms": forward, "step_ms": step}
 
 
 def matmul_gflops(size: int = 512) -> dict:
@@ -491,9 +465,7 @@ def main():
             for method in methods:  # interleaved, so drifts in machine load hit both alike
                 samples[method].append(run(method, prompt, seed))
     extra = {m: [] for m in methods}
-    for repeat in range(args.repeats):  # the same seeds as the headline runs
-        for index, prompt in enumerate(prompts):
-            extra["ours"].append(overhead_ours(model, tokenizer, prompt, args, args.seed + 1000 * repeat + index))
+    extra["ours"] = [overhead_ours(model, prompt) for prompt in prompts]
     if "reference" in methods:
         extra["reference"] = [dict(s) for s in samples["reference"]]
     for method in methods:  # one memory run each
