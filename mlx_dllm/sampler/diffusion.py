@@ -127,6 +127,17 @@ random_sample_step = mx.compile(
 )
 
 
+def should_stop(settings: DiffusionSettings, argmax: mx.array, mean_entropy: mx.array, history: List) -> mx.array:
+    """Stable (argmax equal to each of the last `stability_threshold` ones) and confident (mean entropy below
+    the threshold); like transformers' history filled with -1, too short a history is never stable."""
+    if not settings.adaptive_stop or len(history) < settings.stability_threshold:
+        return mx.array(False)
+    stop = mean_entropy < settings.confidence_threshold
+    for previous in history:
+        stop = stop & mx.array_equal(argmax, previous)
+    return stop
+
+
 def denoise_canvas(
     model: nn.Module,
     cache: List,
@@ -137,8 +148,7 @@ def denoise_canvas(
     canvas_index: int = 0,
 ) -> List[int]:
     """Denoise one canvas against the committed cache; return its argmax tokens."""
-    vocab_size, length = model.text.vocab_size, model.canvas_length
-    canvas = noise.canvas(length, vocab_size)
+    canvas = noise.canvas(model.canvas_length, model.text.vocab_size)
     self_conditioning = None
     history: List[mx.array] = []
     argmax = canvas
@@ -151,27 +161,15 @@ def denoise_canvas(
         canvas, accepted, argmax, mean_entropy, logits = step_fn(logits, temperature, bound)
         # The next step conditions on this step's tempered logits, stored in the embedding dtype.
         self_conditioning = logits.astype(model.embedding_dtype)
-        stable = mx.array(True)
-        for previous in history:
-            stable = stable & mx.array_equal(argmax, previous)
-        mx.eval(canvas, argmax, mean_entropy, self_conditioning, stable)  # the step's one host sync
+        stop = should_stop(settings, argmax, mean_entropy, history)
+        mx.eval(canvas, self_conditioning, argmax, stop)  # the step's one host sync
         if on_step is not None:
-            on_step(
-                StepState(
-                    canvas_index,
-                    step,
-                    canvas[0].tolist(),
-                    accepted[0].tolist(),
-                    argmax[0].tolist(),
-                    mean_entropy.item(),
-                )
-            )
-        if settings.adaptive_stop:
-            threshold = settings.stability_threshold
-            stable = threshold == 0 or (len(history) == threshold and bool(stable))
-            if stable and mean_entropy.item() < settings.confidence_threshold:
-                break
-            history = (history + [argmax])[-threshold:] if threshold else []
+            state = (canvas[0].tolist(), accepted[0].tolist(), argmax[0].tolist(), mean_entropy.item())
+            on_step(StepState(canvas_index, step, *state))
+        if stop.item():
+            break
+        if settings.stability_threshold:
+            history = (history + [argmax])[-settings.stability_threshold :]
     return argmax[0].tolist()
 
 
