@@ -11,10 +11,19 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .errors import DLLMError
-from .models import dflash, diffusion_gemma
+from .models import dflash, diffusion_gemma, nemotron_diffusion
 
 # What a checkpoint needs; remote code (*.py) is deliberately not fetched.
-ALLOW_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jinja"]
+ALLOW_PATTERNS = [
+    "*.json",
+    "model*.safetensors",
+    "linear_spec_lora/*",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jinja",
+]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tiktoken.model")
 
 
@@ -87,8 +96,12 @@ TARGET_REMAPPING = {"ministral": "llama"}
 
 
 # Architectures implemented here rather than in mlx-lm.
-OWN_ARCHITECTURES = {"DiffusionGemmaForBlockDiffusion": diffusion_gemma}
-OWN_MODEL_TYPES = {"diffusion_gemma": diffusion_gemma}
+OWN_ARCHITECTURES = {
+    "DiffusionGemmaForBlockDiffusion": diffusion_gemma,
+    "NemotronLabsDiffusionModel": nemotron_diffusion,
+}
+OWN_MODEL_TYPES = {"diffusion_gemma": diffusion_gemma, "nemotron_labs_diffusion": nemotron_diffusion}
+LORA_FOLDER = "linear_spec_lora"  # Nemotron-Labs-Diffusion's drafter adapter, beside the weights
 
 
 def own_module(config: Dict):
@@ -156,6 +169,8 @@ def load(
     config = read_config(path)
     check_architecture(config)
     model, _ = build_model(path, config, lazy)
+    if hasattr(model, "load_lora") and (path / LORA_FOLDER).is_dir():
+        model.load_lora(path / LORA_FOLDER)
     if is_dflash_config(config) and not any((path / name).exists() for name in TOKENIZER_FILES):
         return model, None
     return model, load_tokenizer_checked(path, config)

@@ -12,8 +12,18 @@ from .ar import generate_ar
 from .common import GenerationResponse, Stats, make_token_selector
 from .dflash import generate_dflash
 from .diffusion import DiffusionSettings, generate_diffusion
+from .linear_spec import generate_linear_spec
+from .mask_diffusion import generate_mask_diffusion
 
-STRATEGIES = {"ar": generate_ar, "dflash": generate_dflash, "diffusion": generate_diffusion}
+STRATEGIES = {
+    "ar": generate_ar,
+    "dflash": generate_dflash,
+    "diffusion": generate_diffusion,
+    "mask-diffusion": generate_mask_diffusion,
+    "linear-spec": generate_linear_spec,
+}
+# Options a strategy takes beyond the common ones; anything else is refused, never ignored.
+OPTIONED_STRATEGIES = {"diffusion", "mask-diffusion", "linear-spec"}
 
 
 def _encode(tokenizer: TokenizerWrapper, prompt) -> mx.array:
@@ -31,9 +41,9 @@ def _choose_mode(mode: Optional[str], model: nn.Module, draft_model: Optional[nn
     if mode is None:
         source = draft_model if draft_model is not None else model
         mode = getattr(source, "default_mode", "dflash" if draft_model is not None else "ar")
-    if mode not in STRATEGIES:
-        raise DLLMError(f"unknown mode '{mode}' (choose from {', '.join(STRATEGIES)})")
     supported = getattr(model, "modes", ("ar", "dflash"))
+    if mode not in STRATEGIES and mode not in supported:
+        raise DLLMError(f"unknown mode '{mode}' (choose from {', '.join(supported)})")
     if mode not in supported:
         family = type(model).__module__.rsplit(".", 1)[-1]
         raise DLLMError(f"{family} models support {', '.join(supported)}, not {mode}")
@@ -72,7 +82,10 @@ def stream_generate(
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     mode = _choose_mode(mode, model, draft_model)
-    if options and mode != "diffusion":
+    strategy_name = getattr(model, "mode_strategies", {}).get(mode, mode)
+    if strategy_name not in STRATEGIES:
+        raise DLLMError(f"mode '{mode}' is not implemented yet")
+    if options and strategy_name not in OPTIONED_STRATEGIES:
         raise DLLMError(f"unknown option {sorted(options)[0]} for mode {mode}")
     if block_size is not None and mode != "dflash":
         raise DLLMError(f"block size applies to DFlash drafting, not to mode {mode}")
@@ -84,7 +97,8 @@ def stream_generate(
         mx.random.seed(seed)
 
     stats = Stats()
-    strategy = STRATEGIES[mode](
+    eos_ids = set(tokenizer.eos_token_ids)
+    strategy = STRATEGIES[strategy_name](
         model,
         prompt,
         draft_model=draft_model,
@@ -93,11 +107,11 @@ def stream_generate(
         max_tokens=max_tokens,
         block_size=block_size,
         prefill_step_size=prefill_step_size,
+        eos_token_ids=eos_ids,
         options=options,
     )
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    eos_ids = set(tokenizer.eos_token_ids)
     mx.reset_peak_memory()
     start = time.perf_counter()
     emitted: List[int] = []
@@ -151,6 +165,7 @@ def _response(segment, tokens, mode, prompt_size, start, stats, generated, finis
         forwards=stats.forwards,
         draft_forwards=stats.draft_forwards,
         tokens_per_forward=generated / forwards,
+        decode_tokens_per_forward=(generated - stats.prefill_forwards) / max(forwards - stats.prefill_forwards, 1),
         acceptance_length=stats.acceptance_length,
         canvases=stats.canvases,
     )
@@ -180,7 +195,8 @@ def summary(response: GenerationResponse) -> str:
     ]
     forwards = "denoising forwards" if response.mode == "diffusion" else "forwards"
     stats = f"Mode: {response.mode}, {forwards}: {response.forwards}"
-    stats += f", tokens per forward: {response.tokens_per_forward:.2f}"
+    per_forward = f"{response.tokens_per_forward:.2f} (decode {response.decode_tokens_per_forward:.2f})"
+    stats += f", tokens per forward: {per_forward}"
     if response.acceptance_length is not None:
         stats += f", acceptance length: {response.acceptance_length:.2f}"
     if response.canvases:

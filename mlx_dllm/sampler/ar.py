@@ -23,6 +23,7 @@ def generate_ar(
     last_logits = prefill_chunks(lambda ids: model(ids[None], cache=cache)[:, -1], prompt, prefill_step_size)
     token = select(last_logits[-1])
     mx.eval(token)
+    stats.prefill_forwards = 1
     stats.mark_prefill()
     while True:
         next_token = select(model(token[None], cache=cache)[:, -1])

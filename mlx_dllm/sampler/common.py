@@ -30,6 +30,7 @@ class GenerationResponse:
     tokens_per_forward: float = 0.0
     acceptance_length: Optional[float] = None
     canvases: int = 0
+    decode_tokens_per_forward: float = 0.0
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Stats:
     draft_forwards: int = 0
     accept_lengths: List[int] = field(default_factory=list)  # tokens committed per verify round
     canvases: int = 0  # diffusion blocks denoised
+    prefill_forwards: int = 0  # forwards counted in `forwards` that processed the prompt
     prefill_done: Optional[float] = None  # perf_counter when the first token was ready
 
     def mark_prefill(self):

@@ -90,7 +90,7 @@ def _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, 
     anchor = int(select(chunks[-1][0][:, -1]).item())
     del chunks
     stats.mark_prefill()
-    stats.forwards = 1
+    stats.forwards, stats.prefill_forwards = 1, 1
     generated = [anchor]
 
     def draft(anchor: int, features: mx.array, size: int) -> mx.array:

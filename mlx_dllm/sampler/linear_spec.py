@@ -1,0 +1,80 @@
+"""Linear self-speculation (Nemotron-Labs-Diffusion `linear_spec_generate`): the model drafts its own block.
+
+Each cycle drafts `[seed, mask x (B-1)]` in one bidirectional forward (LoRA on), verifies
+`[seed, d1..dB-1]` in one causal forward (LoRA off, writing the cache), keeps the longest prefix of drafts
+the causal pass agrees with plus its next token, and crops the cache back to what was kept. Greedy
+output therefore equals greedy AR.
+"""
+
+from typing import Iterator, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import DLLMError
+from .common import Stats, TokenSelector, prefill_chunks
+from .mask_diffusion import block_options
+
+
+def draft_block(
+    model: nn.Module, cache: List, block: List[int], threshold: float, lora: bool, stats: Stats
+) -> List[int]:
+    """Fill the masks of `block`: all by argmax at threshold 0, else confident ones (or the best) per pass."""
+    mask_id = model.args.mask_token_id
+    while mask_id in block[1:]:
+        logits = model(mx.array([block]), cache, pattern="bidirectional", write_cache=False, lora=lora)[0]
+        stats.draft_forwards += 1
+        guesses = mx.argmax(logits, axis=-1)
+        confidence = mx.take_along_axis(mx.softmax(logits.astype(mx.float32), axis=-1), guesses[:, None], axis=-1)
+        guesses, confidence = guesses.tolist(), confidence[:, 0].tolist()
+        masked = [i for i in range(1, len(block)) if block[i] == mask_id]
+        chosen = [i for i in masked if confidence[i] >= threshold] or [max(masked, key=lambda i: confidence[i])]
+        for i in chosen:
+            block[i] = guesses[i]
+        if threshold <= 0 or all(block[i] == mask_id for i in chosen):
+            break  # threshold 0 fills everything at once; a mask guessed as the mask id ends the loop too
+    return block
+
+
+def generate_linear_spec(
+    model: nn.Module,
+    prompt: mx.array,
+    *,
+    select: TokenSelector,
+    stats: Stats,
+    max_tokens: int,
+    prefill_step_size: int = 2048,
+    options: Optional[dict] = None,
+    **_,
+) -> Iterator[List[int]]:
+    """Yield the tokens each cycle commits (the first yield is the prefill's token)."""
+    options = dict(options or {})
+    block_length = block_options(model, options)["block_length"]
+    threshold = options.pop("threshold", 0.0) or 0.0
+    lora = options.pop("lora", True)
+    if lora and not model.has_lora:
+        lora = False  # base models ship no drafter LoRA: the backbone drafts alone
+    if options:
+        raise DLLMError(f"unknown option {sorted(options)[0]} for mode linear-spec")
+    cache = model.make_cache()
+    logits = prefill_chunks(lambda ids: model(ids[None], cache)[:, -1], prompt, prefill_step_size)[-1]
+    seed = int(select(logits).item())
+    stats.forwards, stats.prefill_forwards = 1, 1
+    stats.mark_prefill()
+    produced = 1
+    yield [seed]
+    while produced < max_tokens:
+        size = min(block_length, max_tokens - produced + 1)
+        block = draft_block(model, cache, [seed] + [model.args.mask_token_id] * (size - 1), threshold, lora, stats)
+        verified = select(model(mx.array([block]), cache)[0]).tolist()
+        stats.forwards += 1
+        accepted = 0
+        while accepted < size - 1 and verified[accepted] == block[accepted + 1]:
+            accepted += 1
+        emitted = verified[: accepted + 1]  # the agreed drafts, then the causal pass's own next token
+        for layer_cache in cache:
+            layer_cache.trim(size - accepted - 1)
+        stats.accept_lengths.append(accepted + 1)
+        produced += len(emitted)
+        seed = emitted[-1]
+        yield emitted
