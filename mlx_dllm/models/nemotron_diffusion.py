@@ -170,15 +170,18 @@ class Model(nn.Module):
         write_cache: bool = True,
         row_offsets: Optional[mx.array] = None,
         lora: bool = False,
+        head: bool = True,
     ) -> mx.array:
-        """Logits for `inputs` [1, L]. The default (causal, writing) is mlx-lm's AR call."""
+        """Logits for `inputs` [1, L] (final-normed hidden states with `head=False`, to apply the head to
+        chosen rows only). The default (causal, writing) is mlx-lm's AR call."""
         cache = cache if cache is not None else self.make_cache()
         if isinstance(pattern, str) and pattern == "causal":
             pattern = "causal" if inputs.shape[1] > 1 else None
         h = self.encoder.embed_tokens(inputs)
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, layer_cache, pattern, write_cache, row_offsets, lora)
-        return self.diffusion_head(self.encoder.norm(h))
+        h = self.encoder.norm(h)
+        return self.diffusion_head(h) if head else h
 
     def make_cache(self) -> List:
         return [KVCache() for _ in self.layers]

@@ -14,6 +14,7 @@ from .dflash import generate_dflash
 from .diffusion import DiffusionSettings, generate_diffusion
 from .linear_spec import generate_linear_spec
 from .mask_diffusion import generate_mask_diffusion
+from .quadratic_spec import generate_quadratic_spec
 
 STRATEGIES = {
     "ar": generate_ar,
@@ -21,9 +22,10 @@ STRATEGIES = {
     "diffusion": generate_diffusion,
     "mask-diffusion": generate_mask_diffusion,
     "linear-spec": generate_linear_spec,
+    "quadratic-spec": generate_quadratic_spec,
 }
 # Options a strategy takes beyond the common ones; anything else is refused, never ignored.
-OPTIONED_STRATEGIES = {"diffusion", "mask-diffusion", "linear-spec"}
+OPTIONED_STRATEGIES = {"diffusion", "mask-diffusion", "linear-spec", "quadratic-spec"}
 
 
 def _encode(tokenizer: TokenizerWrapper, prompt) -> mx.array:
