@@ -64,7 +64,7 @@ def generate_linear_spec(
     produced = 1
     yield [seed]
     while produced < max_tokens:
-        size = min(block_length, max_tokens - produced + 1)
+        size = min(block_length, max_tokens - produced)  # a block yields at most `size` tokens
         block = draft_block(model, cache, [seed] + [model.args.mask_token_id] * (size - 1), threshold, lora, stats)
         verified = select(model(mx.array([block]), cache)[0]).tolist()
         stats.forwards += 1

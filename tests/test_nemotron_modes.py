@@ -1,0 +1,198 @@
+"""Nemotron-Labs-Diffusion decoding modes on a tiny random MLX model: the quadratic layout against brute-force
+constructions, cache policies, the LoRA switch, and lossless self-speculation under forced acceptance."""
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+
+from mlx_dllm import DLLMError
+from mlx_dllm.models.nemotron_diffusion import LoRA, Model, ModelArgs
+from mlx_dllm.sampler import linear_spec, quadratic_spec
+from mlx_dllm.sampler.common import Stats, make_token_selector
+from mlx_dllm.sampler.quadratic_spec import quadratic_mask
+
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 1e6,
+    "factor": 16.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
+PROMPT = [5, 17, 42, 9, 3, 77, 120, 8, 64, 33, 2, 19, 250, 31]  # past 16: the Llama-4 query scale is active
+
+
+@pytest.fixture(scope="module")
+def model():
+    mx.random.seed(0)
+    args = ModelArgs(
+        hidden_size=64,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=256,
+        rope_parameters=YARN,
+        max_position_embeddings=1024,
+        mask_token_id=100,
+        block_size=6,
+    )
+    model = Model(args)
+    for layer in model.layers:
+        layer.self_attn.lora = LoRA(mx.random.normal((4, 128)) * 0.2, mx.random.normal((64, 4)) * 0.2, 4.0)
+    mx.eval(model.parameters())
+    return model
+
+
+def _brute_force_mask(rows):
+    width = rows + 1
+    tokens = [(row, col) for row in range(rows) for col in range(width)]
+    allowed = np.zeros((len(tokens), len(tokens)), dtype=bool)
+    for q, (q_row, q_col) in enumerate(tokens):
+        for k, (k_row, k_col) in enumerate(tokens):
+            draft_before = k_col == 0 and k_row <= q_row  # every token sees d_0 .. d_{its row}
+            own_row = q_col != 0 and k_row == q_row  # a mask also sees its whole row
+            allowed[q, k] = draft_before or own_row
+    return allowed
+
+
+@pytest.mark.parametrize("rows", [2, 3, 6])
+def test_quadratic_mask_matches_brute_force(rows):
+    np.testing.assert_array_equal(np.array(quadratic_mask(rows)), _brute_force_mask(rows))
+
+
+def _cache_with(model, tokens):
+    cache = model.make_cache()
+    model(mx.array([tokens]), cache)
+    return cache
+
+
+def test_quadratic_forward_rows_equal_causal_verify_and_row_drafts(model):
+    """Row i's d token = the causal pass over d_0..d_i; row i's masks = a bidirectional pass over the
+    masks once d_0..d_i are committed causally: the layout is those 2B forwards in one."""
+    rows, mask_id = 4, model.args.mask_token_id
+    draft = [11, 23, 5, 200]
+    cache = _cache_with(model, PROMPT)
+    committed = cache[0].offset
+    layout = [t for d in draft for t in [d] + [mask_id] * rows]
+    full = mx.concatenate([mx.ones((len(layout), committed), dtype=mx.bool_), quadratic_mask(rows)], axis=1)
+    fused = model(mx.array([layout]), copy.deepcopy(cache), pattern=full, row_offsets=committed + mx.arange(rows))
+    fused = np.array(fused[0]).reshape(rows, rows + 1, -1)
+    causal = np.array(model(mx.array([draft]), copy.deepcopy(cache))[0])
+    for i in range(rows):
+        np.testing.assert_allclose(fused[i, 0], causal[i], atol=1e-4)
+        row_cache = _cache_with(model, PROMPT + draft[: i + 1])
+        alone = model(mx.array([[mask_id] * rows]), row_cache, pattern="bidirectional", write_cache=False)
+        np.testing.assert_allclose(fused[i, 1:], np.array(alone[0]), atol=1e-4)
+
+
+def test_bidirectional_pass_leaves_the_cache_as_it_was(model):
+    cache = _cache_with(model, PROMPT)
+    before = [(c.offset, np.array(c.keys[..., : c.offset, :])) for c in cache]
+    model(mx.array([[7] + [100] * 5]), cache, pattern="bidirectional", write_cache=False, lora=True)
+    for (offset, keys), c in zip(before, cache):
+        assert c.offset == offset
+        np.testing.assert_array_equal(np.array(c.keys[..., : c.offset, :]), keys)
+
+
+def test_lora_changes_drafts_and_never_the_verify(model):
+    block = mx.array([[7] + [100] * 5])
+    plain = model(block, _cache_with(model, PROMPT), pattern="bidirectional", write_cache=False)
+    with_lora = model(block, _cache_with(model, PROMPT), pattern="bidirectional", write_cache=False, lora=True)
+    assert float(mx.abs(plain - with_lora).max()) > 1e-2
+    verify = model(mx.array([[7, 8, 9]]), _cache_with(model, PROMPT))
+    lora_off = model(mx.array([[7, 8, 9]]), _cache_with(model, PROMPT), lora=False)
+    np.testing.assert_array_equal(np.array(verify), np.array(lora_off))
+
+
+def _ar(model, tokens):
+    return [int(t) for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=tokens)]
+
+
+class Oracle:
+    """Drafts that are the true continuation for the first k positions of a block (k cycling), then wrong."""
+
+    def __init__(self, reference, pattern):
+        self.reference, self.pattern, self.calls = reference, pattern, 0
+
+    def tokens(self, position, count):
+        correct = self.pattern[self.calls % len(self.pattern)]
+        self.calls += 1
+        start = position - len(PROMPT)
+        truth = [self.reference[start + j] if start + j < len(self.reference) else 0 for j in range(count)]
+        return [t if j < correct else (t + 1) % 256 for j, t in enumerate(truth)]
+
+
+@pytest.mark.parametrize("block_length", [2, 4, 6])
+@pytest.mark.parametrize("oracle", [False, True], ids=["model-drafts", "forced-acceptance"])
+def test_quadratic_spec_is_lossless(model, monkeypatch, block_length, oracle):
+    max_tokens = 25  # not a multiple of the block: the last forward runs past what is left
+    reference = _ar(model, max_tokens + 2 * block_length)
+    if oracle:
+        forced = Oracle(reference, [5, 0, 2, 5, 1])
+        monkeypatch.setattr(
+            quadratic_spec, "propose", lambda model, hidden, position: forced.tokens(position, hidden.shape[0])
+        )
+    stats, out = Stats(), []
+    for tokens in quadratic_spec.generate_quadratic_spec(
+        model,
+        mx.array(PROMPT),
+        select=make_token_selector(),
+        stats=stats,
+        max_tokens=max_tokens,
+        options={"block_length": block_length},
+    ):
+        out += tokens
+    assert out[:max_tokens] == reference[:max_tokens]
+    if oracle and block_length > 2:
+        assert max(stats.accept_lengths) > 2
+
+
+@pytest.mark.parametrize("block_length", [2, 4, 6])
+@pytest.mark.parametrize("lora", [True, False])
+def test_linear_spec_is_lossless(model, monkeypatch, block_length, lora):
+    max_tokens = 23
+    reference = _ar(model, max_tokens)
+    forced = Oracle(reference, [5, 0, 2, 5, 1])
+    real = linear_spec.draft_block
+
+    def oracle_drafts(model, cache, block, threshold, lora, stats):
+        real(model, cache, block, threshold, lora, stats)  # the real draft forward still runs
+        return [block[0]] + forced.tokens(cache[0].offset + 1, len(block) - 1)
+
+    monkeypatch.setattr(linear_spec, "draft_block", oracle_drafts)
+    stats, out = Stats(), []
+    for tokens in linear_spec.generate_linear_spec(
+        model,
+        mx.array(PROMPT),
+        select=make_token_selector(),
+        stats=stats,
+        max_tokens=max_tokens,
+        options={"block_length": block_length, "lora": lora},
+    ):
+        out += tokens
+    assert out == reference
+    assert stats.forwards == 1 + len(stats.accept_lengths)
+    if block_length > 2:
+        assert max(stats.accept_lengths) > 2
+
+
+def test_block_length_below_two_is_refused(model):
+    with pytest.raises(DLLMError, match="block length must be at least 2"):
+        next(
+            linear_spec.generate_linear_spec(
+                model,
+                mx.array(PROMPT),
+                select=make_token_selector(),
+                stats=Stats(),
+                max_tokens=4,
+                options={"block_length": 1},
+            )
+        )
