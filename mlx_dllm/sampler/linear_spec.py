@@ -51,9 +51,10 @@ def generate_linear_spec(
     options = dict(options or {})
     block_length = block_options(model, options)["block_length"]
     threshold = options.pop("threshold", 0.0) or 0.0
-    lora = options.pop("lora", True)
+    lora = options.pop("lora", None)
     if lora and not model.has_lora:
-        lora = False  # base models ship no drafter LoRA: the backbone drafts alone
+        raise DLLMError("no drafter LoRA is loaded (the model folder has no linear_spec_lora/)")
+    lora = model.has_lora if lora is None else lora  # by default the LoRA drafts whenever the model has one
     if options:
         raise DLLMError(f"unknown option {sorted(options)[0]} for mode linear-spec")
     cache = model.make_cache()

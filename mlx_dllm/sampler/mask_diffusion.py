@@ -93,12 +93,14 @@ def generate_mask_diffusion(
     stats.forwards, stats.prefill_forwards = 1, 1
     stats.mark_prefill()
     mask_id = model.args.mask_token_id
+    block = None
     for block_index in range(-(-max_tokens // block_length)):
+        if block is not None:  # commit the previous block causally; the last one is never committed
+            logits = model(mx.array([block]), cache)
+            stats.forwards += 1
+            seed = int(mx.argmax(logits[0, -1]).item())
         block = [seed] + [mask_id] * (block_length - 1)
         step_callback = None if on_step is None else (lambda step, done, b=block_index: on_step(b, step, done))
         block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, step_callback)
         stats.canvases += 1
         yield block
-        logits = model(mx.array([block]), cache)  # the causal commit writes the block
-        stats.forwards += 1
-        seed = int(mx.argmax(logits[0, -1]).item())

@@ -1,0 +1,147 @@
+"""Nemotron-Labs-Diffusion against the PyTorch reference (transformers' Ministral3Model + untied head, float32):
+forward parity in every attention pattern, the diffusion mode step by step, and lossless self-speculation."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_dllm import DLLMError, load, stream_generate
+from mlx_dllm.sampler.common import Stats, make_token_selector
+from mlx_dllm.sampler.linear_spec import generate_linear_spec
+from mlx_dllm.sampler.mask_diffusion import generate_mask_diffusion
+from mlx_dllm.sampler.quadratic_spec import generate_quadratic_spec
+
+torch = pytest.importorskip("torch")
+ref = pytest.importorskip("tests.reference.nemotron")
+
+TOLERANCE = 1e-4
+PROMPTS = [[5, 17, 42, 9, 3], [200, 7, 7, 31, 64, 12, 90, 4, 150], [77, 3]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nld")
+    reference = ref.build_checkpoint(folder)
+    model, tokenizer = load(str(folder))
+    return reference, model, tokenizer
+
+
+def _mlx(model, ids, cache, **kwargs):
+    return np.array(model(mx.array([ids]), cache, **kwargs)[0])
+
+
+def test_forward_parity_in_every_pattern(tmp_path):
+    """A prompt past the original context of 64 (the Llama-4 query scale is active), prefilled in chunks;
+    then a bidirectional block with and without the LoRA, and a causal verify. The head keeps its plain
+    initialisation here (logits of order 1), so that 1e-4 measures the backbone, not float32 rounding."""
+    reference = ref.build_checkpoint(tmp_path, head_gain=1.0)
+    model, _ = load(str(tmp_path))
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, 250, 80).tolist()
+    ref_cache, cache = reference.new_cache(), model.make_cache()
+    errors = {}
+    expected = reference.forward(prompt, ref_cache, mode="causal", write_cache=True).numpy()
+    ours = np.concatenate([_mlx(model, prompt[:50], cache), _mlx(model, prompt[50:], cache)])
+    errors["causal prefill"] = np.abs(expected - ours).max()
+    block = [int(expected[-1].argmax())] + [100] * 7
+    for lora in (False, True):
+        expected = reference.forward(block, ref_cache, mode="bidirectional", write_cache=False, lora=lora).numpy()
+        ours = _mlx(model, block, cache, pattern="bidirectional", write_cache=False, lora=lora)
+        errors[f"bidirectional lora={lora}"] = np.abs(expected - ours).max()
+    verify = block[:1] + rng.integers(3, 250, 7).tolist()
+    expected = reference.forward(verify, ref_cache, mode="causal", write_cache=True).numpy()
+    errors["causal verify"] = np.abs(expected - _mlx(model, verify, cache)).max()
+    assert cache[0].offset == 88
+    assert max(errors.values()) <= TOLERANCE, errors
+    assert np.abs(expected).max() > 1.0  # the logits are not vanishingly small
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.5, None])
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_diffusion_mode_commits_like_the_reference(checkpoint, threshold, prompt):
+    reference, model, _ = checkpoint
+    tokens, stats = ref.diffusion_generate(reference, prompt, 24, block_length=8, threshold=threshold)
+    commits, ours, our_stats = [], [], Stats()
+    record = lambda block, step, done: commits.append((block, done))  # noqa: E731
+    run = generate_mask_diffusion(
+        model,
+        mx.array(prompt),
+        stats=our_stats,
+        max_tokens=24,
+        options={"block_length": 8, "threshold": threshold, "on_step": record},
+    )
+    for block in run:
+        ours += block
+    expected = [(b, done) for b, per_block in enumerate(stats["commits"]) for done in per_block]
+    assert commits == expected
+    assert ours == tokens
+    # The reference counts denoising steps and every block's commit; we count the prefill instead of the
+    # commit after the last block (nothing reads it), so the totals agree.
+    assert our_stats.forwards == stats["nfe"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_ar_matches_the_reference(checkpoint, prompt):
+    reference, model, tokenizer = checkpoint
+    expected, _ = ref.ar_generate(reference, prompt, 20)
+    ours = [t for r in stream_generate(model, tokenizer, prompt, 20, mode="ar") for t in r.tokens]
+    assert ours[: len(expected)] == expected[: len(ours)]
+
+
+@pytest.mark.parametrize("mode", ["linear-spec", "quadratic-spec"])
+@pytest.mark.parametrize("block_length", [2, 5, 8])
+@pytest.mark.parametrize("lora", [True, False])
+def test_self_speculation_equals_greedy_ar(checkpoint, monkeypatch, mode, block_length, lora):
+    reference, model, tokenizer = checkpoint
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    if mode == "quadratic-spec" and lora:
+        pytest.skip("the quadratic reference drafts without the LoRA")
+    for prompt in PROMPTS:
+        expected, _ = ref.ar_generate(reference, prompt, 19)  # 19: the last block is longer than what is left
+        options = {"block_length": block_length} | ({"lora": lora} if mode == "linear-spec" else {})
+        responses = list(stream_generate(model, tokenizer, prompt, 19, mode=mode, **options))
+        assert [t for r in responses for t in r.tokens] == expected, (prompt, block_length)
+        assert responses[-1].acceptance_length >= 1
+
+
+def test_linear_spec_matches_the_reference_cycle_by_cycle(checkpoint):
+    reference, model, _ = checkpoint
+    for prompt in PROMPTS:
+        tokens, stats = ref.linear_spec_generate(reference, prompt, 20, block_length=8, lora=True)
+        ours, our_stats = [], Stats()
+        run = generate_linear_spec(
+            model,
+            mx.array(prompt),
+            select=make_token_selector(),
+            stats=our_stats,
+            max_tokens=20,
+            options={"block_length": 8, "lora": True},
+        )
+        for chunk in run:
+            ours += chunk
+        assert ours == tokens
+        assert our_stats.accept_lengths == stats["accepted"][: len(our_stats.accept_lengths)]
+
+
+def test_modes_and_lora_requests_it_cannot_serve(checkpoint, tmp_path):
+    import shutil
+
+    _, model, tokenizer = checkpoint
+    with pytest.raises(DLLMError, match="support ar, diffusion, linear-spec, quadratic-spec, not dflash"):
+        list(stream_generate(model, tokenizer, [5, 6], 4, mode="dflash"))
+    ref.build_checkpoint(tmp_path / "nld")
+    (tmp_path / "nld" / "linear_spec_lora" / "adapter_model.safetensors").unlink()
+    with pytest.raises(DLLMError, match="no LoRA adapter in"):
+        load(str(tmp_path / "nld"))
+    shutil.rmtree(tmp_path / "nld" / "linear_spec_lora")
+    base, base_tokenizer = load(str(tmp_path / "nld"))
+    with pytest.raises(DLLMError, match="no drafter LoRA is loaded"):
+        list(stream_generate(base, base_tokenizer, [5, 6], 4, mode="linear-spec", lora=True))
+
+
+def test_decode_tokens_per_forward_leaves_the_prefill_out(checkpoint, monkeypatch):
+    _, model, tokenizer = checkpoint
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    last = list(stream_generate(model, tokenizer, PROMPTS[0], 16, mode="quadratic-spec", block_length=4))[-1]
+    assert last.tokens_per_forward == pytest.approx(16 / last.forwards)
+    assert last.decode_tokens_per_forward == pytest.approx(15 / (last.forwards - 1))
