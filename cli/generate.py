@@ -58,6 +58,15 @@ def load_models(model_path: str, draft_path):
 @click.option("--stability-threshold", type=int, default=None, help="Diffusion: steps the argmax must hold.")
 @click.option("--confidence-threshold", type=float, default=None, help="Diffusion: mean entropy to stop under.")
 @click.option("--visualize", is_flag=True, help="Diffusion: redraw the canvas at every step.")
+@click.option(
+    "--mode",
+    default=None,
+    help="Decoding mode (default: the model's own; Nemotron-Labs-Diffusion: "
+    "ar, diffusion, linear-spec, quadratic-spec).",
+)
+@click.option("--block-length", type=int, default=None, help="Nemotron-Labs-Diffusion: block length.")
+@click.option("--threshold", type=float, default=None, help="Nemotron-Labs-Diffusion: unmasking confidence threshold.")
+@click.option("--no-lora", is_flag=True, help="Nemotron-Labs-Diffusion linear-spec: draft without the LoRA.")
 def generate_command(
     model,
     draft_model,
@@ -76,9 +85,11 @@ def generate_command(
     stop,
     image,
     visualize,
-    **diffusion_knobs,
+    mode,
+    no_lora,
+    **knobs,
 ):
-    """Generate text: plain AR, DFlash with --draft-model, or diffusion for a diffusion model."""
+    """Generate text: plain AR, DFlash with --draft-model, or a diffusion model's own modes."""
     if image:
         raise DLLMError("image input is not supported yet")
     if prefill_step_size < 1:
@@ -86,7 +97,9 @@ def generate_command(
     target, tokenizer, drafter = load_models(model, draft_model)
     prompt = sys.stdin.read() if prompt == "-" else prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = build_prompt(tokenizer, prompt, system_prompt, ignore_chat_template)
-    options = {k: v for k, v in diffusion_knobs.items() if v is not None}
+    options = {k: v for k, v in knobs.items() if v is not None}
+    if no_lora:
+        options["lora"] = False
     view = CanvasView(tokenizer) if visualize else None
     if view is not None:
         options["on_step"] = view
@@ -96,6 +109,7 @@ def generate_command(
         prompt,
         max_tokens,
         draft_model=drafter,
+        mode=mode,
         block_size=block_size,
         temp=temp,
         top_p=top_p,

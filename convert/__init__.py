@@ -1,5 +1,6 @@
 """Hugging Face checkpoint -> MLX folder that `mlx_dllm.load` reads (one recipe per architecture)."""
 
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -48,6 +49,9 @@ def convert(
         raise DLLMError(f"the {quant_recipe} quantization recipe is for DiffusionGemma checkpoints only")
     if loading.is_dflash_config(config):
         model = load_draft(source, config)
+    elif loading.own_module(config) is not None:  # Nemotron-Labs-Diffusion: our class, the checkpoint's names
+        model, config = loading.build_model(source, config, lazy=True)
+        config.pop("generation_config", None)  # the loader's copy of generation_config.json, which is copied as is
     else:
         model, config = load_target(source, config)
     cast_parameters(model, dtype, config)
@@ -57,6 +61,8 @@ def convert(
 
     with staged_folder(mlx_path, force) as staging:
         save(staging, model, config, source)
+        if (source / loading.LORA_FOLDER).is_dir():  # the drafter adapter travels beside the weights
+            shutil.copytree(source / loading.LORA_FOLDER, staging / loading.LORA_FOLDER)
     print(f"[INFO] Saved to {mlx_path}")
     return mlx_path
 

@@ -9,7 +9,6 @@ from mlx_dllm import DLLMError, load, stream_generate
 from mlx_dllm.sampler.common import Stats, make_token_selector
 from mlx_dllm.sampler.linear_spec import generate_linear_spec
 from mlx_dllm.sampler.mask_diffusion import generate_mask_diffusion
-from mlx_dllm.sampler.quadratic_spec import generate_quadratic_spec
 
 torch = pytest.importorskip("torch")
 ref = pytest.importorskip("tests.reference.nemotron")
@@ -145,3 +144,46 @@ def test_decode_tokens_per_forward_leaves_the_prefill_out(checkpoint, monkeypatc
     last = list(stream_generate(model, tokenizer, PROMPTS[0], 16, mode="quadratic-spec", block_length=4))[-1]
     assert last.tokens_per_forward == pytest.approx(16 / last.forwards)
     assert last.decode_tokens_per_forward == pytest.approx(15 / (last.forwards - 1))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_converted_checkpoint_keeps_names_and_lora(checkpoint, tmp_path, quantize):
+    from mlx.utils import tree_flatten
+
+    from mlx_dllm import convert
+
+    _, model, tokenizer = checkpoint
+    source = tmp_path / "hf"
+    ref.build_checkpoint(source)
+    out = convert(source, tmp_path / "mlx", quantize=quantize, q_group_size=32)
+    assert (out / "linear_spec_lora" / "adapter_model.safetensors").exists()
+    converted, _ = load(str(out))
+    assert converted.has_lora
+    names = {name for name, _ in tree_flatten(converted.parameters()) if ".lora." not in name}
+    assert "diffusion_head.weight" in names and "encoder.layers.0.self_attn.o_proj.weight" in names
+    prompt = PROMPTS[0]
+    expected = [t for r in stream_generate(model, tokenizer, prompt, 12, mode="ar") for t in r.tokens]
+    for mode in ("ar", "linear-spec", "quadratic-spec"):
+        ours = [t for r in stream_generate(converted, tokenizer, prompt, 12, mode=mode) for t in r.tokens]
+        if quantize:
+            reference = [t for r in stream_generate(converted, tokenizer, prompt, 12, mode="ar") for t in r.tokens]
+            assert ours == reference, mode  # lossless on the quantized model too (LoRA over a quantized o_proj)
+        else:
+            assert ours == expected, mode
+
+
+def test_cli_modes(tmp_path):
+    from tests.test_cli import assert_user_error, run
+
+    ref.build_checkpoint(tmp_path / "nld")
+    for mode in ("ar", "diffusion", "linear-spec", "quadratic-spec"):
+        block = [] if mode == "ar" else ["--block-length", 4]
+        result = run("generate", "--model", tmp_path / "nld", "-p", "w5 w9", "-m", 8, "--mode", mode, *block)
+        assert result.exit_code == 0, result.output
+        assert f"Mode: {mode}" in result.stdout.strip().splitlines()[-1]
+    result = run("generate", "--model", tmp_path / "nld", "-p", "w5", "--mode", "linear-spec", "--no-lora")
+    assert result.exit_code == 0, result.output
+    assert_user_error(run("generate", "--model", tmp_path / "nld", "-p", "w5", "--mode", "dflash"), "not dflash")
+    assert_user_error(run("generate", "--model", tmp_path / "nld", "-p", "w5", "--block-length", 1), "at least 2")
+    result = run("generate", "--model", tmp_path / "nld", "-p", "w5", "--mode", "quadratic-spec", "--threshold", 0.9)
+    assert_user_error(result, "unknown option threshold for mode quadratic-spec")
