@@ -26,6 +26,13 @@ def build_prompt(tokenizer, prompt: str, system_prompt, ignore_chat_template: bo
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_options)
 
 
+def end_think_id(tokenizer) -> int:
+    token = tokenizer.convert_tokens_to_ids("</think>")
+    if not isinstance(token, int) or token == tokenizer.unk_token_id:
+        raise DLLMError("--max-thinking-tokens needs a tokenizer with a </think> token")
+    return token
+
+
 def load_models(model_path: str, draft_path):
     model, tokenizer = mlx_dllm.load(model_path)
     if tokenizer is None:
@@ -67,6 +74,7 @@ def load_models(model_path: str, draft_path):
 @click.option("--block-length", type=int, default=None, help="Nemotron-Labs-Diffusion: block length.")
 @click.option("--threshold", type=float, default=None, help="Nemotron-Labs-Diffusion: unmasking confidence threshold.")
 @click.option("--no-lora", is_flag=True, help="Nemotron-Labs-Diffusion linear-spec: draft without the LoRA.")
+@click.option("--max-thinking-tokens", type=int, default=None, help="Nemotron-Labs-Diffusion: force </think> after N.")
 def generate_command(
     model,
     draft_model,
@@ -100,6 +108,8 @@ def generate_command(
     options = {k: v for k, v in knobs.items() if v is not None}
     if no_lora:
         options["lora"] = False
+    if "max_thinking_tokens" in options:
+        options["end_think_token_id"] = end_think_id(tokenizer)
     view = CanvasView(tokenizer) if visualize else None
     if view is not None:
         options["on_step"] = view

@@ -196,3 +196,33 @@ def test_block_length_below_two_is_refused(model):
                 options={"block_length": 1},
             )
         )
+
+
+def _ar_with_forced(model, forced_at, token, length):
+    """Greedy AR that emits `token` at generation index `forced_at` and carries on after it."""
+    out = _ar(model, forced_at) + [token]
+    rest = [int(t) for t, _ in generate_step(mx.array(PROMPT + out), model, max_tokens=length - len(out))]
+    return out + rest
+
+
+@pytest.mark.parametrize("mode", ["linear-spec", "quadratic-spec", "diffusion"])
+def test_thinking_budget_forces_the_end_of_thinking_once(model, mode):
+    from mlx_dllm.sampler.mask_diffusion import generate_mask_diffusion
+
+    end_think, limit, total = 250, 7, 20
+    strategies = {
+        "linear-spec": linear_spec.generate_linear_spec,
+        "quadratic-spec": quadratic_spec.generate_quadratic_spec,
+        "diffusion": generate_mask_diffusion,
+    }
+    options = {"block_length": 4, "max_thinking_tokens": limit, "end_think_token_id": end_think}
+    run = strategies[mode](
+        model, mx.array(PROMPT), select=make_token_selector(), stats=Stats(), max_tokens=total, options=options
+    )
+    out = [t for chunk in run for t in chunk][:total]
+    forced = out.index(end_think)
+    assert forced >= limit and out.count(end_think) == 1
+    if mode != "diffusion":  # self-speculation stays lossless around the forced token
+        assert out == _ar_with_forced(model, forced, end_think, total)
+    else:
+        assert forced == limit

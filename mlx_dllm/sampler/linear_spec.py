@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from ..errors import DLLMError
 from .common import Stats, TokenSelector, prefill_chunks
-from .mask_diffusion import block_options
+from .mask_diffusion import ThinkingBudget, block_options
 
 
 def draft_block(
@@ -52,6 +52,7 @@ def generate_linear_spec(
     block_length = block_options(model, options)["block_length"]
     threshold = options.pop("threshold", 0.0) or 0.0
     lora = options.pop("lora", None)
+    budget = ThinkingBudget(options)
     if lora and not model.has_lora:
         raise DLLMError("no drafter LoRA is loaded (the model folder has no linear_spec_lora/)")
     lora = model.has_lora if lora is None else lora  # by default the LoRA drafts whenever the model has one
@@ -77,5 +78,7 @@ def generate_linear_spec(
             layer_cache.trim(size - accepted - 1)
         stats.accept_lengths.append(accepted + 1)
         produced += len(emitted)
+        if budget.force_at(produced - 1, emitted[:-1]):
+            emitted[-1] = budget.token  # the next seed: the model goes on after the end of thinking
         seed = emitted[-1]
         yield emitted

@@ -28,6 +28,27 @@ def block_options(model: nn.Module, options: dict) -> dict:
     return {"block_length": block_length}
 
 
+class ThinkingBudget:
+    """`max_thinking_tokens` + `end_think_token_id`: once that many tokens are out without the end-of-thinking
+    token, it is forced in (once), as the reference generators do."""
+
+    def __init__(self, options: dict):
+        self.limit = options.pop("max_thinking_tokens", None)
+        self.token = options.pop("end_think_token_id", None)
+        if (self.limit is None) != (self.token is None):
+            raise DLLMError("max_thinking_tokens and end_think_token_id go together")
+        self.done = self.limit is None
+
+    def force_at(self, index: int, tokens: List[int]) -> bool:
+        """Whether the token at generation `index` must be the end of thinking, given the `tokens` so far out."""
+        if not self.done and self.token in tokens:
+            self.done = True
+        if self.done or index < self.limit:
+            return False
+        self.done = True
+        return True
+
+
 def denoise_block(
     model: nn.Module,
     cache: List,
@@ -81,6 +102,7 @@ def generate_mask_diffusion(
     block_length = block_options(model, options)["block_length"]
     threshold = options.pop("threshold", 0.9)
     on_step = options.pop("on_step", None)
+    budget = ThinkingBudget(options)
     if not options.pop("causal_context", True):
         raise DLLMError("causal_context=False (bidirectional prompt encoding) is not supported")
     if options:
@@ -99,7 +121,11 @@ def generate_mask_diffusion(
             logits = model(mx.array([block]), cache)
             stats.forwards += 1
             seed = int(mx.argmax(logits[0, -1]).item())
+        previous = block or []
         block = [seed] + [mask_id] * (block_length - 1)
+        start = block_index * block_length
+        if budget.force_at(start + block_length - 1, previous + [seed]):  # the budget ends inside this block
+            block[max(budget.limit - start, 0)] = budget.token  # pre-committed before denoising
         step_callback = None if on_step is None else (lambda step, done, b=block_index: on_step(b, step, done))
         block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, step_callback)
         stats.canvases += 1

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..errors import DLLMError
 from .common import Stats, TokenSelector, prefill_chunks
-from .mask_diffusion import block_options
+from .mask_diffusion import ThinkingBudget, block_options
 
 
 def quadratic_mask(rows: int) -> mx.array:
@@ -57,6 +57,7 @@ def generate_quadratic_spec(
     """Yield the tokens each forward commits (1..B); the bonus token is committed as the next d_0."""
     options = dict(options or {})
     rows = block_options(model, options)["block_length"]
+    budget = ThinkingBudget(options)
     if options:
         raise DLLMError(f"unknown option {sorted(options)[0]} for mode quadratic-spec")
     mask_id, width = model.args.mask_token_id, rows + 1
@@ -86,6 +87,8 @@ def generate_quadratic_spec(
         chosen = hidden[accepted - 1, 2:]  # the masks after the bonus token, conditioned on the accepted prefix
         next_draft = [verified[accepted - 1]] + propose(model, chosen, committed + accepted + 1)
         stats.accept_lengths.append(accepted)
+        if budget.force_at(produced + accepted, draft[:accepted]):
+            next_draft = [budget.token] + next_draft[:-1]  # the next d_0, accepted unconditionally
         yield draft[:accepted]
         produced += accepted
         draft = next_draft
