@@ -54,7 +54,7 @@ def generate_quadratic_spec(
     options: Optional[dict] = None,
     **_,
 ) -> Iterator[List[int]]:
-    """Yield the tokens each forward commits (1..B); the bonus token is committed as the next d_0."""
+    """Yield the prefill's token, then per forward the accepted drafts and the bonus token (1..B tokens)."""
     options = dict(options or {})
     rows = block_options(model, options)["block_length"]
     budget = ThinkingBudget(options)
@@ -70,8 +70,9 @@ def generate_quadratic_spec(
     masks = model(mx.array([[mask_id] * rows]), cache, pattern="bidirectional", write_cache=False, head=False)[0]
     stats.draft_forwards += 1
     draft = [int(first.item())] + propose(model, masks[1:], cache[0].offset + 1)
+    yield draft[:1]  # d_0 is the prefill's AR token: already certain
+    produced = 1
     layout_mask = quadratic_mask(rows)
-    produced = 0
     while produced < max_tokens:
         committed = cache[0].offset
         layout = mx.array([[token for d in draft for token in [d] + [mask_id] * rows]])
@@ -87,8 +88,10 @@ def generate_quadratic_spec(
         chosen = hidden[accepted - 1, 2:]  # the masks after the bonus token, conditioned on the accepted prefix
         next_draft = [verified[accepted - 1]] + propose(model, chosen, committed + accepted + 1)
         stats.accept_lengths.append(accepted)
-        if budget.force_at(produced + accepted, draft[:accepted]):
+        if budget.force_at(produced + accepted - 1, draft[:accepted]):
             next_draft = [budget.token] + next_draft[:-1]  # the next d_0, accepted unconditionally
-        yield draft[:accepted]
-        produced += accepted
+        # The bonus token is certain now (it is next cycle's d_0, whose K/V that cycle writes): emit it.
+        emitted = draft[1:accepted] + next_draft[:1]
+        yield emitted
+        produced += len(emitted)
         draft = next_draft
