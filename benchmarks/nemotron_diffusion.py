@@ -387,7 +387,8 @@ def print_table(table: dict, args) -> None:
         same = "yes" if r["matches_ar"] else f"{r['agreement_with_ar']:.0%}"
         print(
             f"{m:<15} {r['generation_tps']:>9.1f} {r['vs_ar']:>6.2f} {r['e2e_tps']:>9.1f} "
-            f"{r['tokens_per_forward']:>7.2f} {r['decode_tokens_per_forward']:>6.2f} {r['tokens_per_model_call']:>8.2f} "
+            f"{r['tokens_per_forward']:>7.2f} {r['decode_tokens_per_forward']:>6.2f} "
+            f"{r['tokens_per_model_call']:>8.2f} "
             f"{fmt(r['acceptance_length'], '.2f'):>6} {1e3 * r['peak_memory_gb']:>8.2f} {same:>6}"
         )
     print(
@@ -546,8 +547,8 @@ def main():
         + ", ".join(f"{m} {v:.2f}x" for m, v in cpu_projected.items())
     )
     print(
-        "\nRoofline per forward: max(weight bytes / bandwidth, FLOPs / peak), bytes = backbone + head weights (+ LoRA on "
-        "drafts) + K/V read,\n  FLOPs = 2 x params x tokens (head on the rows used) + dense attention; ignores "
+        "\nRoofline per forward: max(weight bytes / bandwidth, FLOPs / peak), bytes = backbone + head weights "
+        "(+ LoRA on drafts) + K/V read,\n  FLOPs = 2 x params x tokens (head on the rows used) + dense attention; ignores "
         "launch costs, the sampler and the\n  quadratic's initial draft. Speedup = tokens per cycle x t_AR / t_cycle; "
         "linear cycle = drafts x draft(B) + verify(B),\n  quadratic = one B(B+1)-token forward, diffusion = one "
         "B-token forward (step or commit)."
