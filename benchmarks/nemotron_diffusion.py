@@ -550,8 +550,8 @@ def main():
         "\nRoofline per forward: max(weight bytes / bandwidth, FLOPs / peak), bytes = backbone + head weights "
         "(+ LoRA on drafts) + K/V read,\n  FLOPs = 2 x params x tokens (head on the rows used) + dense attention; "
         "ignores launch costs, the sampler and the\n  quadratic's initial draft. "
-        "Speedup = tokens per cycle x t_AR / t_cycle; linear cycle = drafts x draft(B) + verify(B),\n  quadratic = one B(B+1)-token forward, diffusion = one "
-        "B-token forward (step or commit)."
+        "Speedup = tokens per cycle x t_AR / t_cycle; linear cycle = drafts x draft(B) + verify(B),\n  "
+        "quadratic = one B(B+1)-token forward, diffusion = one B-token forward (step or commit)."
     )
     print_projection(f"this model ({'tiny random' if args.tiny else args.model}), measured tokens per cycle", proj)
     if proj_8b:
