@@ -187,3 +187,26 @@ def test_cli_modes(tmp_path):
     assert_user_error(run("generate", "--model", tmp_path / "nld", "-p", "w5", "--block-length", 1), "at least 2")
     result = run("generate", "--model", tmp_path / "nld", "-p", "w5", "--mode", "quadratic-spec", "--threshold", 0.9)
     assert_user_error(result, "unknown option threshold for mode quadratic-spec")
+
+
+def test_bidirectional_context_variant(tmp_path):
+    """causal_context=False: the prompt and each commit are encoded bidirectionally (their K/V kept) and
+    blocks are all masks. Parity of such a written bidirectional pass, then the variant end to end."""
+    reference = ref.build_checkpoint(tmp_path, head_gain=1.0)
+    model, _ = load(str(tmp_path))
+    prompt = PROMPTS[1]
+    ref_cache, cache = reference.new_cache(), model.make_cache()
+    expected = reference.forward(prompt, ref_cache, mode="bidirectional", write_cache=True).numpy()
+    np.testing.assert_allclose(_mlx(model, prompt, cache, pattern="bidirectional"), expected, atol=TOLERANCE)
+    block = [100] * 8
+    expected = reference.forward(block, ref_cache, mode="bidirectional", write_cache=False).numpy()
+    ours = _mlx(model, block, cache, pattern="bidirectional", write_cache=False)
+    np.testing.assert_allclose(ours, expected, atol=TOLERANCE)
+    blocks, stats = [], Stats()
+    run = generate_mask_diffusion(
+        model, mx.array(prompt), stats=stats, max_tokens=16, options={"block_length": 8, "causal_context": False}
+    )
+    for block in run:
+        blocks.append(block)
+    assert len(blocks) == 2 and all(100 not in b for b in blocks)
+    assert stats.canvases == 2 and stats.forwards >= 1 + 2 + 1  # prefill, a step per block at least, one commit

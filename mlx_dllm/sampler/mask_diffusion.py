@@ -97,34 +97,39 @@ def generate_mask_diffusion(
     options: Optional[dict] = None,
     **_,
 ) -> Iterator[List[int]]:
-    """Yield one committed block at a time (its first token is the seed the previous commit predicted)."""
+    """Yield one committed block at a time (its first token is the seed the previous causal commit predicted)."""
     options = dict(options or {})
     block_length = block_options(model, options)["block_length"]
     threshold = options.pop("threshold", 0.9)
     on_step = options.pop("on_step", None)
     budget = ThinkingBudget(options)
-    if not options.pop("causal_context", True):
-        raise DLLMError("causal_context=False (bidirectional prompt encoding) is not supported")
+    # causal_context=False is the LLaDA-style variant: prompt and commits encoded bidirectionally, no seed.
+    causal = options.pop("causal_context", True)
+    pattern = "causal" if causal else "bidirectional"
     if options:
         raise DLLMError(f"unknown option {sorted(options)[0]} for mode diffusion")
     if threshold is not None and not 0 <= threshold <= 1:
         raise DLLMError(f"threshold must be in [0, 1] or None, got {threshold}")
     cache = model.make_cache()
-    logits = prefill_chunks(lambda ids: model(ids[None], cache)[:, -1], prompt, prefill_step_size)[-1]
-    seed = int(mx.argmax(logits, axis=-1).item())
+    if causal:
+        logits = prefill_chunks(lambda ids: model(ids[None], cache)[:, -1], prompt, prefill_step_size)[-1]
+        seed = [int(mx.argmax(logits, axis=-1).item())]
+    else:  # one pass: a chunked prompt could not see its later chunks
+        mx.eval(model(prompt[None], cache, pattern=pattern))
+        seed = []
     stats.forwards, stats.prefill_forwards = 1, 1
     stats.mark_prefill()
     mask_id = model.args.mask_token_id
     block = None
     for block_index in range(-(-max_tokens // block_length)):
-        if block is not None:  # commit the previous block causally; the last one is never committed
-            logits = model(mx.array([block]), cache)
+        if block is not None:  # commit the previous block; the last one is never committed
+            logits = model(mx.array([block]), cache, pattern=pattern)
             stats.forwards += 1
-            seed = int(mx.argmax(logits[0, -1]).item())
+            seed = [int(mx.argmax(logits[0, -1]).item())] if causal else []
         previous = block or []
-        block = [seed] + [mask_id] * (block_length - 1)
+        block = seed + [mask_id] * (block_length - len(seed))
         start = block_index * block_length
-        if budget.force_at(start + block_length - 1, previous + [seed]):  # the budget ends inside this block
+        if budget.force_at(start + block_length - 1, previous + seed):  # the budget ends inside this block
             block[max(budget.limit - start, 0)] = budget.token  # pre-committed before denoising
         step_callback = None if on_step is None else (lambda step, done, b=block_index: on_step(b, step, done))
         block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, step_callback)
