@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
-from .common import Stats, TokenSelector, prefill_chunks
-from .mask_diffusion import ThinkingBudget, block_options
+from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
+from .common import Stats, TokenSelector
 
 
 def draft_block(
@@ -49,24 +49,19 @@ def generate_linear_spec(
 ) -> Iterator[List[int]]:
     """Yield the tokens each cycle commits (the first yield is the prefill's token)."""
     options = dict(options or {})
-    block_length = block_options(model, options)["block_length"]
+    length = block_length(model, options)
     threshold = options.pop("threshold", 0.0) or 0.0
     lora = options.pop("lora", None)
     budget = ThinkingBudget(options)
     if lora and not model.has_lora:
         raise DLLMError("no drafter LoRA is loaded (the model folder has no linear_spec_lora/)")
     lora = model.has_lora if lora is None else lora  # by default the LoRA drafts whenever the model has one
-    if options:
-        raise DLLMError(f"unknown option {sorted(options)[0]} for mode linear-spec")
-    cache = model.make_cache()
-    logits = prefill_chunks(lambda ids: model(ids[None], cache)[:, -1], prompt, prefill_step_size)[-1]
-    seed = int(select(logits).item())
-    stats.forwards, stats.prefill_forwards = 1, 1
-    stats.mark_prefill()
+    refuse_unknown(options, "linear-spec")
+    cache, seed = causal_prefill(model, prompt, select, stats, prefill_step_size)
     produced = 1
     yield [seed]
     while produced < max_tokens:
-        size = min(block_length, max_tokens - produced)  # a block yields at most `size` tokens
+        size = min(length, max_tokens - produced)  # a block yields at most `size` tokens
         block = draft_block(model, cache, [seed] + [model.args.mask_token_id] * (size - 1), threshold, lora, stats)
         verified = select(model(mx.array([block]), cache)[0]).tolist()
         stats.forwards += 1

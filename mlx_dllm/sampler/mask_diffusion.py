@@ -12,41 +12,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
-from .common import Stats, prefill_chunks
+from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
+from .common import Stats, make_token_selector
 
 
 def transfer_schedule(masks: int, steps: int) -> List[int]:
     """Masks to commit per step without a threshold: an even split, the remainder front-loaded."""
     base, extra = divmod(masks, steps)
     return [base + (1 if step < extra else 0) for step in range(steps)]
-
-
-def block_options(model: nn.Module, options: dict) -> dict:
-    block_length = options.pop("block_length", None) or model.args.block_size
-    if block_length < 2:
-        raise DLLMError(f"block length must be at least 2, got {block_length}")
-    return {"block_length": block_length}
-
-
-class ThinkingBudget:
-    """`max_thinking_tokens` + `end_think_token_id`: once that many tokens are out without the end-of-thinking
-    token, it is forced in (once), as the reference generators do."""
-
-    def __init__(self, options: dict):
-        self.limit = options.pop("max_thinking_tokens", None)
-        self.token = options.pop("end_think_token_id", None)
-        if (self.limit is None) != (self.token is None):
-            raise DLLMError("max_thinking_tokens and end_think_token_id go together")
-        self.done = self.limit is None
-
-    def force_at(self, index: int, tokens: List[int]) -> bool:
-        """Whether the token at generation `index` must be the end of thinking, given the `tokens` so far out."""
-        if not self.done and self.token in tokens:
-            self.done = True
-        if self.done or index < self.limit:
-            return False
-        self.done = True
-        return True
 
 
 def denoise_block(
@@ -99,37 +72,35 @@ def generate_mask_diffusion(
 ) -> Iterator[List[int]]:
     """Yield one committed block at a time (its first token is the seed the previous causal commit predicted)."""
     options = dict(options or {})
-    block_length = block_options(model, options)["block_length"]
+    length = block_length(model, options)
     threshold = options.pop("threshold", 0.9)
     on_step = options.pop("on_step", None)
     budget = ThinkingBudget(options)
     # causal_context=False is the LLaDA-style variant: prompt and commits encoded bidirectionally, no seed.
     causal = options.pop("causal_context", True)
     pattern = "causal" if causal else "bidirectional"
-    if options:
-        raise DLLMError(f"unknown option {sorted(options)[0]} for mode diffusion")
+    refuse_unknown(options, "diffusion")
     if threshold is not None and not 0 <= threshold <= 1:
         raise DLLMError(f"threshold must be in [0, 1] or None, got {threshold}")
-    cache = model.make_cache()
     if causal:
-        logits = prefill_chunks(lambda ids: model(ids[None], cache)[:, -1], prompt, prefill_step_size)[-1]
-        seed = [int(mx.argmax(logits, axis=-1).item())]
+        cache, first = causal_prefill(model, prompt, make_token_selector(), stats, prefill_step_size)
+        seed = [first]
     else:  # one pass: a chunked prompt could not see its later chunks
+        cache, seed = model.make_cache(), []
         mx.eval(model(prompt[None], cache, pattern=pattern))
-        seed = []
-    stats.forwards, stats.prefill_forwards = 1, 1
-    stats.mark_prefill()
+        stats.forwards, stats.prefill_forwards = 1, 1
+        stats.mark_prefill()
     mask_id = model.args.mask_token_id
     block = None
-    for block_index in range(-(-max_tokens // block_length)):
+    for block_index in range(-(-max_tokens // length)):
         if block is not None:  # commit the previous block; the last one is never committed
             logits = model(mx.array([block]), cache, pattern=pattern)
             stats.forwards += 1
             seed = [int(mx.argmax(logits[0, -1]).item())] if causal else []
         previous = block or []
-        block = seed + [mask_id] * (block_length - len(seed))
-        start = block_index * block_length
-        if budget.force_at(start + block_length - 1, previous + seed):  # the budget ends inside this block
+        block = seed + [mask_id] * (length - len(seed))
+        start = block_index * length
+        if budget.force_at(start + length - 1, previous + seed):  # the budget ends inside this block
             block[max(budget.limit - start, 0)] = budget.token  # pre-committed before denoising
         step_callback = None if on_step is None else (lambda step, done, b=block_index: on_step(b, step, done))
         block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, step_callback)

@@ -12,9 +12,8 @@ from typing import Iterator, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import DLLMError
-from .common import Stats, TokenSelector, prefill_chunks
-from .mask_diffusion import ThinkingBudget, block_options
+from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
+from .common import Stats, TokenSelector
 
 
 def quadratic_mask(rows: int) -> mx.array:
@@ -56,20 +55,15 @@ def generate_quadratic_spec(
 ) -> Iterator[List[int]]:
     """Yield the prefill's token, then per forward the accepted drafts and the bonus token (1..B tokens)."""
     options = dict(options or {})
-    rows = block_options(model, options)["block_length"]
+    rows = block_length(model, options)
     budget = ThinkingBudget(options)
-    if options:
-        raise DLLMError(f"unknown option {sorted(options)[0]} for mode quadratic-spec")
+    refuse_unknown(options, "quadratic-spec")
     mask_id, width = model.args.mask_token_id, rows + 1
-    cache = model.make_cache()
-    logits = prefill_chunks(lambda ids: model(ids[None], cache)[:, -1], prompt, prefill_step_size)[-1]
-    first = select(logits)
-    stats.forwards, stats.prefill_forwards = 1, 1
-    stats.mark_prefill()
+    cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size)
     # The initial draft: d_0 from the causal prefill, d_1.. from masks denoised against the prompt.
     masks = model(mx.array([[mask_id] * rows]), cache, pattern="bidirectional", write_cache=False, head=False)[0]
     stats.draft_forwards += 1
-    draft = [int(first.item())] + propose(model, masks[1:], cache[0].offset + 1)
+    draft = [first] + propose(model, masks[1:], cache[0].offset + 1)
     yield draft[:1]  # d_0 is the prefill's AR token: already certain
     produced = 1
     layout_mask = quadratic_mask(rows)
