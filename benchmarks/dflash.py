@@ -11,7 +11,6 @@ expected to lose; the tiny run checks the plumbing and the overhead, not the spe
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -27,44 +26,9 @@ from mlx_lm.utils import get_total_parameters
 import mlx_dllm
 from mlx_dllm.models.dflash import Model as DFlashDraft
 from mlx_dllm.models.target import Target
+from common import CHIPS, DATA, encode, fmt, median, read_prompts  # benchmarks/common.py, beside this script
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = ("mlx_lm", "ours_ar", "dflash")
-# Assumed Apple GPU specs (memory bandwidth bytes/s, dense fp16 FLOP/s) for the projection.
-CHIPS = {"M3 Max": (400e9, 14e12), "M4 Max": (546e9, 17e12), "M2 Ultra": (800e9, 27e12)}
-
-
-def read_prompts(path: Path, count: int) -> list:
-    """Questions from jsonl ("question", "turns" or "prompt") or plain text lines."""
-    prompts = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = line
-        if isinstance(record, dict):
-            record = record.get("question") or (record.get("turns") or [None])[0] or record.get("prompt")
-        if not isinstance(record, str):
-            raise SystemExit(f"{path}: a line has no 'question', 'turns' or 'prompt' text")
-        prompts.append(record)
-        if len(prompts) == count:
-            break
-    if not prompts:
-        raise SystemExit(f"{path}: no prompts")
-    return prompts
-
-
-def encode(tokenizer, text: str, chat_template: bool, vocab_size: int = 0) -> list:
-    """Token ids, so that all three methods see exactly the same prompt."""
-    if vocab_size:  # the tiny word-level tokenizer knows no English: map bytes onto ids 2..vocab-2
-        return [2 + byte % (vocab_size - 3) for byte in text.encode()]
-    if chat_template:
-        messages = [{"role": "user", "content": text}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text)
 
 
 def build_tiny(root: Path, block_size: int):
@@ -204,11 +168,6 @@ def first_divergence(tokens, reference):
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def summarize(samples: dict, overheads: dict) -> dict:
     keys = ("generation_tps", "prompt_tps", "peak_memory_gb", "tokens_per_forward", "acceptance_length")
     table = {m: {k: median(s[k] for s in samples[m]) for k in keys} for m in METHODS}
@@ -219,10 +178,6 @@ def summarize(samples: dict, overheads: dict) -> dict:
         table[m]["vs_mlx_lm"] = table[m]["generation_tps"] / mlx_lm_tps
         table[m]["vs_ours_ar"] = table[m]["generation_tps"] / ar_tps
     return table
-
-
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 def print_report(table: dict, proj: dict, block_size: int, divergences: list) -> None:

@@ -30,43 +30,10 @@ from mlx_dllm.models.diffusion_gemma import Model as DiffusionGemma
 from mlx_dllm.sampler import diffusion as diffusion_sampler
 from mlx_dllm.sampler.common import Stats
 from mlx_dllm.sampler.diffusion import DiffusionSettings
+from common import DATA, encode, fmt, median, read_prompts  # benchmarks/common.py, beside this script
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 KNOBS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
 OVERHEAD_TARGET = 0.05
-
-
-def read_prompts(path: Path, count: int) -> list:
-    """Questions from jsonl ("question", "turns" or "prompt") or plain text lines."""
-    prompts = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = line
-        if isinstance(record, dict):
-            record = record.get("question") or (record.get("turns") or [None])[0] or record.get("prompt")
-        if not isinstance(record, str):
-            raise SystemExit(f"{path}: a line has no 'question', 'turns' or 'prompt' text")
-        prompts.append(record)
-        if len(prompts) == count:
-            break
-    if not prompts:
-        raise SystemExit(f"{path}: no prompts")
-    return prompts
-
-
-def encode(tokenizer, text: str, chat_template: bool, vocab_size: int = 0) -> list:
-    """Token ids, so that both implementations see exactly the same prompt."""
-    if vocab_size:  # the tiny word-level tokenizer knows no English: map bytes onto ids 2..vocab-2
-        return [2 + byte % (vocab_size - 3) for byte in text.encode()]
-    if chat_template:
-        messages = [{"role": "user", "content": text}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text)
 
 
 def tiny_overrides(args) -> dict:
@@ -304,11 +271,6 @@ def _gflops(size, call, repeats=5):
     return 2 * size**3 / min(times) / 1e9
 
 
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def mean(values):
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
@@ -329,10 +291,6 @@ def summarize(samples: list, extra: list) -> dict:
         row[key] = median(e.get(key) for e in extra)
     row["runs"] = len(samples)
     return row
-
-
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 def print_report(table: dict, ratios: dict, args, torch_threads, blas: dict) -> None:

@@ -31,13 +31,11 @@ from mlx_lm.utils import get_total_parameters
 import mlx_dllm
 from mlx_dllm.models.nemotron_diffusion import Model as NemotronDiffusion
 from mlx_dllm.sampler.quadratic_spec import quadratic_mask
+from common import CHIPS, DATA, encode, fmt, median, read_prompts  # benchmarks/common.py, beside this script
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 METHODS = ("mlx_lm",) + MODES
 LOSSLESS = ("ar", "linear-spec", "quadratic-spec")  # greedy output must equal AR's; diffusion's need not
-# Assumed Apple GPU specs (memory bandwidth bytes/s, dense fp16 FLOP/s) for the projection.
-CHIPS = {"M3 Max": (400e9, 14e12), "M4 Max": (546e9, 17e12), "M2 Ultra": (800e9, 27e12)}
 # The published 8B (research dossier section 0): 34 layers, hidden 4096, MLP 14336, 32 query / 8 KV heads of
 # 128, vocab 131072, untied head, bf16; LoRA r 128 on o_proj (fp32 on disk, bf16 assumed in use).
 NLD_8B = {"layers": 34, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -46,39 +44,6 @@ NLD_8B_VOCAB, NLD_8B_LORA_R, NLD_8B_BLOCK = 131072, 128, 32
 # (the dossier's inference: the paper's "real TPF" 3.41 = 6.82 / 2); quadratic's 6.38 and diffusion's 2.57 are
 # per forward (diffusion: denoising steps and commits alike).
 PAPER_TPF = {"ar": 1.0, "diffusion": 2.57, "linear-spec": 5.99, "quadratic-spec": 6.38}
-
-
-def read_prompts(path: Path, count: int) -> list:
-    """Questions from jsonl ("question", "turns" or "prompt") or plain text lines."""
-    prompts = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = line
-        if isinstance(record, dict):
-            record = record.get("question") or (record.get("turns") or [None])[0] or record.get("prompt")
-        if not isinstance(record, str):
-            raise SystemExit(f"{path}: a line has no 'question', 'turns' or 'prompt' text")
-        prompts.append(record)
-        if len(prompts) == count:
-            break
-    if not prompts:
-        raise SystemExit(f"{path}: no prompts")
-    return prompts
-
-
-def encode(tokenizer, text: str, chat_template: bool, vocab_size: int = 0) -> list:
-    """Token ids, so that every mode sees exactly the same prompt."""
-    if vocab_size:  # the tiny word-level tokenizer knows no English: map bytes onto ids 2..vocab-2
-        return [2 + byte % (vocab_size - 3) for byte in text.encode()]
-    if chat_template:
-        messages = [{"role": "user", "content": text}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text)
 
 
 def tiny_overrides(args) -> dict:
@@ -355,11 +320,6 @@ def projected_fastest(proj: dict, modes) -> str:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def summarize(samples: dict, ratios: dict, agreements: dict) -> dict:
     keys = (
         "generation_tps", "e2e_tps", "peak_memory_gb", "tokens_per_forward", "decode_tokens_per_forward",
@@ -371,10 +331,6 @@ def summarize(samples: dict, ratios: dict, agreements: dict) -> dict:
         table[m]["agreement_with_ar"] = statistics.fmean(agreements[m])
         table[m]["matches_ar"] = all(a == 1.0 for a in agreements[m])
     return table
-
-
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(table: dict, args) -> None:
