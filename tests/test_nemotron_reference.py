@@ -65,6 +65,7 @@ def test_diffusion_mode_commits_like_the_reference(checkpoint, threshold, prompt
     run = generate_mask_diffusion(
         model,
         mx.array(prompt),
+        select=make_token_selector(),
         stats=our_stats,
         max_tokens=24,
         options={"block_length": 8, "threshold": threshold, "on_step": record},
@@ -201,10 +202,27 @@ def test_bidirectional_context_variant(tmp_path):
     ours = _mlx(model, block, cache, pattern="bidirectional", write_cache=False)
     np.testing.assert_allclose(ours, expected, atol=TOLERANCE)
     blocks, stats = [], Stats()
+    options = {"block_length": 8, "causal_context": False}
     run = generate_mask_diffusion(
-        model, mx.array(prompt), stats=stats, max_tokens=16, options={"block_length": 8, "causal_context": False}
+        model, mx.array(prompt), select=make_token_selector(), stats=stats, max_tokens=16, options=options
     )
     for block in run:
         blocks.append(block)
     assert len(blocks) == 2 and all(100 not in b for b in blocks)
     assert stats.canvases == 2 and stats.forwards >= 1 + 2 + 1  # prefill, a step per block at least, one commit
+
+
+def test_sampled_diffusion_is_seeded_and_departs_from_greedy(checkpoint, monkeypatch):
+    """At a temperature the guesses are samples (confidence stays on the untempered softmax), reproducible
+    from the seed."""
+    _, model, tokenizer = checkpoint
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+
+    def run(**options):
+        return [
+            t for r in stream_generate(model, tokenizer, PROMPTS[1], 24, mode="diffusion", **options) for t in r.tokens
+        ]
+
+    sampled = run(temp=1.5, seed=7)
+    assert sampled == run(temp=1.5, seed=7)
+    assert sampled != run()

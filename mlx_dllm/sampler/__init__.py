@@ -91,7 +91,7 @@ def stream_generate(
         raise DLLMError(f"unknown option {sorted(options)[0]} for mode {mode}")
     if block_size is not None and mode != "dflash":
         raise DLLMError(f"block size applies to DFlash drafting, not to mode {mode}")
-    if mode == "diffusion" and (temp, top_p, top_k, min_p) != (0.0, 1.0, 0, 0.0):
+    if strategy_name == "diffusion" and (temp, top_p, top_k, min_p) != (0.0, 1.0, 0, 0.0):
         raise DLLMError("diffusion mode samples with its own schedule: use t_min/t_max, not temp/top_p/top_k/min_p")
     select = make_token_selector(temp, top_p, top_k, min_p)
     prompt = _encode(tokenizer, prompt)

@@ -13,7 +13,9 @@ import mlx.nn as nn
 
 from ..errors import DLLMError
 from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
-from .common import Stats, make_token_selector
+from .common import Stats, TokenSelector, make_token_selector
+
+greedy = make_token_selector()
 
 
 def transfer_schedule(masks: int, steps: int) -> List[int]:
@@ -30,8 +32,11 @@ def denoise_block(
     eos_ids: set,
     stats: Stats,
     on_step: Optional[Callable] = None,
+    select: TokenSelector = greedy,
 ) -> List[int]:
-    """Unmask `block` in up to len(block) bidirectional steps; the cache is read, never written."""
+    """Unmask `block` in up to len(block) bidirectional steps; the cache is read, never written.
+    Guesses come from `select` (argmax, or a sample at a temperature); confidence is always measured on the
+    untempered softmax, as the reference does."""
     mask_id = model.args.mask_token_id
     steps = len(block)
     schedule = transfer_schedule(block.count(mask_id), steps)
@@ -40,7 +45,7 @@ def denoise_block(
             break
         logits = model(mx.array([block]), cache, pattern="bidirectional", write_cache=False)[0]
         stats.forwards += 1
-        guesses = mx.argmax(logits, axis=-1)
+        guesses = select(logits)
         probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # over the full vocabulary, mask id included
         confidence = mx.take_along_axis(probs, guesses[:, None], axis=-1)[:, 0]
         guesses, confidence = guesses.tolist(), confidence.tolist()
@@ -63,6 +68,7 @@ def generate_mask_diffusion(
     model: nn.Module,
     prompt: mx.array,
     *,
+    select: TokenSelector,
     stats: Stats,
     max_tokens: int,
     eos_token_ids=(),
@@ -83,7 +89,7 @@ def generate_mask_diffusion(
     if threshold is not None and not 0 <= threshold <= 1:
         raise DLLMError(f"threshold must be in [0, 1] or None, got {threshold}")
     if causal:
-        cache, first = causal_prefill(model, prompt, make_token_selector(), stats, prefill_step_size)
+        cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size)
         seed = [first]
     else:  # one pass: a chunked prompt could not see its later chunks
         cache, seed = model.make_cache(), []
@@ -96,13 +102,13 @@ def generate_mask_diffusion(
         if block is not None:  # commit the previous block; the last one is never committed
             logits = model(mx.array([block]), cache, pattern=pattern)
             stats.forwards += 1
-            seed = [int(mx.argmax(logits[0, -1]).item())] if causal else []
+            seed = [int(select(logits[:, -1]).item())] if causal else []
         previous = block or []
         block = seed + [mask_id] * (length - len(seed))
         start = block_index * length
         if budget.force_at(start + length - 1, previous + seed):  # the budget ends inside this block
             block[max(budget.limit - start, 0)] = budget.token  # pre-committed before denoising
         step_callback = None if on_step is None else (lambda step, done, b=block_index: on_step(b, step, done))
-        block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, step_callback)
+        block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, step_callback, select)
         stats.canvases += 1
         yield block
