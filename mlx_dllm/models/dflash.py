@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import KVCache
+from mlx_lm.models.qwen3 import MLP  # the drafter's SwiGLU MLP is Qwen3's
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..errors import DLLMError
@@ -140,17 +141,6 @@ class Attention(nn.Module):
             return KVCache()
         # A causal window needs window-1 earlier rows; the bidirectional one needs window.
         return WindowKVCache(self.window if self.causal else self.window + 1)
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -236,19 +236,17 @@ class DecoderLayer(nn.Module):
         return (h + self.post_feedforward_layernorm(dense + sparse)) * layer_scalar
 
 
-class SelfConditioning(nn.Module):
+class SelfConditioning(MLP):
+    """The previous step's soft embeddings -> pre_norm -> GeGLU, added to the canvas embeddings."""
+
     def __init__(self, args: TextArgs):
-        super().__init__()
+        super().__init__(args.hidden_size, args.intermediate_size)
         self.eps = args.rms_norm_eps
         self.pre_norm = nn.RMSNorm(args.hidden_size, eps=self.eps)
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, embeddings: mx.array, soft_embeddings: Optional[mx.array]) -> mx.array:
         if soft_embeddings is not None:
-            normed = self.pre_norm(soft_embeddings)
-            embeddings = embeddings + self.down_proj(geglu(self.gate_proj(normed), self.up_proj(normed)))
+            embeddings = embeddings + super().__call__(self.pre_norm(soft_embeddings))
         return rms_norm_no_scale(embeddings, self.eps)  # also on the first step, without a signal
 
 
