@@ -74,8 +74,10 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Stream the generated text chunk by chunk; every response carries the running stats.
 
-    `options` go to the strategy: for diffusion the denoising knobs (`max_denoising_steps`,
-    `entropy_bound`, `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`) and `on_step`.
+    `options` go to the strategy, which refuses any it does not know: DiffusionGemma's denoising knobs
+    (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `stability_threshold`,
+    `confidence_threshold`, `on_step`); Nemotron-Labs-Diffusion's `block_length`, `threshold`,
+    `causal_context`, `lora`, `max_thinking_tokens` and `end_think_token_id`.
     """
     if max_tokens <= 0:
         raise DLLMError(f"max_tokens must be positive, got {max_tokens}")
