@@ -44,23 +44,23 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
         raise DLLMError(f"cannot fetch {path_or_repo} from the hub: {type(error).__name__}") from error
 
 
-def read_config(path: Path) -> Dict:
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise DLLMError(f"no config.json in {path}")
+def _read_json(file: Path) -> Dict:
     try:
-        return json.loads(config_file.read_text())
+        return json.loads(file.read_text())
     except json.JSONDecodeError as error:
-        raise DLLMError(f"{config_file} is not valid JSON: {error.msg} (line {error.lineno})") from error
+        raise DLLMError(f"{file} is not valid JSON: {error.msg} (line {error.lineno})") from error
+
+
+def read_config(path: Path) -> Dict:
+    if not (path / "config.json").exists():
+        raise DLLMError(f"no config.json in {path}")
+    return _read_json(path / "config.json")
 
 
 def read_generation_config(path: Path) -> Dict:
     """generation_config.json, or {} when the folder has none."""
     file = path / "generation_config.json"
-    try:
-        return json.loads(file.read_text()) if file.exists() else {}
-    except json.JSONDecodeError as error:
-        raise DLLMError(f"{file} is not valid JSON: {error.msg} (line {error.lineno})") from error
+    return _read_json(file) if file.exists() else {}
 
 
 def is_dflash_config(config: Dict) -> bool:

@@ -112,6 +112,19 @@ def test_lora_changes_drafts_and_never_the_verify(model):
     np.testing.assert_array_equal(np.array(verify), np.array(lora_off))
 
 
+def _run(strategy, model, max_tokens, stats=None, **options):
+    """All tokens a strategy yields, called directly (no front, no EOS)."""
+    chunks = strategy(
+        model,
+        mx.array(PROMPT),
+        select=make_token_selector(),
+        stats=stats or Stats(),
+        max_tokens=max_tokens,
+        options=options,
+    )
+    return [t for chunk in chunks for t in chunk]
+
+
 def _ar(model, tokens):
     return [int(t) for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=tokens)]
 
@@ -140,16 +153,8 @@ def test_quadratic_spec_is_lossless(model, monkeypatch, block_length, oracle):
         monkeypatch.setattr(
             quadratic_spec, "propose", lambda model, hidden, position: forced.tokens(position, hidden.shape[0])
         )
-    stats, out = Stats(), []
-    for tokens in quadratic_spec.generate_quadratic_spec(
-        model,
-        mx.array(PROMPT),
-        select=make_token_selector(),
-        stats=stats,
-        max_tokens=max_tokens,
-        options={"block_length": block_length},
-    ):
-        out += tokens
+    stats = Stats()
+    out = _run(quadratic_spec.generate_quadratic_spec, model, max_tokens, stats, block_length=block_length)
     assert out[:max_tokens] == reference[:max_tokens]
     if oracle and block_length > 2:
         assert max(stats.accept_lengths) > 2
@@ -168,16 +173,8 @@ def test_linear_spec_is_lossless(model, monkeypatch, block_length, lora):
         return [block[0]] + forced.tokens(cache[0].offset + 1, len(block) - 1)
 
     monkeypatch.setattr(linear_spec, "draft_block", oracle_drafts)
-    stats, out = Stats(), []
-    for tokens in linear_spec.generate_linear_spec(
-        model,
-        mx.array(PROMPT),
-        select=make_token_selector(),
-        stats=stats,
-        max_tokens=max_tokens,
-        options={"block_length": block_length, "lora": lora},
-    ):
-        out += tokens
+    stats = Stats()
+    out = _run(linear_spec.generate_linear_spec, model, max_tokens, stats, block_length=block_length, lora=lora)
     assert out == reference
     assert stats.forwards == 1 + len(stats.accept_lengths)
     if block_length > 2:
@@ -216,10 +213,7 @@ def test_thinking_budget_forces_the_end_of_thinking_once(model, mode):
         "diffusion": generate_mask_diffusion,
     }
     options = {"block_length": 4, "max_thinking_tokens": limit, "end_think_token_id": end_think}
-    run = strategies[mode](
-        model, mx.array(PROMPT), select=make_token_selector(), stats=Stats(), max_tokens=total, options=options
-    )
-    out = [t for chunk in run for t in chunk][:total]
+    out = _run(strategies[mode], model, total, **options)[:total]
     forced = out.index(end_think)
     assert forced >= limit and out.count(end_think) == 1
     if mode != "diffusion":  # self-speculation stays lossless around the forced token

@@ -197,6 +197,6 @@ class Model(nn.Module):
             name = name.removeprefix("model.")
             for old, new in renames:
                 if name.startswith(old):
-                    name = new + name[len(old):]
+                    name = new + name[len(old) :]
             sanitized[name] = value
         return sanitized

@@ -95,8 +95,6 @@ class ModelArgs(BaseModelArgs):
     text_config: Dict[str, Any]
     model_type: str = "diffusion_gemma"
     canvas_length: int = 256
-    vision_config: Optional[Dict[str, Any]] = None
-    eos_token_id: Any = None
     generation_config: Optional[Dict[str, Any]] = None  # generation_config.json, filled in by the loader
     text: TextArgs = field(init=False)
 

@@ -40,7 +40,6 @@ class ModelArgs(BaseModelArgs):
     rope_scaling: Optional[Dict[str, Any]] = None
     mask_token_id: int = 100
     block_size: int = 32
-    eos_token_id: Any = None
     model_type: str = "nemotron_labs_diffusion"
     generation_config: Optional[Dict[str, Any]] = None  # filled in by the loader
 

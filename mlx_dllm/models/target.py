@@ -9,9 +9,6 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from ..errors import DLLMError
 from .cache import WindowKVCache
 
-# Families whose DFlash path is tested; others work when they have the same structure.
-TESTED_FAMILIES = ("qwen3", "llama", "qwen3_moe", "gpt_oss", "ministral3")
-
 
 class _CaptureSlot:
     """Holds the latest outputs of the captured layers (kept outside the module tree)."""
@@ -25,16 +22,17 @@ _CAPTURING_CLASSES = {}
 
 def _capturing_class(cls):
     """A subclass of `cls` whose call records its output; the parameter tree is unchanged."""
-    if cls in _CAPTURING_CLASSES.values():
+    if cls in _CAPTURING_CLASSES.values():  # already captured by an earlier binding
         return cls
-    if cls not in _CAPTURING_CLASSES:
+    if cls in _CAPTURING_CLASSES:
+        return _CAPTURING_CLASSES[cls]
 
-        def __call__(self, *args, **kwargs):
-            out = cls.__call__(self, *args, **kwargs)
-            self._capture_slot.outputs[self._capture_index] = out[0] if isinstance(out, tuple) else out
-            return out
+    def __call__(self, *args, **kwargs):
+        out = cls.__call__(self, *args, **kwargs)
+        self._capture_slot.outputs[self._capture_index] = out[0] if isinstance(out, tuple) else out
+        return out
 
-        _CAPTURING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
+    _CAPTURING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
     return _CAPTURING_CLASSES[cls]
 
 

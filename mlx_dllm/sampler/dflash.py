@@ -24,9 +24,7 @@ def bind_target(draft: DFlashDraft, model: nn.Module) -> Target:
     target_args = getattr(model, "args", None)
     target_hidden = getattr(target_args, "hidden_size", None)
     if target_hidden is not None and target_hidden != args.hidden_size:
-        raise DLLMError(
-            f"draft hidden size {args.hidden_size} does not match the target's {target_hidden}"
-        )
+        raise DLLMError(f"draft hidden size {args.hidden_size} does not match the target's {target_hidden}")
     target = Target(model, args.target_layer_ids)
     vocab_rows = target.embed_tokens.weight.shape[0]
     if not 0 <= args.mask_token_id < vocab_rows:
