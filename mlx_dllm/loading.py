@@ -1,7 +1,6 @@
 """Local folder or hub repo -> (model, tokenizer). Never runs code shipped with a checkpoint."""
 
 import glob
-import json
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -10,6 +9,7 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
+from .configs import check_layer_count, check_sizes, check_token_ids, read_json, rope_fields
 from .errors import DLLMError
 from .models import dflash, diffusion_gemma, nemotron_diffusion
 
@@ -44,23 +44,24 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
         raise DLLMError(f"cannot fetch {path_or_repo} from the hub: {type(error).__name__}") from error
 
 
-def _read_json(file: Path) -> Dict:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise DLLMError(f"{file} is not valid JSON: {error.msg} (line {error.lineno})") from error
-
-
 def read_config(path: Path) -> Dict:
+    """config.json, its sizes checked (a zero, a string or a billion layers never reaches a model class)."""
     if not (path / "config.json").exists():
         raise DLLMError(f"no config.json in {path}")
-    return _read_json(path / "config.json")
+    config = read_json(path / "config.json")
+    check_sizes(config)
+    check_token_ids(config.get("eos_token_id"), "eos_token_id", "config.json")
+    return config
 
 
 def read_generation_config(path: Path) -> Dict:
     """generation_config.json, or {} when the folder has none."""
     file = path / "generation_config.json"
-    return _read_json(file) if file.exists() else {}
+    if not file.exists():
+        return {}
+    config = read_json(file)
+    check_token_ids(config.get("eos_token_id"), "eos_token_id", "generation_config.json")
+    return config
 
 
 def is_dflash_config(config: Dict) -> bool:
@@ -139,9 +140,10 @@ def build_model(path: Path, config: Dict, lazy: bool = False) -> Tuple[nn.Module
     else:
         check_target_architecture(config)
         get_classes = _target_classes
-    read_weights(path)  # one-line errors before mlx-lm reads them
-    # Our own models read their decoding defaults (e.g. DiffusionGemma's denoising knobs) from their args.
-    extra = {"generation_config": read_generation_config(path)} if module is not None else None
+    check_layer_count(config, read_weights(path))  # one-line errors before mlx-lm reads them
+    # Our own models read their decoding defaults (e.g. DiffusionGemma's denoising knobs) from their args;
+    # mlx-lm targets get the RoPE fields their families read, from transformers 5's `rope_parameters`.
+    extra = {"generation_config": read_generation_config(path)} if module is not None else rope_fields(config)
     try:
         return load_model(path, lazy=lazy, model_config=extra, get_model_classes=get_classes)
     except DLLMError:
