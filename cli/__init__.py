@@ -34,7 +34,7 @@ class Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(cls=Group)
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlx-dllm")
 def main():
     """Diffusion language models on Apple silicon with MLX."""

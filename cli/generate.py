@@ -1,11 +1,15 @@
 """`mlx-dllm generate`: flags follow `mlx_lm.generate`; ends with mlx-lm's summary lines plus our stats."""
 
+import json
 import sys
+from typing import List
 
 import click
+from jinja2 import TemplateError
 
 import mlx_dllm
 from mlx_dllm.errors import DLLMError
+from mlx_dllm.models.dflash import Model as DFlashDraft
 from mlx_dllm.sampler import summary
 
 from .visualize import CanvasView
@@ -13,17 +17,44 @@ from .visualize import CanvasView
 DEFAULT_PROMPT = "hello"
 
 
-def build_prompt(tokenizer, prompt: str, system_prompt, ignore_chat_template: bool):
-    """The prompt, wrapped in the chat template when there is one and it is wanted."""
-    if ignore_chat_template or not tokenizer.has_chat_template:
+def read_prompt(prompt: str) -> str:
+    """The -p text with mlx-lm's escapes, or stdin for '-' (which must be UTF-8)."""
+    prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if prompt != "-":
         return prompt
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    messages.append({"role": "user", "content": prompt})
-    template_options = {}
-    # Qwen3-style templates think by default; only pass the switch to templates that know it.
-    if "enable_thinking" in str(tokenizer.chat_template):
-        template_options["enable_thinking"] = False
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_options)
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DLLMError(f"the prompt read from stdin is not UTF-8 text (byte {error.start})") from error
+
+
+def template_options(chat_template_config) -> dict:
+    if chat_template_config is None:
+        return {}
+    try:
+        options = json.loads(chat_template_config)
+    except json.JSONDecodeError as error:
+        raise DLLMError(f"--chat-template-config is not valid JSON: {error.msg}") from error
+    if not isinstance(options, dict):
+        raise DLLMError("--chat-template-config must be a JSON object")
+    return options
+
+
+def build_prompt(tokenizer, prompt: str, system_prompt, ignore_chat_template: bool, options=None) -> List[int]:
+    """The prompt's ids as `mlx_lm.generate` makes them: the chat template (with the tokenizer's own defaults,
+    thinking included, and `options`) when there is one and it is wanted, else the text with special tokens."""
+    use_chat_template = not ignore_chat_template and tokenizer.has_chat_template
+    if use_chat_template:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        messages.append({"role": "user", "content": prompt})
+        try:
+            prompt = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **(options or {})
+            )
+        except (TemplateError, ValueError, TypeError, KeyError) as error:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DLLMError(f"the chat template failed: {message}") from error
+    return tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
 
 
 def end_think_id(tokenizer) -> int:
@@ -35,9 +66,16 @@ def end_think_id(tokenizer) -> int:
 
 def load_models(model_path: str, draft_path):
     model, tokenizer = mlx_dllm.load(model_path)
+    if isinstance(model, DFlashDraft):
+        raise DLLMError(f"{model_path} is a DFlash drafter: pass it as --draft-model, with its target as --model")
     if tokenizer is None:
         raise DLLMError(f"{model_path} has no tokenizer")
-    draft_model = mlx_dllm.load(draft_path)[0] if draft_path is not None else None  # the target's tokenizer serves both
+    if draft_path is None:
+        return model, tokenizer, None
+    draft_model = mlx_dllm.load(draft_path)[0]  # the target's tokenizer serves both
+    if not isinstance(draft_model, DFlashDraft):
+        kind = getattr(draft_model, "model_type", type(draft_model).__name__)
+        raise DLLMError(f"--draft-model {draft_path} is not a DFlash drafter (it is a {kind} model)")
     return model, tokenizer, draft_model
 
 
@@ -54,7 +92,21 @@ def load_models(model_path: str, draft_path):
 @click.option("--seed", type=int, default=None, help="Random seed.")
 @click.option("--system-prompt", default=None, help="System prompt for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as is.")
-@click.option("--verbose/--no-verbose", default=True, show_default=True, help="Print rulers and the summary.")
+@click.option(
+    "--chat-template-config",
+    default=None,
+    help='JSON object of extra chat-template arguments, e.g. \'{"enable_thinking": false}\'.',
+)
+@click.option(
+    "--verbose",
+    type=click.BOOL,
+    default=True,
+    is_flag=False,
+    flag_value=True,
+    show_default=True,
+    help="Print rulers and the summary ('--verbose False' as in mlx-lm, or --no-verbose).",
+)
+@click.option("--no-verbose", "quiet", is_flag=True, help="Print the generated text only.")
 @click.option("--prefill-step-size", type=int, default=2048, show_default=True, help="Prompt tokens per prefill chunk.")
 @click.option("--stop", multiple=True, help="Stop at this text (repeatable).")
 @click.option("--image", multiple=True, help="Image input (not supported yet).")
@@ -88,7 +140,9 @@ def generate_command(
     seed,
     system_prompt,
     ignore_chat_template,
+    chat_template_config,
     verbose,
+    quiet,
     prefill_step_size,
     stop,
     image,
@@ -102,9 +156,10 @@ def generate_command(
         raise DLLMError("image input is not supported yet")
     if prefill_step_size < 1:
         raise DLLMError(f"prefill step size must be positive, got {prefill_step_size}")
+    verbose = verbose and not quiet
+    chat_options = template_options(chat_template_config)
     target, tokenizer, drafter = load_models(model, draft_model)
-    prompt = sys.stdin.read() if prompt == "-" else prompt.replace("\\n", "\n").replace("\\t", "\t")
-    prompt = build_prompt(tokenizer, prompt, system_prompt, ignore_chat_template)
+    prompt = build_prompt(tokenizer, read_prompt(prompt), system_prompt, ignore_chat_template, chat_options)
     options = {k: v for k, v in knobs.items() if v is not None}
     if no_lora:
         options["lora"] = False

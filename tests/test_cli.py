@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_dllm.cli import main
-from mlx_dllm.cli.generate import build_prompt
 
 PROMPT = [5, 17, 42]
 
@@ -90,32 +89,86 @@ def test_generate_quiet_reads_stdin(converted):
     assert len(result.stdout.split()) == 4
 
 
-def test_chat_template_gets_system_prompt_and_thinking_switch(converted, tmp_path):
-    target = shutil.copytree(converted["target"], tmp_path / "chat")
+THINKING_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    "{% if enable_thinking is defined and not enable_thinking %}w9{% else %}w8{% endif %}"
+)
+
+
+def with_chat_template(folder, destination, template):
+    target = shutil.copytree(folder, destination)
     tokenizer_config = json.loads((target / "tokenizer_config.json").read_text())
-    tokenizer_config["chat_template"] = (
-        "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-        "{% if enable_thinking is defined and not enable_thinking %}w9{% endif %}"
-    )
+    tokenizer_config["chat_template"] = template
     (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return target
+
+
+def test_chat_template_gets_system_prompt(converted, tmp_path):
+    target = with_chat_template(converted["target"], tmp_path / "chat", THINKING_TEMPLATE)
     chat = run("generate", "--model", target, "-p", "w5", "--system-prompt", "w3", "-m", 2)
     plain = run("generate", "--model", target, "-p", "w5", "--system-prompt", "w3", "-m", 2, "--ignore-chat-template")
-    assert "Prompt: 3 tokens" in chat.stdout, chat.output  # w3 w5 w9
+    assert "Prompt: 3 tokens" in chat.stdout, chat.output  # w3 w5 w8
     assert "Prompt: 1 tokens" in plain.stdout, plain.output
 
 
-def test_thinking_switch_only_for_templates_that_know_it():
-    calls = []
-    tokenizer = SimpleNamespace(
-        has_chat_template=True,
-        chat_template="{{ messages }}",
-        apply_chat_template=lambda messages, **options: calls.append(options) or "text",
-    )
-    build_prompt(tokenizer, "hi", None, False)
-    assert "enable_thinking" not in calls[-1]
-    tokenizer.chat_template = "{% if enable_thinking %}{% endif %}"
-    build_prompt(tokenizer, "hi", None, False)
-    assert calls[-1]["enable_thinking"] is False
+@pytest.mark.parametrize("template_config", [None, '{"enable_thinking": false}'])
+def test_same_prompt_same_text_as_mlx_lm_generate(converted, tmp_path, monkeypatch, capsys, template_config):
+    """The template's own thinking default (no forced switch) and --chat-template-config, as mlx_lm.generate."""
+    import importlib
+
+    mlx_lm_generate = importlib.import_module("mlx_lm.generate")
+
+    target = with_chat_template(converted["target"], tmp_path / "chat", THINKING_TEMPLATE)
+    extra = [] if template_config is None else ["--chat-template-config", template_config]
+    args = ["--model", str(target), "-p", "w5 w7", "-m", "6", "--verbose", "False", *extra]
+    monkeypatch.setattr("sys.argv", ["mlx_lm.generate", *args])
+    mlx_lm_generate.main()
+    expected = capsys.readouterr().out
+    ours = run("generate", *args)
+    assert ours.exit_code == 0, ours.output
+    assert ours.stdout.split() == expected.split() and len(expected.split()) == 6
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for m in messages %}", "the chat template failed: "),
+        ("{{ raise_exception('no system role') }}", "the chat template failed: no system role"),
+    ],
+)
+def test_a_broken_chat_template_is_one_error(converted, tmp_path, template, message):
+    target = with_chat_template(converted["target"], tmp_path / "chat", template)
+    assert_user_error(run("generate", "--model", target, "-p", "w5"), message)
+
+
+def test_bad_chat_template_config(converted):
+    result = run("generate", "--model", converted["target"], "--chat-template-config", "{nope")
+    assert_user_error(result, "--chat-template-config is not valid JSON")
+    result = run("generate", "--model", converted["target"], "--chat-template-config", "[1]")
+    assert_user_error(result, "--chat-template-config must be a JSON object")
+
+
+def test_non_utf8_stdin_is_one_error(converted):
+    result = run("generate", "--model", converted["target"], "-p", "-", input=b"w5 \xff\xfe w7")
+    assert_user_error(result, "the prompt read from stdin is not UTF-8 text (byte 3)")
+
+
+def test_verbose_false_and_dash_h_as_in_mlx_lm(converted):
+    quiet = run("generate", "--model", converted["target"], "-p", "w5", "-m", 3, "--verbose", "False")
+    assert quiet.exit_code == 0, quiet.output
+    assert "Prompt:" not in quiet.stdout and len(quiet.stdout.split()) == 3
+    loud = run("generate", "--model", converted["target"], "-p", "w5", "-m", 3, "--verbose")
+    assert "Prompt: 1 tokens" in loud.stdout, loud.output
+    for args in (["-h"], ["generate", "-h"], ["convert", "-h"]):
+        result = run(*args)
+        assert result.exit_code == 0 and "Usage: " in result.stdout, result.output
+
+
+def test_models_in_the_wrong_role(converted):
+    result = run("generate", "--model", converted["draft"], "-p", "w5")
+    assert_user_error(result, "is a DFlash drafter: pass it as --draft-model, with its target as --model")
+    result = run("generate", "--model", converted["target"], "--draft-model", converted["target"], "-p", "w5")
+    assert_user_error(result, "is not a DFlash drafter (it is a qwen3 model)")
 
 
 def test_version_and_usage_errors():
