@@ -1,5 +1,10 @@
-"""The `mlx-dllm` command line: `generate` and `convert`."""
+"""The `mlx-dllm` command line: `generate` and `convert`.
 
+Commands are imported when they run (MLX takes seconds to import), so `--help` is instant and a Ctrl-C during
+those imports ends like any other: one line and exit status 130.
+"""
+
+import importlib
 import sys
 
 import click
@@ -8,12 +13,20 @@ from click.exceptions import NoArgsIsHelpError
 from mlx_dllm import __version__
 from mlx_dllm.errors import DLLMError
 
-from .convert import convert_command
-from .generate import generate_command
+COMMANDS = {"generate": "generate_command", "convert": "convert_command"}  # module in this package -> command
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
 
 
 class Group(click.Group):
     """A click group whose user errors (ours and click's usage errors) print as one `Error: ...` line."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        return getattr(importlib.import_module(f"{__name__}.{name}"), COMMANDS[name])
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -27,9 +40,9 @@ class Group(click.Group):
             message = error.format_message() if isinstance(error, click.ClickException) else str(error)
             click.echo(f"Error: {message}", err=True)
             sys.exit(getattr(error, "exit_code", 1))
-        except click.Abort:
+        except click.Abort as error:  # click turns Ctrl-C (and EOF at a prompt) into Abort
             click.echo("Aborted!", err=True)
-            sys.exit(1)
+            sys.exit(INTERRUPTED if isinstance(error.__cause__, KeyboardInterrupt) else 1)
         # Non-standalone click returns a command's value or an Exit's code (--help, --version).
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -39,8 +52,5 @@ class Group(click.Group):
 def main():
     """Diffusion language models on Apple silicon with MLX."""
 
-
-main.add_command(generate_command)
-main.add_command(convert_command)
 
 __all__ = ["main"]

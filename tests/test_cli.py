@@ -251,3 +251,25 @@ def test_bad_quantization_bits(hf_checkpoints, out):
     result = run("convert", "--hf-path", hf_checkpoints["qwen3_gqa"]["target"], "--mlx-path", out, "-q", "--q-bits", 7)
     assert_user_error(result, "cannot quantize")
     assert_nothing_written(out)
+
+
+def assert_interrupted(result):
+    assert result.exit_code == 130, result.output
+    assert [line for line in result.stderr.splitlines() if line.strip()] == ["Aborted!"]
+
+
+def test_ctrl_c_while_a_command_imports(monkeypatch):
+    def interrupted(name, package=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mlx_dllm.cli.importlib.import_module", interrupted)
+    assert_interrupted(run("generate", "--model", "x"))
+
+
+def test_ctrl_c_while_generating(converted, monkeypatch):
+    def interrupted(*args, **kwargs):
+        yield from ()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mlx_dllm.stream_generate", interrupted)
+    assert_interrupted(run("generate", "--model", converted["target"], "-p", "w5"))
