@@ -27,8 +27,10 @@ SIZE_LIMITS = {
     "top_k_experts": 1 << 14,
     "sliding_window": 1 << 26,
     "max_position_embeddings": 1 << 26,
+    "block_size": 1 << 12,
 }
-NESTED_CONFIGS = ("text_config",)
+ID_FIELDS = ("eos_token_id", "mask_token_id", "target_layer_ids")
+NESTED_CONFIGS = ("text_config", "dflash_config")
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -58,7 +60,8 @@ def read_json(file: Path) -> Dict:
 
 
 def check_sizes(config: Dict, where: str = "config.json") -> None:
-    """Every size field present is a positive integer under its ceiling (also in nested text configs)."""
+    """Every size field present is a positive integer under its ceiling, every id field a non-negative integer
+    or a list of them (also in the nested text and DFlash configs)."""
     for name, limit in SIZE_LIMITS.items():
         value = config.get(name)
         if value is None:
@@ -67,6 +70,8 @@ def check_sizes(config: Dict, where: str = "config.json") -> None:
             raise DLLMError(f"{where}: {name} must be an integer, got {value!r}")
         if not 1 <= value <= limit:
             raise DLLMError(f"{where}: {name} must be between 1 and {limit}, got {value}")
+    for name in ID_FIELDS:
+        check_ids(config.get(name), name, where)
     for nested in NESTED_CONFIGS:
         section = config.get(nested)
         if section is not None:
@@ -83,8 +88,8 @@ def check_layer_count(config: Dict, weight_names: Iterable[str]) -> None:
         raise DLLMError(f"config.json says num_hidden_layers={layers}, but the weights hold {max(found) + 1} layers")
 
 
-def check_token_ids(value, name: str, where: str) -> None:
-    """An id field (eos_token_id and the like) is an int or a list of ints, never a string or a float."""
+def check_ids(value, name: str, where: str) -> None:
+    """An id field (eos_token_id, target_layer_ids...) is an int or a list of ints, never a string or a float."""
     ids = value if isinstance(value, list) else [value]
     if value is None:
         return

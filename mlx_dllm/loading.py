@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .configs import check_layer_count, check_sizes, check_token_ids, read_json, rope_fields
+from .configs import check_layer_count, check_sizes, check_ids, read_json, rope_fields
 from .errors import DLLMError
 from .models import dflash, diffusion_gemma, nemotron_diffusion
 
@@ -50,7 +50,6 @@ def read_config(path: Path) -> Dict:
         raise DLLMError(f"no config.json in {path}")
     config = read_json(path / "config.json")
     check_sizes(config)
-    check_token_ids(config.get("eos_token_id"), "eos_token_id", "config.json")
     return config
 
 
@@ -60,7 +59,7 @@ def read_generation_config(path: Path) -> Dict:
     if not file.exists():
         return {}
     config = read_json(file)
-    check_token_ids(config.get("eos_token_id"), "eos_token_id", "generation_config.json")
+    check_ids(config.get("eos_token_id"), "eos_token_id", "generation_config.json")
     return config
 
 

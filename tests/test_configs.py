@@ -47,6 +47,9 @@ def test_a_fifo_config_is_refused_not_read_forever(tmp_path):
         ({"vocab_size": True}, "vocab_size must be an integer"),
         ({"num_hidden_layers": 10**9}, "num_hidden_layers must be between 1 and 1024"),
         ({"text_config": {"head_dim": -1}}, "text_config: head_dim must be between 1"),
+        ({"dflash_config": {"block_size": "16"}}, "dflash_config: block_size must be an integer"),
+        ({"dflash_config": {"target_layer_ids": [1, "2"]}}, "target_layer_ids must be a non-negative integer"),
+        ({"mask_token_id": -5}, "mask_token_id must be a non-negative integer"),
     ],
 )
 def test_sizes_are_checked(changes, message):
