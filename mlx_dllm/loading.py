@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .configs import check_layer_count, check_sizes, check_ids, read_json, rope_fields
+from .configs import check_ids, check_layer_count, check_sizes, read_json, rope_fields
 from .errors import DLLMError
 from .models import dflash, diffusion_gemma, nemotron_diffusion
 
