@@ -131,7 +131,7 @@ def check_finite_files(files: List[Path], dtype: Optional[str] = None) -> None:
         tensors = mx.load(str(file))
         while tensors:
             name, value = tensors.popitem()
-            if mx.issubdtype(value.dtype, mx.floating) and not mx.isfinite(value).all().item():
+            if mx.issubdtype(value.dtype, mx.floating) and loading.is_nonfinite(value, loading.finite_screen(value)):
                 raise DLLMError(loading.nonfinite_message(name, file.name) + nonfinite_hint(dtype))
 
 

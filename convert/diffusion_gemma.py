@@ -114,8 +114,8 @@ def quantize_tensor(name: str, value: mx.array, plan: Dict[str, Dict]) -> Dict[s
     return {name: weight, f"{path}.scales": scales, f"{path}.biases": biases}
 
 
-def all_finite(value: mx.array) -> mx.array:
-    return mx.isfinite(value).all() if mx.issubdtype(value.dtype, mx.floating) else mx.array(True)
+def finite_screen(value: mx.array) -> mx.array:
+    return loading.finite_screen(value) if mx.issubdtype(value.dtype, mx.floating) else mx.array(0.0)
 
 
 def shard_names(count: int) -> List[str]:
@@ -136,12 +136,12 @@ def write_shards(
             while tensors:
                 name, value = tensors.popitem()  # the shard no longer holds the source once it is converted
                 cast = cast_tensor(name, value, dtype)
-                converted, finite = quantize_tensor(name, cast, plan), all_finite(cast)  # before quantizing hides a NaN
+                converted, screen = quantize_tensor(name, cast, plan), finite_screen(cast)  # quantizing hides a NaN
                 try:
-                    mx.eval(converted, finite)
+                    mx.eval(converted, screen)
                 except Exception as error:
                     raise DLLMError(f"cannot read {name} from {file.name}: {str(error).splitlines()[0]}") from error
-                if not finite.item():
+                if loading.is_nonfinite(cast, screen):
                     raise DLLMError(loading.nonfinite_message(name, file.name) + nonfinite_hint(dtype))
                 index["metadata"]["total_parameters"] += value.size
                 shard.update(converted)

@@ -1,6 +1,7 @@
 """Local folder or hub repo -> (model, tokenizer). Never runs code shipped with a checkpoint."""
 
 import json
+import math
 import os
 import re
 import stat
@@ -29,10 +30,11 @@ ALLOW_PATTERNS = [
     "*.jinja",
 ]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tiktoken.model")
-# Every top-level file the loader, transformers' tokenizer or the converter may open.
-READ_PATTERNS = [pattern for pattern in ALLOW_PATTERNS if "/" not in pattern] + ["chat_template*"]
+# Every top-level file the loader, transformers' tokenizer (e.g. spiece.model) or the converter may open.
+READ_PATTERNS = [pattern for pattern in ALLOW_PATTERNS if "/" not in pattern] + ["chat_template*", "*.model"]
 INDEX_FILE = "model.safetensors.index.json"
 LORA_FOLDER = "linear_spec_lora"  # Nemotron-Labs-Diffusion's drafter adapter, beside the weights
+READ_FOLDERS = (LORA_FOLDER, "additional_chat_templates")  # the second: transformers reads its *.jinja
 
 
 def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
@@ -77,14 +79,22 @@ def checkpoint_root(folder: Path) -> Path:
 def check_checkpoint_files(folder: Path) -> None:
     """Each file we may read is a regular file inside the checkpoint (a link to a key or a FIFO is refused)."""
     root = checkpoint_root(folder)
-    for entry in sorted(folder.iterdir()):
+    for entry in listing(folder):
         if any(fnmatch(entry.name, pattern) for pattern in READ_PATTERNS):
             check_regular_file(entry, root)
-    lora = folder / LORA_FOLDER
-    if lora.is_symlink() or lora.is_dir():
-        check_inside(lora, root)
-        for entry in sorted(lora.iterdir()):
-            check_regular_file(entry, root)
+    for name in READ_FOLDERS:
+        subfolder = folder / name
+        if subfolder.is_symlink() or subfolder.is_dir():
+            check_inside(subfolder, root)
+            for entry in listing(subfolder):
+                check_regular_file(entry, root)
+
+
+def listing(folder: Path) -> List[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as error:
+        raise DLLMError(f"cannot list {folder}: {error.strerror}") from error
 
 
 def check_inside(file: Path, root: Path) -> Path:
@@ -184,13 +194,24 @@ def nonfinite_message(name: str, where: str) -> str:
     return f"tensor {name} in {where} holds NaN or Inf"
 
 
+def finite_screen(value: mx.array) -> mx.array:
+    """The tensor's sum (lazily): one reduction, and NaN or Inf anywhere in the tensor makes it non-finite."""
+    return mx.sum(value)
+
+
+def is_nonfinite(value: mx.array, screen: mx.array) -> bool:
+    """Exact; the element-wise pass is paid only when the screen fails, since a finite sum can also overflow."""
+    return not math.isfinite(screen.item()) and not mx.isfinite(value).all().item()
+
+
 def evaluate_finite(model: nn.Module, path: Path) -> None:
-    """Evaluate the weights with one all-finite flag per floating tensor riding the same eval (one read)."""
+    """Evaluate the weights with each floating tensor's screen riding the same eval: the weights are read once."""
     floating = [(n, v) for n, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
-    flags = mx.stack([mx.isfinite(value).all() for _, value in floating]) if floating else mx.array([True])
-    mx.eval(model.parameters(), flags)
-    if not flags.all().item():
-        raise DLLMError(nonfinite_message(floating[flags.tolist().index(False)][0], str(path)))
+    screens = [finite_screen(value) for _, value in floating]
+    mx.eval(model.parameters(), screens)
+    for (name, value), screen in zip(floating, screens):
+        if is_nonfinite(value, screen):
+            raise DLLMError(nonfinite_message(name, str(path)))
 
 
 # Families mlx-lm lacks a file for but whose architecture it has under another name.

@@ -414,3 +414,21 @@ def test_write_failures_are_one_line_and_leave_nothing(target, tmp_path, monkeyp
     assert_user_error(result, f"cannot write {out}: {os.strerror(code)}")
     monkeypatch.undo()
     assert_nothing_written(out)
+
+
+def test_a_finite_tensor_whose_sum_overflows_is_not_refused(tmp_path):
+    file = tmp_path / "model.safetensors"
+    ones = mx.ones((100_000,), dtype=mx.float16)  # its float16 sum is inf; its elements are fine
+    mx.save_safetensors(str(file), {"big": ones})
+    convert_common.check_finite_files([file])
+    mx.save_safetensors(str(file), {"big": mx.where(mx.arange(100_000) == 7, float("nan"), ones)})
+    with pytest.raises(DLLMError, match="tensor big in model.safetensors holds NaN or Inf"):
+        convert_common.check_finite_files([file])
+
+
+def test_a_link_out_of_the_extra_chat_templates_is_refused(target, tmp_path):
+    templates = target / "additional_chat_templates"
+    templates.mkdir()
+    (templates / "tools.jinja").symlink_to(outside_secret(tmp_path, "{{ messages }}"))
+    with pytest.raises(DLLMError, match="tools.jinja links outside the checkpoint folder"):
+        load(str(target))
