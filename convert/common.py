@@ -83,9 +83,10 @@ def quantize_weights(
 
 def copy_tokenizer_files(source: Path, destination: Path) -> None:
     for pattern in TOKENIZER_PATTERNS:
-        for file in glob.glob(str(source / pattern)):
-            if Path(file).name == "tokenizer_config.json":
-                write_json(destination / "tokenizer_config.json", without_remote_code(loading._read_json(Path(file))))
+        for file in map(Path, glob.glob(str(source / pattern))):
+            content = loading._read_json(file) if file.name == "tokenizer_config.json" else {}
+            if "auto_map" in content:
+                write_json(destination / file.name, without_remote_code(content))
             else:
                 shutil.copy(file, destination)  # follows hub-cache symlinks, which `resolve` checked stay inside
 
@@ -96,7 +97,7 @@ def without_remote_code(config: Dict) -> Dict:
 
 
 def write_json(file: Path, content: Dict) -> None:
-    file.write_text(json.dumps(content, indent=2) + "\n")
+    file.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_config(config: Dict, file: Path, keep_vision_config: bool) -> None:
