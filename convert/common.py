@@ -246,7 +246,7 @@ def _exit_on_terminate(signum, frame) -> None:
 
 
 def _replace(staging: Path, mlx_path: Path) -> None:
-    """Put the finished folder at `mlx_path`; an old one is swapped out in one step, so `mlx_path` never goes missing."""
+    """Put the finished folder at `mlx_path`; an old one is swapped out in one step, so it never goes missing."""
     if not os.path.lexists(mlx_path):
         os.rename(staging, mlx_path)
         return

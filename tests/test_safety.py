@@ -50,8 +50,8 @@ def plant_remote_code(folder: Path, marker: Path, tokenizer_class: str = "PreTra
         "    model_type = 'nemotron_labs_diffusion'\n"
     )
     (folder / "tokenization_planted.py").write_text(
-        body + "from transformers import PreTrainedTokenizerFast\n\n\nclass PlantedTokenizer(PreTrainedTokenizerFast):\n"
-        "    pass\n"
+        body + "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class PlantedTokenizer(PreTrainedTokenizerFast):\n    pass\n"
     )
     edit_json(folder / "config.json", auto_map={"AutoConfig": "configuration_planted.PlantedConfig"})
     edit_json(
@@ -161,7 +161,7 @@ def test_the_current_directory_is_refused_in_one_line(draft, tmp_path, monkeypat
 class PathWatch:
     """Records, at every rename/delete/foreign call (Python audit events), whether a path exists."""
 
-    EVENTS = {"os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.move", "ctypes.call_function"}
+    EVENTS = {"os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree", "ctypes.call_function"}
     path = None
     seen: list = []
 
@@ -279,7 +279,8 @@ def converted_target(target, tmp_path):
 
 def test_a_stray_shard_beside_the_index_is_never_merged(converted_target, target, tmp_path):
     weights = mx.load(str(converted_target / "model.safetensors"))
-    mx.save_safetensors(str(converted_target / "model-old.safetensors"), {k: mx.zeros_like(v) for k, v in weights.items()})
+    stale = {name: mx.zeros_like(value) for name, value in weights.items()}
+    mx.save_safetensors(str(converted_target / "model-old.safetensors"), stale)
     with pytest.raises(DLLMError, match="model-old.safetensors .* is not named in model.safetensors.index.json"):
         load(str(converted_target))
     shutil.copy(converted_target / "model-old.safetensors", target / "model-old.safetensors")
