@@ -1,13 +1,22 @@
 """Hugging Face checkpoint -> MLX folder that `mlx_dllm.load` reads (one recipe per architecture)."""
 
-import shutil
+import os
 from pathlib import Path
 from typing import Optional, Union
 
 from mlx_dllm import loading
 from mlx_dllm.errors import DLLMError
 
-from .common import cast_parameters, check_destination, quantize_weights, resolve_dtype, save, staged_folder
+from .common import (
+    cast_parameters,
+    check_apart_from_source,
+    check_destination,
+    check_finite_files,
+    quantize_weights,
+    resolve_dtype,
+    save,
+    staged_folder,
+)
 from .dflash import load_draft
 from .diffusion_gemma import RECIPES, convert_diffusion_gemma, is_diffusion_gemma
 from .target import load_target
@@ -29,13 +38,14 @@ def convert(
     `quant_recipe="mixed"` (DiffusionGemma only) implies `quantize`: 8-bit embeddings, attention, dense MLP and
     router, `q_bits` (default 4) for the experts and self-conditioning.
     """
-    mlx_path = Path(mlx_path)
+    given, mlx_path = Path(mlx_path), Path(os.path.abspath(mlx_path))  # `a/..` and `.` get a real name and parent
+    if Path(hf_path).is_dir():  # name an overlap with a local source before any other objection
+        check_apart_from_source(mlx_path, Path(hf_path))
     check_destination(mlx_path, force)
     if quant_recipe is not None and quant_recipe not in RECIPES:
         raise DLLMError(f"unknown quantization recipe {quant_recipe!r} (known: {', '.join(RECIPES)})")
     source = loading.resolve(str(hf_path), revision)
-    if source.resolve() == mlx_path.resolve():
-        raise DLLMError("the MLX path must differ from the Hugging Face path")
+    check_apart_from_source(mlx_path, source)
     config = loading.read_config(source)
     loading.check_architecture(config)
     dtype = resolve_dtype(dtype, config)
@@ -43,28 +53,28 @@ def convert(
     print(f"[INFO] Loading {source}")
     if is_diffusion_gemma(config):
         convert_diffusion_gemma(source, mlx_path, config, dtype, quantize, q_group_size, q_bits, quant_recipe, force)
-        print(f"[INFO] Saved to {mlx_path}")
-        return mlx_path
+        print(f"[INFO] Saved to {given}")
+        return given
     if quant_recipe is not None:
         raise DLLMError(f"the {quant_recipe} quantization recipe is for DiffusionGemma checkpoints only")
     if loading.is_dflash_config(config):
         model = load_draft(source, config)
     elif loading.own_module(config) is not None:  # Nemotron-Labs-Diffusion: our class, the checkpoint's names
+        loading.load_tokenizer_checked(source, config)  # `load` needs it: refuse now, not after writing
         model, config = loading.build_model(source, config, lazy=True)
         config.pop("generation_config", None)  # the loader's copy of generation_config.json, which is copied as is
     else:
         model, config = load_target(source, config)
     cast_parameters(model, dtype, config)
     if quantize:
+        check_finite_files(loading.weight_files(source))  # quantizing turns a NaN into a number: look before
         print("[INFO] Quantizing")
         model, config = quantize_weights(model, config, q_group_size, q_bits)
 
     with staged_folder(mlx_path, force) as staging:
-        save(staging, model, config, source)
-        if (source / loading.LORA_FOLDER).is_dir():  # the drafter adapter travels beside the weights
-            shutil.copytree(source / loading.LORA_FOLDER, staging / loading.LORA_FOLDER)
-    print(f"[INFO] Saved to {mlx_path}")
-    return mlx_path
+        save(staging, model, config, source, dtype)
+    print(f"[INFO] Saved to {given}")
+    return given
 
 
 __all__ = ["convert"]

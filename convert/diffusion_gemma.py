@@ -12,7 +12,6 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import save_config
 from tqdm import tqdm
 
 from mlx_dllm import loading
@@ -20,7 +19,7 @@ from mlx_dllm.errors import DLLMError
 from mlx_dllm.models import diffusion_gemma
 from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES, Model, ModelArgs
 
-from .common import copy_tokenizer_files, staged_folder
+from .common import copy_tokenizer_files, nonfinite_hint, staged_folder, write_config
 
 RECIPES = ("mixed",)
 DEFAULT_GROUP_SIZE, DEFAULT_BITS = 64, 4  # MLX's affine defaults, as `mlx_lm.convert -q`
@@ -69,13 +68,6 @@ def check_quantization(group_size: int, bits: int) -> None:
         raise DLLMError(f"cannot quantize: {str(error).splitlines()[0]}") from error
 
 
-def weight_files(path: Path) -> List[Path]:
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise DLLMError(f"no model*.safetensors in {path}")
-    return files
-
-
 def read_shard(file: Path, model: Model) -> Dict[str, mx.array]:
     """The shard's tensors, lazily: text ones under our names, vision ones as stored."""
     try:
@@ -107,17 +99,23 @@ def check_shards(files: List[Path], model: Model) -> List[int]:
     return counts
 
 
-def convert_tensor(name: str, value: mx.array, dtype: Optional[str], plan: Dict[str, Dict]) -> Dict[str, mx.array]:
-    """One checkpoint tensor -> the tensors `load` reads: cast, then packed weight, scales and biases if quantized."""
-    if name.startswith(VISION_PREFIXES):
-        return {name: value}
-    if dtype is not None and mx.issubdtype(value.dtype, mx.floating) and value.dtype != getattr(mx, dtype):
-        value = value.astype(getattr(mx, dtype))
+def cast_tensor(name: str, value: mx.array, dtype: Optional[str]) -> mx.array:
+    if name.startswith(VISION_PREFIXES) or dtype is None or not mx.issubdtype(value.dtype, mx.floating):
+        return value
+    return value.astype(getattr(mx, dtype)) if value.dtype != getattr(mx, dtype) else value
+
+
+def quantize_tensor(name: str, value: mx.array, plan: Dict[str, Dict]) -> Dict[str, mx.array]:
+    """A cast tensor -> the tensors `load` reads: itself, or its packed weight, scales and biases."""
     path = name.removesuffix(".weight")
-    if path == name or path not in plan:
+    if name.startswith(VISION_PREFIXES) or path == name or path not in plan:
         return {name: value}
     weight, scales, biases = mx.quantize(value, mode="affine", **plan[path])
     return {name: weight, f"{path}.scales": scales, f"{path}.biases": biases}
+
+
+def finite_screen(value: mx.array) -> mx.array:
+    return loading.finite_screen(value) if mx.issubdtype(value.dtype, mx.floating) else mx.array(0.0)
 
 
 def shard_names(count: int) -> List[str]:
@@ -137,11 +135,14 @@ def write_shards(
             tensors, shard = read_shard(file, model), {}
             while tensors:
                 name, value = tensors.popitem()  # the shard no longer holds the source once it is converted
-                converted = convert_tensor(name, value, dtype, plan)
+                cast = cast_tensor(name, value, dtype)
+                converted, screen = quantize_tensor(name, cast, plan), finite_screen(cast)  # quantizing hides a NaN
                 try:
-                    mx.eval(converted)
+                    mx.eval(converted, screen)
                 except Exception as error:
                     raise DLLMError(f"cannot read {name} from {file.name}: {str(error).splitlines()[0]}") from error
+                if loading.is_nonfinite(cast, screen):
+                    raise DLLMError(loading.nonfinite_message(name, file.name) + nonfinite_hint(dtype))
                 index["metadata"]["total_parameters"] += value.size
                 shard.update(converted)
                 del value
@@ -195,12 +196,12 @@ def convert_diffusion_gemma(
         plan = quantization_plan(model, group_size, bits, recipe)
         config["quantization"] = quantization_config(plan, group_size, bits, recipe)
     record_dtype(config, dtype)
-    files = weight_files(source)
+    files = loading.weight_files(source)
     counts = check_shards(files, model)
     with staged_folder(mlx_path, force) as staging:
         index = write_shards(files, counts, model, staging, dtype, plan)
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-        save_config(config, staging / "config.json", keep_vision_config=True)
+        write_config(config, staging / "config.json", keep_vision_config=True)
         copy_tokenizer_files(source, staging)
     if plan:
         bits_per_weight = 8 * index["metadata"]["total_size"] / index["metadata"]["total_parameters"]

@@ -1,11 +1,16 @@
 """Local folder or hub repo -> (model, tokenizer). Never runs code shipped with a checkpoint."""
 
-import glob
+import math
+import os
+import re
+import stat
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
@@ -25,23 +30,88 @@ ALLOW_PATTERNS = [
     "*.jinja",
 ]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tiktoken.model")
+# Every top-level file the loader, transformers' tokenizer (e.g. spiece.model) or the converter may open.
+READ_PATTERNS = [pattern for pattern in ALLOW_PATTERNS if "/" not in pattern] + ["chat_template*", "*.model"]
+INDEX_FILE = "model.safetensors.index.json"
+LORA_FOLDER = "linear_spec_lora"  # Nemotron-Labs-Diffusion's drafter adapter, beside the weights
+READ_FOLDERS = (LORA_FOLDER, "additional_chat_templates")  # the second: transformers reads its *.jinja
 
 
 def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
-    """A local folder as is, else a snapshot of the hub repo."""
+    """A local folder as is, else a snapshot of the hub repo; either way its files are checked before any is read."""
     path = Path(path_or_repo)
     if path.exists():
         if not path.is_dir():
             raise DLLMError(f"{path_or_repo} is not a folder")
-        return path
-    if path.is_absolute() or path_or_repo.startswith((".", "~")) or path_or_repo.count("/") != 1:
+    elif path.is_absolute() or path_or_repo.startswith((".", "~")) or path_or_repo.count("/") != 1:
         raise DLLMError(f"{path_or_repo} does not exist (and is not a hub repo id)")
+    else:
+        path = download(path_or_repo, revision)
+    check_checkpoint_files(path)
+    return path
+
+
+def download(repo: str, revision: Optional[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except Exception as error:
-        raise DLLMError(f"cannot fetch {path_or_repo} from the hub: {type(error).__name__}") from error
+        raise DLLMError(f"cannot fetch {repo} from the hub: {hub_reason(error)}") from error
+
+
+def hub_reason(error: Exception) -> str:
+    """The hub's own reason in one line: its first line that says more than the HTTP status."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    informative = [line for line in lines if not re.fullmatch(r"\d{3} Client Error\.?( \(.*\))?", line)]
+    reason = (informative or lines or [""])[0]
+    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+
+
+def checkpoint_root(folder: Path) -> Path:
+    """Where the folder's links may point: a hub snapshot links into its repo's cache folder (../../blobs)."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Each file we may read is a regular file inside the checkpoint (a link to a key or a FIFO is refused)."""
+    root = checkpoint_root(folder)
+    for entry in listing(folder):
+        if any(fnmatch(entry.name, pattern) for pattern in READ_PATTERNS):
+            check_regular_file(entry, root)
+    for name in READ_FOLDERS:
+        subfolder = folder / name
+        if subfolder.is_symlink() or subfolder.is_dir():
+            check_inside(subfolder, root)
+            for entry in listing(subfolder):
+                check_regular_file(entry, root)
+
+
+def listing(folder: Path) -> List[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as error:
+        raise DLLMError(f"cannot list {folder}: {error.strerror}") from error
+
+
+def check_inside(file: Path, root: Path) -> Path:
+    target = file.resolve()
+    if not target.is_relative_to(root):
+        raise DLLMError(f"{file} links outside the checkpoint folder (to {target}); it is not read")
+    return target
+
+
+def check_regular_file(file: Path, root: Path) -> None:
+    target = check_inside(file, root)
+    try:
+        mode = os.stat(target).st_mode
+    except OSError as error:
+        raise DLLMError(f"cannot read {file}: {error.strerror}") from error
+    if not stat.S_ISREG(mode):
+        raise DLLMError(f"{file} is not a regular file (a folder, FIFO or device); it is not read")
 
 
 def read_config(path: Path) -> Dict:
@@ -77,18 +147,71 @@ def check_architecture(config: Dict) -> None:
         raise DLLMError(f"unknown DFlash architecture {architectures[0]}")
 
 
+def weight_files(path: Path) -> List[Path]:
+    """The shards: exactly those the index names when there is one, else every `model*.safetensors`.
+
+    mlx-lm's loader globs `model*.safetensors`, so a shard beside the index that it does not name is refused
+    rather than skipped: that way the index wins in convert and in load alike.
+    """
+    on_disk = sorted(path.glob("model*.safetensors"))
+    if not (path / INDEX_FILE).exists():
+        if not on_disk:
+            raise DLLMError(f"no model*.safetensors in {path}")
+        return on_disk
+    named = indexed_shards(path)
+    missing = [name for name in named if not (path / name).exists()]
+    if missing:
+        raise DLLMError(f"{INDEX_FILE} names {missing[0]}, which is missing from {path}")
+    stray = [file.name for file in on_disk if file.name not in named]
+    if stray:
+        raise DLLMError(f"{stray[0]} in {path} is not named in {INDEX_FILE}: remove it or fix the index")
+    return [path / name for name in named]
+
+
+def indexed_shards(path: Path) -> List[str]:
+    weight_map = read_json(path / INDEX_FILE).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DLLMError(f"{path / INDEX_FILE} has no weight_map")
+    named = sorted({str(name) for name in weight_map.values()})
+    for name in named:
+        if Path(name).name != name or not fnmatch(name, "model*.safetensors"):
+            raise DLLMError(f"{INDEX_FILE} names {name!r}: shards must be model*.safetensors files beside it")
+    return named
+
+
 def read_weights(path: Path) -> Dict[str, mx.array]:
-    """All `model*.safetensors` tensors (lazily); one line on missing or unreadable files (a truncated download)."""
-    files = sorted(glob.glob(str(path / "model*.safetensors")))
-    if not files:
-        raise DLLMError(f"no model*.safetensors in {path}")
+    """All shard tensors (lazily); one line on missing or unreadable files (a truncated download)."""
     weights = {}
-    for file in files:
+    for file in weight_files(path):
         try:
-            weights.update(mx.load(file))
+            weights.update(mx.load(str(file)))
         except Exception as error:
-            raise DLLMError(f"cannot read {Path(file).name}: {str(error).splitlines()[0]}") from error
+            raise DLLMError(f"cannot read {file.name}: {str(error).splitlines()[0]}") from error
     return weights
+
+
+def nonfinite_message(name: str, where: str) -> str:
+    return f"tensor {name} in {where} holds NaN or Inf"
+
+
+def finite_screen(value: mx.array) -> mx.array:
+    """The tensor's sum (lazily): one reduction, and NaN or Inf anywhere in the tensor makes it non-finite."""
+    return mx.sum(value)
+
+
+def is_nonfinite(value: mx.array, screen: mx.array) -> bool:
+    """Exact; the element-wise pass is paid only when the screen fails, since a finite sum can also overflow."""
+    return not math.isfinite(screen.item()) and not mx.isfinite(value).all().item()
+
+
+def evaluate_finite(model: nn.Module, path: Path) -> None:
+    """Evaluate the weights with each floating tensor's screen riding the same eval: the weights are read once."""
+    floating = [(n, v) for n, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    screens = [finite_screen(value) for _, value in floating]
+    mx.eval(model.parameters(), screens)
+    for (name, value), screen in zip(floating, screens):
+        if is_nonfinite(value, screen):
+            raise DLLMError(nonfinite_message(name, str(path)))
 
 
 # Families mlx-lm lacks a file for but whose architecture it has under another name.
@@ -101,7 +224,6 @@ OWN_ARCHITECTURES = {
     "NemotronLabsDiffusionModel": nemotron_diffusion,
 }
 OWN_MODEL_TYPES = {"diffusion_gemma": diffusion_gemma, "nemotron_labs_diffusion": nemotron_diffusion}
-LORA_FOLDER = "linear_spec_lora"  # Nemotron-Labs-Diffusion's drafter adapter, beside the weights
 
 
 def own_module(config: Dict):
@@ -157,7 +279,8 @@ def load_tokenizer_checked(path: Path, config: Dict) -> TokenizerWrapper:
     # As in mlx-lm, the generation config's EOS ids win over the model config's.
     eos_token_ids = read_generation_config(path).get("eos_token_id", config.get("eos_token_id"))
     try:
-        return load_tokenizer(path, eos_token_ids=eos_token_ids)
+        # trust_remote_code=False reaches AutoTokenizer and the AutoConfig inside it: `auto_map` never prompts or runs.
+        return load_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False}, eos_token_ids=eos_token_ids)
     except Exception as error:
         raise DLLMError(f"cannot load the tokenizer in {path}: {str(error).splitlines()[0]}") from error
 
@@ -165,13 +288,18 @@ def load_tokenizer_checked(path: Path, config: Dict) -> TokenizerWrapper:
 def load(
     path_or_repo: str, revision: Optional[str] = None, lazy: bool = False
 ) -> Tuple[nn.Module, Optional[TokenizerWrapper]]:
-    """Load a DFlash drafter (tokenizer optional: it uses the target's) or an mlx-lm AR model."""
+    """Load a DFlash drafter (tokenizer optional: it uses the target's) or an mlx-lm AR model.
+
+    Unless `lazy`, weights holding NaN or Inf are refused (the check rides the eval that reads them).
+    """
     path = resolve(path_or_repo, revision)
     config = read_config(path)
     check_architecture(config)
-    model, _ = build_model(path, config, lazy)
+    model, _ = build_model(path, config, lazy=True)
     if hasattr(model, "load_lora") and (path / LORA_FOLDER).is_dir():
         model.load_lora(path / LORA_FOLDER)
+    if not lazy:
+        evaluate_finite(model, path)
     if is_dflash_config(config) and not any((path / name).exists() for name in TOKENIZER_FILES):
         return model, None
     return model, load_tokenizer_checked(path, config)

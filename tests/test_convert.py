@@ -87,21 +87,26 @@ def test_sharded_output_loads(hf_checkpoints, tmp_path, monkeypatch):
     assert all(mx.array_equal(parameters(model)[name], value).item() for name, value in expected.items())
 
 
-def test_force_replaces_only_a_finished_folder(hf_checkpoints, tmp_path):
+def test_force_replaces_only_a_previous_conversion(hf_checkpoints, tmp_path):
     out = tmp_path / "out" / "model"
     out.mkdir(parents=True)
     (out / "stale.txt").write_text("old")
     with pytest.raises(DLLMError, match="already exists"):
         convert(hf_checkpoints["qwen3_gqa"]["draft"], out)
+    with pytest.raises(DLLMError, match="not an mlx-dllm conversion"):
+        convert(hf_checkpoints["qwen3_gqa"]["draft"], out, force=True)
+    assert folder_entries(out) == ["stale.txt"]
+    (out / "stale.txt").unlink()
+    convert(hf_checkpoints["qwen3_gqa"]["target"], out)
     convert(hf_checkpoints["qwen3_gqa"]["draft"], out, force=True)
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert "tokenizer.json" not in folder_entries(out) and (out / "model.safetensors").exists()
     assert folder_entries(out.parent) == ["model"]
 
 
 def test_interrupted_save_leaves_the_old_folder_and_no_temp(hf_checkpoints, tmp_path, monkeypatch):
     out = tmp_path / "out" / "model"
-    out.mkdir(parents=True)
-    (out / "stale.txt").write_text("old")
+    convert(hf_checkpoints["qwen3_gqa"]["target"], out)
+    before = folder_entries(out)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -109,7 +114,7 @@ def test_interrupted_save_leaves_the_old_folder_and_no_temp(hf_checkpoints, tmp_
     monkeypatch.setattr(convert_common, "save_config", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(hf_checkpoints["qwen3_gqa"]["draft"], out, force=True)
-    assert folder_entries(out.parent) == ["model"] and folder_entries(out) == ["stale.txt"]
+    assert folder_entries(out.parent) == ["model"] and folder_entries(out) == before
     with pytest.raises(KeyboardInterrupt):
         convert(hf_checkpoints["qwen3_gqa"]["draft"], tmp_path / "fresh" / "model")
     assert folder_entries(tmp_path / "fresh") == []

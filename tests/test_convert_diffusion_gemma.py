@@ -145,7 +145,7 @@ def truncate(folder: Path) -> str:
 
 def drop_shard(folder: Path) -> str:
     (folder / "model-00020-of-00020.safetensors").unlink()
-    return r"the checkpoint lacks model\.\S+ \("
+    return r"index\.json names model-00020-of-00020\.safetensors, which is missing"
 
 
 def reshape(folder: Path) -> str:
@@ -157,7 +157,16 @@ def reshape(folder: Path) -> str:
     return rf"tensor {name}\.weight has shape \(4, 32, 8\), the model expects \(4, 32, 16\)"
 
 
-@pytest.mark.parametrize("damage", [truncate, drop_shard, reshape])
+def nan_weight(folder: Path) -> str:
+    name = "model.decoder.layers.1.experts.down_proj"
+    shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][name]
+    weights = mx.load(str(shard))
+    weights[name] = mx.where(mx.arange(weights[name].size).reshape(weights[name].shape) == 5, mx.nan, weights[name])
+    mx.save_safetensors(str(shard), weights)
+    return rf"tensor {name}\.weight in {shard.name} holds NaN or Inf"
+
+
+@pytest.mark.parametrize("damage", [truncate, drop_shard, reshape, nan_weight])
 def test_damaged_checkpoint_writes_nothing(checkpoints, tmp_path, damage):
     source = shutil.copytree(checkpoints["sharded"], tmp_path / "source")
     pattern = damage(source)
