@@ -4,22 +4,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from mlx_dllm import loading
 from mlx_dllm.errors import DLLMError
-
-from .common import (
-    cast_parameters,
-    check_apart_from_source,
-    check_destination,
-    check_finite_files,
-    quantize_weights,
-    resolve_dtype,
-    save,
-    staged_folder,
-)
-from .dflash import load_draft
-from .diffusion_gemma import RECIPES, convert_diffusion_gemma, is_diffusion_gemma
-from .target import load_target
 
 
 def convert(
@@ -38,6 +23,23 @@ def convert(
     `quant_recipe="mixed"` (DiffusionGemma only) implies `quantize`: 8-bit embeddings, attention, dense MLP and
     router, `q_bits` (default 4) for the experts and self-conditioning.
     """
+    # Imported on first use, not with the package: `import mlx_dllm` stays instant (CLI --help, Ctrl-C).
+    from mlx_dllm import loading
+
+    from .common import (
+        cast_parameters,
+        check_apart_from_source,
+        check_destination,
+        check_finite_files,
+        quantize_weights,
+        resolve_dtype,
+        save,
+        staged_folder,
+    )
+    from .dflash import load_draft
+    from .diffusion_gemma import RECIPES, convert_diffusion_gemma, is_diffusion_gemma
+    from .target import load_target
+
     given, mlx_path = Path(mlx_path), Path(os.path.abspath(mlx_path))  # `a/..` and `.` get a real name and parent
     if Path(hf_path).is_dir():  # name an overlap with a local source before any other objection
         check_apart_from_source(mlx_path, Path(hf_path))

@@ -273,3 +273,13 @@ def test_ctrl_c_while_generating(converted, monkeypatch):
 
     monkeypatch.setattr("mlx_dllm.stream_generate", interrupted)
     assert_interrupted(run("generate", "--model", converted["target"], "-p", "w5"))
+
+
+def test_the_cli_imports_no_mlx_until_a_command_runs():
+    """What makes Ctrl-C during imports land in click's handling: the entry point itself imports almost nothing."""
+    import subprocess
+    import sys
+
+    heavy = ("mlx.core", "mlx_lm", "transformers")
+    probe = f"import sys, mlx_dllm.cli, mlx_dllm; print([m for m in {heavy} if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
