@@ -63,7 +63,7 @@ def generate_linear_spec(
     while produced < max_tokens:
         size = min(length, max_tokens - produced)  # a block yields at most `size` tokens
         block = draft_block(model, cache, [seed] + [model.args.mask_token_id] * (size - 1), threshold, lora, stats)
-        verified = select(model(mx.array([block]), cache)[0]).tolist()
+        verified = select(model(mx.array([block]), cache)[0], drafts=block[1:]).tolist()
         stats.forwards += 1
         accepted = 0
         while accepted < size - 1 and verified[accepted] == block[accepted + 1]:
@@ -76,4 +76,5 @@ def generate_linear_spec(
         if budget.force_at(produced - 1, emitted[:-1]):
             emitted[-1] = budget.token  # the next seed: the model goes on after the end of thinking
         seed = emitted[-1]
+        select.commit(emitted)
         yield emitted

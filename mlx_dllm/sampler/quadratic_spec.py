@@ -15,6 +15,13 @@ import mlx.nn as nn
 from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
 from .common import Stats, TokenSelector
 
+# The layout forward runs rows*(rows+1) tokens: at the checkpoint's 32 rows (1,056 tokens) it is compute-bound.
+# Roofline, Nemotron-8B (7.95B non-head parameters, 2 FLOPs each per token) on an M3 Max (400 GB/s, ~14 TFLOP/s)
+# and an M4 Pro (273 GB/s, ~9 TFLOP/s): at 4 rows (20 tokens) compute stays within 1.15x of the weight-read time
+# in bf16 and 8-bit on both, so a forward costs about one AR step and yields ~2.9 tokens; 5 rows gain <20% in
+# bf16 but lose 20% in 8-bit, 8 rows (72 tokens) are 2-4x compute-bound everywhere.
+DEFAULT_ROWS = 4
+
 
 def quadratic_mask(rows: int) -> mx.array:
     """Boolean [L, L] attention among the layout's L = rows*(rows+1) tokens (the cache is always visible)."""
@@ -55,7 +62,7 @@ def generate_quadratic_spec(
 ) -> Iterator[List[int]]:
     """Yield the prefill's token, then per forward the accepted drafts and the bonus token (1..B tokens)."""
     options = dict(options or {})
-    rows = block_length(model, options)
+    rows = block_length(model, options, default=DEFAULT_ROWS, layout=True)
     budget = ThinkingBudget(options)
     refuse_unknown(options, "quadratic-spec")
     mask_id, width = model.args.mask_token_id, rows + 1
@@ -74,7 +81,7 @@ def generate_quadratic_spec(
         hidden = model(layout, cache, pattern=mask, row_offsets=committed + mx.arange(rows), head=False)[0]
         stats.forwards += 1
         hidden = hidden.reshape(rows, width, -1)
-        verified = select(model.diffusion_head(hidden[:, 0])).tolist()  # row i: the AR token after d_i
+        verified = select(model.diffusion_head(hidden[:, 0]), drafts=draft[1:]).tolist()  # row i: the AR token after d_i
         accepted = 1
         while accepted < rows and verified[accepted - 1] == draft[accepted]:
             accepted += 1
@@ -86,6 +93,7 @@ def generate_quadratic_spec(
             next_draft = [budget.token] + next_draft[:-1]  # the next d_0, accepted unconditionally
         # The bonus token is certain now (it is next cycle's d_0, whose K/V that cycle writes): emit it.
         emitted = draft[1:accepted] + next_draft[:1]
+        select.commit(emitted)
         yield emitted
         produced += len(emitted)
         draft = next_draft
