@@ -135,7 +135,10 @@ def measure(prompt_tokens: int, vocab: int, step: int) -> dict:
         "nemotron": (our_prefill(nemotron, prompt, "linear-spec", step), mlx_lm_prefill(nemotron, prompt, step)),
         "diffusion_gemma": (our_prefill(gemma, prompt, "diffusion", step), mlx_lm_prefill(target, prompt, step)),
     }
-    return {name: {"ours_mb": round(a, 1), "mlx_lm_mb": round(b, 1), "ratio": round(a / b, 2)} for name, (a, b) in rows.items()}
+    return {
+        name: {"ours_mb": round(ours, 1), "mlx_lm_mb": round(theirs, 1), "ratio": round(ours / theirs, 2)}
+        for name, (ours, theirs) in rows.items()
+    }
 
 
 def main():
@@ -146,7 +149,8 @@ def main():
     args = parser.parse_args()
     results = measure(args.prompt_tokens, args.vocab, args.step)
     for name, row in results.items():
-        print(f"{name:>16}: ours {row['ours_mb']:8.1f} MB   mlx-lm {row['mlx_lm_mb']:8.1f} MB   ratio {row['ratio']:.2f}")
+        ours, theirs = row["ours_mb"], row["mlx_lm_mb"]
+        print(f"{name:>16}: ours {ours:8.1f} MB   mlx-lm {theirs:8.1f} MB   ratio {row['ratio']:.2f}")
     print(json.dumps(results))
 
 

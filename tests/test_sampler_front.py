@@ -93,7 +93,9 @@ def test_a_plain_string_is_one_stop_string(models, no_eos):
     assert responses[-1].finish_reason == "stop"
 
 
-SUMMARY_FIELDS = r"Mode: [a-z-]+, forwards: \d+, draft forwards: \d+, tokens per forward: [\d.]+, acceptance length: \S+"
+SUMMARY_FIELDS = (
+    r"Mode: [a-z-]+, forwards: \d+, draft forwards: \d+, tokens per forward: [\d.]+, acceptance length: \S+"
+)
 
 
 def test_summary_line_has_the_same_fields_in_every_mode(models, nemotron, no_eos):
@@ -133,14 +135,18 @@ def _bad_call(models, nemotron, case):
         "prefill step negative": lambda: stream_generate(target, tokenizer, PROMPT, prefill_step_size=-4),
         "prefill step float": lambda: stream_generate(target, tokenizer, PROMPT, prefill_step_size=2.5),
         "block length 0": lambda: stream_generate(nemotron, tokenizer, PROMPT, mode="diffusion", block_length=0),
-        "block length huge": lambda: stream_generate(nemotron, tokenizer, PROMPT, mode="diffusion", block_length=100000),
+        "block length huge": lambda: stream_generate(
+            nemotron, tokenizer, PROMPT, mode="diffusion", block_length=100000
+        ),
         "quadratic rows huge": lambda: stream_generate(
             nemotron, tokenizer, PROMPT, mode="quadratic-spec", block_length=100000
         ),
         "quadratic rows past the positions": lambda: stream_generate(
             nemotron, tokenizer, PROMPT, mode="quadratic-spec", block_length=32
         ),
-        "block length float": lambda: stream_generate(nemotron, tokenizer, PROMPT, mode="linear-spec", block_length=4.0),
+        "block length float": lambda: stream_generate(
+            nemotron, tokenizer, PROMPT, mode="linear-spec", block_length=4.0
+        ),
         "seed negative": lambda: stream_generate(target, tokenizer, PROMPT, seed=-1),
         "seed 2**64": lambda: stream_generate(target, tokenizer, PROMPT, seed=2**64),
         "top_k above the vocabulary": lambda: stream_generate(target, tokenizer, PROMPT, temp=1.0, top_k=257),
@@ -255,7 +261,8 @@ def _with_processors(model, tokenizer, max_tokens, **options):
 
 
 def _mlx_lm_penalised(model, max_tokens):
-    steps = generate_step(mx.array(PROMPT), model, max_tokens=max_tokens, logits_processors=make_logits_processors(**PENALTY))
+    processors = make_logits_processors(**PENALTY)
+    steps = generate_step(mx.array(PROMPT), model, max_tokens=max_tokens, logits_processors=processors)
     return [int(t) for t, _ in steps]
 
 
@@ -277,12 +284,12 @@ class SelfOracle:
     def __init__(self, reference, pattern):
         self.reference, self.pattern, self.calls = reference, pattern, 0
 
-    def __call__(self, model, cache, block, threshold, lora, stats):
+    def __call__(self, model, cache, seed, size, threshold, lora, stats):
         correct = self.pattern[self.calls % len(self.pattern)]
         self.calls += 1
         start = cache[0].offset - len(PROMPT) + 1
-        truth = [self.reference[start + j] if start + j < len(self.reference) else 0 for j in range(len(block) - 1)]
-        return [block[0]] + [t if j < correct else (t + 1) % 256 for j, t in enumerate(truth)]
+        truth = [self.reference[start + j] if start + j < len(self.reference) else 0 for j in range(size - 1)]
+        return mx.array([seed] + [t if j < correct else (t + 1) % 256 for j, t in enumerate(truth)], dtype=mx.int32)
 
 
 def test_self_speculation_with_a_repetition_penalty_equals_ar_with_it(models, nemotron, no_eos, monkeypatch):
@@ -338,6 +345,17 @@ def test_quadratic_spec_defaults_to_its_own_block(nemotron, monkeypatch):
     list(itertools.islice(chunks, 2))
     assert rows_seen == [quadratic_spec.DEFAULT_ROWS] and 4 <= quadratic_spec.DEFAULT_ROWS <= 8
     assert nemotron.args.block_size == 32  # the checkpoint's block stays the other modes' default
+
+
+def test_linear_spec_at_threshold_zero_takes_no_full_vocabulary_softmax(nemotron, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a softmax over the vocabulary at threshold 0")
+
+    monkeypatch.setattr(mx, "softmax", refuse)
+    chunks = linear_spec.generate_linear_spec(
+        nemotron, mx.array(PROMPT), select=TokenSelector(), stats=Stats(), max_tokens=8, options={"block_length": 4}
+    )
+    assert sum(len(c) for c in chunks) >= 8
 
 
 LONG_VOCAB, LONG_PROMPT, STEP = 65536, 2048, 512

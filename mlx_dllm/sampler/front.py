@@ -42,7 +42,7 @@ def _whole_number(name: str, value, low: int, high: Optional[int] = None) -> int
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise DLLMError(f"{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
-        bound = "positive" if (low, high) == (1, None) else f"at least {low}" if high is None else f"between {low} and {high}"
+        bound = f"between {low} and {high}" if high is not None else "positive" if low == 1 else f"at least {low}"
         raise DLLMError(f"{name} must be {bound}, got {value}")
     return int(value)
 
@@ -66,7 +66,8 @@ def _wrap_tokenizer(tokenizer) -> TokenizerWrapper:
 def embedding_rows(model: nn.Module) -> Optional[int]:
     """Rows of the model's token embedding table (the smallest, if it has several), None if it has none."""
     tables = (nn.Embedding, nn.QuantizedEmbedding)
-    rows = [m.weight.shape[0] for name, m in model.named_modules() if name.endswith("embed_tokens") and isinstance(m, tables)]
+    modules = model.named_modules()
+    rows = [m.weight.shape[0] for name, m in modules if name.endswith("embed_tokens") and isinstance(m, tables)]
     return min(rows) if rows else None
 
 
