@@ -473,3 +473,28 @@ def test_diffusion_gemma_prefill_keeps_no_chunk_outputs():
         strategy.close()
 
     assert _peak(lambda: prefill(512)) < 0.6 * _peak(lambda: prefill(2048))
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from mlx_dllm.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_num_draft_tokens_is_block_size_minus_one(mlx_checkpoints):
+    checkpoint = mlx_checkpoints["qwen3_gqa"]
+    common = ["generate", "--model", checkpoint["target"], "--draft-model", checkpoint["draft"], "-p", "w5 w9 w33"]
+    by_draft_tokens = _cli(*common, "--num-draft-tokens", 3, "-m", 10)
+    by_block = _cli(*common, "--block-size", 4, "-m", 10)
+    assert by_draft_tokens.exit_code == 0 and by_block.exit_code == 0, by_draft_tokens.output
+    assert by_draft_tokens.stdout.split("=" * 10)[1] == by_block.stdout.split("=" * 10)[1]
+    both = _cli(*common, "--num-draft-tokens", 3, "--block-size", 4)
+    assert both.exit_code != 0 and "Error: give block_size or num_draft_tokens, not both" in both.output
+
+
+def test_cli_help_shows_the_quadratic_default_block():
+    help_text = " ".join(_cli("generate", "--help").output.split())
+    assert f"quadratic-spec: {quadratic_spec.DEFAULT_ROWS} rows" in help_text
+    assert "--num-draft-tokens" in help_text
