@@ -101,16 +101,17 @@ def run_once(method: str, model, tokenizer, prompt: list, args) -> dict:
         tokens = [t for r in responses for t in r.tokens]
     wall = time.perf_counter() - start
     last = responses[-1]
-    forwards = getattr(last, "forwards", len(tokens))  # mlx-lm: one forward per token, the prefill included
+    # Decoding forwards, the prefill excluded (mlx-lm: one per token after the first).
+    cycles = getattr(last, "forwards", len(tokens) - 1)
+    forwards = cycles + 1  # every strategy here prefills the prompt in one forward (<= 2048 tokens)
     draft_forwards = getattr(last, "draft_forwards", 0)
-    prefill_forwards = 1  # every strategy here prefills the prompt in one counted forward (<= 2048 tokens)
-    cycles = max(forwards - prefill_forwards, 1)
+    cycles = max(cycles, 1)
     return {
         "generation_tps": last.generation_tps,
         "e2e_tps": len(tokens) / wall,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        "tokens_per_forward": getattr(last, "tokens_per_forward", 1.0),
-        "decode_tokens_per_forward": getattr(last, "decode_tokens_per_forward", 1.0),
+        "tokens_per_forward": len(tokens) / forwards,
+        "decode_tokens_per_forward": getattr(last, "tokens_per_forward", 1.0),
         "tokens_per_model_call": len(tokens) / max(forwards + draft_forwards, 1),
         "acceptance_length": getattr(last, "acceptance_length", None),
         "forwards": forwards,

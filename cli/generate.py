@@ -83,6 +83,9 @@ def load_models(model_path: str, draft_path):
 @click.option("--model", required=True, help="MLX target model folder or hub repo id.")
 @click.option("--draft-model", default=None, help="DFlash drafter folder or hub repo id.")
 @click.option("--block-size", type=int, default=None, help="Draft block size (default: the drafter's).")
+@click.option(
+    "--num-draft-tokens", type=int, default=None, help="Tokens to draft per block, as mlx-lm (= --block-size - 1)."
+)
 @click.option("-p", "--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt text; '-' reads stdin.")
 @click.option("-m", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature.")
@@ -123,7 +126,13 @@ def load_models(model_path: str, draft_path):
     help="Decoding mode (default: the model's own; Nemotron-Labs-Diffusion: "
     "ar, diffusion, linear-spec, quadratic-spec).",
 )
-@click.option("--block-length", type=int, default=None, help="Nemotron-Labs-Diffusion: block length.")
+@click.option(
+    "--block-length",
+    type=int,
+    default=None,
+    help="Nemotron-Labs-Diffusion: block length (default: the checkpoint's, 32; quadratic-spec: 4 rows, "
+    "since its rows*(rows+1)-token forward is compute-bound on Apple GPUs beyond that).",
+)
 @click.option("--threshold", type=float, default=None, help="Nemotron-Labs-Diffusion: unmasking confidence threshold.")
 @click.option("--no-lora", is_flag=True, help="Nemotron-Labs-Diffusion linear-spec: draft without the LoRA.")
 @click.option("--max-thinking-tokens", type=int, default=None, help="Nemotron-Labs-Diffusion: force </think> after N.")
@@ -131,6 +140,7 @@ def generate_command(
     model,
     draft_model,
     block_size,
+    num_draft_tokens,
     prompt,
     max_tokens,
     temp,
@@ -176,6 +186,7 @@ def generate_command(
         draft_model=drafter,
         mode=mode,
         block_size=block_size,
+        num_draft_tokens=num_draft_tokens,
         temp=temp,
         top_p=top_p,
         top_k=top_k,

@@ -22,7 +22,7 @@ def test_generate_picks_diffusion_and_prints_its_stats(converted):
     result = run("generate", "--model", converted, "-p", "w5 w9 w33", "-m", 12, "--seed", 0, *KNOBS)
     assert result.exit_code == 0, result.output
     stats = result.stdout.strip().splitlines()[-1]
-    assert stats.startswith("Mode: diffusion, denoising forwards: ") and "canvases: " in stats
+    assert stats.startswith("Mode: diffusion, forwards: ") and "draft forwards: 0" in stats
     assert "tokens per forward: " in stats and "Generation: " in result.stdout
 
 

@@ -151,7 +151,9 @@ def test_quadratic_spec_is_lossless(model, monkeypatch, block_length, oracle):
     if oracle:
         forced = Oracle(reference, [5, 0, 2, 5, 1])
         monkeypatch.setattr(
-            quadratic_spec, "propose", lambda model, hidden, position: forced.tokens(position, hidden.shape[0])
+            quadratic_spec,
+            "propose",
+            lambda model, hidden, position: mx.array(forced.tokens(position, hidden.shape[0]), dtype=mx.int32),
         )
     stats = Stats()
     out = _run(quadratic_spec.generate_quadratic_spec, model, max_tokens, stats, block_length=block_length)
@@ -168,9 +170,9 @@ def test_linear_spec_is_lossless(model, monkeypatch, block_length, lora):
     forced = Oracle(reference, [5, 0, 2, 5, 1])
     real = linear_spec.draft_block
 
-    def oracle_drafts(model, cache, block, threshold, lora, stats):
-        real(model, cache, block, threshold, lora, stats)  # the real draft forward still runs
-        return [block[0]] + forced.tokens(cache[0].offset + 1, len(block) - 1)
+    def oracle_drafts(model, cache, seed, size, threshold, lora, stats):
+        real(model, cache, seed, size, threshold, lora, stats)  # the real draft forward still runs
+        return mx.array([seed] + forced.tokens(cache[0].offset + 1, size - 1), dtype=mx.int32)
 
     monkeypatch.setattr(linear_spec, "draft_block", oracle_drafts)
     stats = Stats()

@@ -142,12 +142,12 @@ def test_modes_and_lora_requests_it_cannot_serve(checkpoint, tmp_path):
         list(stream_generate(base, base_tokenizer, [5, 6], 4, mode="linear-spec", lora=True))
 
 
-def test_decode_tokens_per_forward_leaves_the_prefill_out(checkpoint, monkeypatch):
+def test_tokens_per_forward_leaves_the_prefill_out(checkpoint, monkeypatch):
     _, model, tokenizer = checkpoint
     monkeypatch.setattr(tokenizer, "eos_token_ids", [])
     last = list(stream_generate(model, tokenizer, PROMPTS[0], 16, mode="quadratic-spec", block_length=4))[-1]
-    assert last.tokens_per_forward == pytest.approx(16 / last.forwards)
-    assert last.decode_tokens_per_forward == pytest.approx(15 / (last.forwards - 1))
+    assert last.tokens_per_forward == pytest.approx(15 / last.forwards)  # the prefill's token and forward out
+    assert last.draft_forwards == 1
 
 
 @pytest.mark.parametrize("quantize", [False, True])

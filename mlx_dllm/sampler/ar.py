@@ -20,12 +20,13 @@ def generate_ar(
 ) -> Iterator[List[int]]:
     """Yield one token at a time; the next forward is queued (async_eval) before the current token is yielded."""
     cache = make_prompt_cache(model)
-    last_logits = prefill_chunks(lambda ids: model(ids[None], cache=cache)[:, -1], prompt, prefill_step_size)
-    token = select(last_logits[-1])
+    _, logits = prefill_chunks(lambda ids: model(ids[None], cache=cache), prompt, prefill_step_size, cache)
+    token = select(logits[:, -1])
     mx.eval(token)
-    stats.prefill_forwards = 1
+    stats.prefill_forwards, stats.prefill_tokens = 1, 1
     stats.mark_prefill()
     while True:
+        select.commit(token)
         next_token = select(model(token[None], cache=cache)[:, -1])
         mx.async_eval(next_token)
         stats.forwards += 1  # the forward that produced `token`

@@ -1,6 +1,7 @@
 """What the block strategies of Nemotron-Labs-Diffusion share: block length, thinking budget, causal prefill."""
 
-from typing import List, Tuple
+import numbers
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -9,11 +10,27 @@ from ..errors import DLLMError
 from .common import Stats, TokenSelector, prefill_chunks
 
 
-def block_length(model: nn.Module, options: dict) -> int:
-    length = options.pop("block_length", None) or model.args.block_size
+# Without max_position_embeddings in the config, no block may exceed this many tokens.
+FALLBACK_POSITION_LIMIT = 32768
+# Quadratic layouts past 64 rows (4,160 tokens, a 17M-entry mask) are no decoding step any more.
+MAX_QUADRATIC_ROWS = 64
+
+
+def block_length(model: nn.Module, options: dict, default: Optional[int] = None, layout: bool = False) -> int:
+    """`block_length` (else `default`, else the checkpoint's block size), checked before it reaches MLX: an
+    integer >= 2 whose forward (rows*(rows+1) tokens for the quadratic `layout`) fits the model's positions."""
+    length = options.pop("block_length", None)
+    length = (default or model.args.block_size) if length is None else length
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral):
+        raise DLLMError(f"block length must be an integer, got {length!r}")
     if length < 2:
         raise DLLMError(f"block length must be at least 2, got {length}")
-    return length
+    positions = model.args.max_position_embeddings or FALLBACK_POSITION_LIMIT
+    tokens = length * (length + 1) if layout else length
+    if tokens > positions or (layout and length > MAX_QUADRATIC_ROWS):
+        largest = max(r for r in range(2, MAX_QUADRATIC_ROWS + 1) if r * (r + 1) <= positions) if layout else positions
+        raise DLLMError(f"block length {length} is too long for this model (at most {largest})")
+    return int(length)
 
 
 def refuse_unknown(options: dict, mode: str) -> None:
@@ -26,9 +43,10 @@ def causal_prefill(
 ) -> Tuple[List, int]:
     """A fresh cache holding the prompt's causal K/V, and the token the prompt's last logit selects."""
     cache = model.make_cache()
-    logits = prefill_chunks(lambda ids: model(ids[None], cache)[:, -1], prompt, step)[-1]
-    token = int(select(logits).item())
-    stats.forwards, stats.prefill_forwards = 1, 1
+    _, logits = prefill_chunks(lambda ids: model(ids[None], cache), prompt, step, cache)
+    token = int(select(logits[:, -1]).item())
+    select.commit([token])
+    stats.forwards, stats.prefill_forwards, stats.prefill_tokens = 1, 1, 1
     stats.mark_prefill()
     return cache, token
 

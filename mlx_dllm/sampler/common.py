@@ -1,8 +1,10 @@
 """What every decoding strategy shares: the response record, running stats and token selection."""
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
@@ -12,7 +14,17 @@ from ..errors import DLLMError
 
 @dataclass
 class GenerationResponse:
-    """One streamed chunk; field names follow mlx-lm's GenerationResponse, plus our stats."""
+    """One streamed chunk; field names follow mlx-lm's GenerationResponse, plus our stats, defined the same way
+    in every mode:
+
+    - `forwards`: decoding forwards of the model that commits tokens (AR steps, verify forwards, denoising
+      steps and the causal commits that pick the next seed), the prompt's prefill excluded;
+    - `draft_forwards`: forwards that only propose tokens (the DFlash drafter, linear-spec's drafting
+      passes, quadratic-spec's first draft);
+    - `tokens_per_forward`: tokens those decoding forwards produced / `forwards` (the prefill's own token
+      left out, so plain AR reads 1.00);
+    - `acceptance_length`: mean tokens committed per verify round (speculative modes, else None).
+    """
 
     text: str
     token: Optional[int]
@@ -30,7 +42,6 @@ class GenerationResponse:
     tokens_per_forward: float = 0.0
     acceptance_length: Optional[float] = None
     canvases: int = 0
-    decode_tokens_per_forward: float = 0.0
 
 
 @dataclass
@@ -42,10 +53,15 @@ class Stats:
     accept_lengths: List[int] = field(default_factory=list)  # tokens committed per verify round
     canvases: int = 0  # diffusion blocks denoised
     prefill_forwards: int = 0  # forwards counted in `forwards` that processed the prompt
+    prefill_tokens: int = 0  # tokens the prefill's own logits chose (1 after a causal prefill)
     prefill_done: Optional[float] = None  # perf_counter when the first token was ready
 
     def mark_prefill(self):
         self.prefill_done = time.perf_counter()
+
+    @property
+    def decoding_forwards(self) -> int:
+        return self.forwards - self.prefill_forwards
 
     @property
     def acceptance_length(self) -> Optional[float]:
@@ -54,11 +70,57 @@ class Stats:
         return sum(self.accept_lengths) / len(self.accept_lengths)
 
 
-TokenSelector = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def make_token_selector(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> TokenSelector:
-    """Logits [..., V] -> token ids [...]: argmax at temp 0, else mlx-lm's sampler chain on log-probs."""
+class TokenSelector:
+    """Logits rows [N, V] -> token ids [N]: argmax without a sampler, else the mlx-lm `sampler` on log-probs.
+
+    mlx-lm `logits_processors` see, for row i, the committed tokens (`history`, the prompt first) plus the
+    first i `drafts` fed after it: the history row i predicts after, so a verified block selects what AR
+    would, token by token. Strategies `commit` every token they emit.
+    """
+
+    def __init__(self, sampler: Optional[Callable] = None, processors: Sequence[LogitsProcessor] = (), history=None):
+        self.sampler = sampler
+        self.processors = list(processors)
+        self.history = history if history is not None else mx.array([], dtype=mx.int32)
+
+    def __call__(self, logits: mx.array, drafts=None) -> mx.array:
+        if self.processors:
+            logits = self._process(logits, drafts)
+        if self.sampler is None:
+            return mx.argmax(logits, axis=-1)
+        logits = logits.astype(mx.float32)
+        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    def commit(self, tokens) -> None:
+        if self.processors:
+            self.history = mx.concatenate([self.history, _ids(tokens, self.history.dtype)])
+
+    def _process(self, logits: mx.array, drafts) -> mx.array:
+        rows = logits.reshape(-1, logits.shape[-1])
+        drafts = _ids(drafts if drafts is not None else [], self.history.dtype)
+        processed = []
+        for i in range(rows.shape[0]):
+            history, row = mx.concatenate([self.history, drafts[:i]]), rows[i : i + 1]
+            for processor in self.processors:
+                row = processor(history, row)
+            processed.append(row)
+        return mx.concatenate(processed).reshape(logits.shape)
+
+
+def _ids(tokens, dtype) -> mx.array:
+    tokens = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=dtype)
+    return tokens.reshape(-1).astype(dtype)
+
+
+def check_sampling(temp: float, top_p: float, top_k: int, min_p: float) -> None:
+    for name, value in (("temp", temp), ("top_p", top_p), ("min_p", min_p)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise DLLMError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise DLLMError(f"top_k must be an integer, got {top_k!r}")
     if temp < 0:
         raise DLLMError(f"temp must be >= 0, got {temp}")
     if not 0 < top_p <= 1:
@@ -67,21 +129,32 @@ def make_token_selector(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, m
         raise DLLMError(f"top_k must be >= 0, got {top_k}")
     if not 0 <= min_p <= 1:
         raise DLLMError(f"min_p must be in [0, 1], got {min_p}")
-    if temp == 0:
-        return lambda logits: mx.argmax(logits, axis=-1)
-    sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
-
-    def select(logits: mx.array) -> mx.array:
-        logits = logits.astype(mx.float32)
-        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-
-    return select
 
 
-def prefill_chunks(model_call: Callable[[mx.array], mx.array], prompt: mx.array, step: int) -> List[mx.array]:
-    """Feed the prompt in chunks of `step` tokens (bounding peak memory); return each chunk's output."""
-    outputs = []
-    for begin in range(0, prompt.shape[0], step):
-        outputs.append(model_call(prompt[begin : begin + step]))
-        mx.eval(outputs[-1])
-    return outputs
+def make_token_selector(
+    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, **selector_options
+) -> TokenSelector:
+    """Argmax at temp 0, else mlx-lm's sampler chain; `selector_options` go to TokenSelector."""
+    check_sampling(temp, top_p, top_k, min_p)
+    sampler = None if temp == 0 else make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    return TokenSelector(sampler, **selector_options)
+
+
+def evaluate_chunk(cache: List, *extra) -> None:
+    """Evaluate a prefill chunk's K/V (and `extra` outputs to keep), never its head; free what it left."""
+    mx.eval([c.state for c in cache], *extra)
+    mx.clear_cache()
+
+
+def prefill_chunks(
+    forward: Callable[[mx.array], Any], prompt: mx.array, step: int, cache: List, keep: Optional[Callable] = None
+) -> Tuple[List, Any]:
+    """mlx-lm's prefill: all but the last token in chunks of `step`, evaluating only the cache and what
+    `keep(output)` picks (DFlash's features), then the last token alone. Returns the kept parts and the
+    last token's output (its head runs on that one row only)."""
+    kept = []
+    for begin in range(0, prompt.shape[0] - 1, step):
+        output = forward(prompt[begin : min(begin + step, prompt.shape[0] - 1)])
+        kept += [keep(output)] if keep is not None else []
+        evaluate_chunk(cache, kept[-1:])
+    return kept, forward(prompt[-1:])

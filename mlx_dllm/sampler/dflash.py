@@ -83,12 +83,14 @@ def _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, 
     def target_forward(ids: mx.array):
         return target(ids[None], cache), target.features()
 
-    chunks = prefill_chunks(target_forward, prompt, prefill_step_size)
-    features = mx.concatenate([f for _, f in chunks], axis=1)
-    anchor = int(select(chunks[-1][0][:, -1]).item())
-    del chunks
+    kept, (logits, last_features) = prefill_chunks(
+        target_forward, prompt, prefill_step_size, cache, keep=lambda output: output[1]
+    )
+    features = mx.concatenate(kept + [last_features], axis=1)  # the drafter reads every prompt row
+    anchor = int(select(logits[:, -1]).item())
+    select.commit([anchor])
     stats.mark_prefill()
-    stats.forwards, stats.prefill_forwards = 1, 1
+    stats.forwards, stats.prefill_forwards, stats.prefill_tokens = 1, 1, 1
     generated = [anchor]
 
     def draft(anchor: int, features: mx.array, size: int) -> mx.array:
@@ -104,12 +106,13 @@ def _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, 
             return
         stats.draft_forwards += 1
         logits, features = target_forward(mx.concatenate([mx.array([anchor]), proposal.astype(mx.int32)]))
-        target_tokens = select(logits[0])
+        target_tokens = select(logits[0], drafts=proposal)
         mx.eval(target_tokens, proposal)
         stats.forwards += 1
         draft_tokens, target_tokens = proposal.tolist(), target_tokens.tolist()
         accepted = _accepted_prefix(draft_tokens, target_tokens)
         generated = draft_tokens[:accepted] + [target_tokens[accepted]]
+        select.commit(generated)
         stats.accept_lengths.append(accepted + 1)
         target.rollback(cache, size - accepted - 1)
         features = features[:, : accepted + 1]

@@ -7,7 +7,6 @@ is stable and the mean entropy is low (or after `max_denoising_steps`); its argm
 the encoder and the next canvas starts.
 """
 
-import math
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
@@ -16,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
-from .common import Stats, prefill_chunks
+from .common import Stats, evaluate_chunk
 
 # Where knobs may sit in a generation_config.json besides the top level (release-candidate conversions).
 NESTED_SECTIONS = ("sampler_config", "linear_temperature_schedule_config", "diffusion_stopping_config")
@@ -191,13 +190,14 @@ def generate_diffusion(
     cache = model.make_cache()
 
     def encode(ids: mx.array):
-        model.encode(ids[None], cache)
-        return [c.keys_and_values() for c in cache]  # evaluated per chunk, so the graph stays small
+        model.encode(ids[None], cache)  # only the K/V are evaluated: the hidden states are never needed
+        evaluate_chunk(cache)
 
-    prefill_chunks(encode, prompt, prefill_step_size)
+    for begin in range(0, prompt.shape[0], prefill_step_size):
+        encode(prompt[begin : begin + prefill_step_size])
     stats.mark_prefill()
     tokens = None
-    for canvas_index in range(math.ceil(max_tokens / model.canvas_length)):
+    for canvas_index in range(-(-max_tokens // model.canvas_length)):  # integer ceil: any size of int
         if tokens is not None:
             encode(mx.array(tokens))  # commit the previous canvas; the last one is never encoded
         tokens = denoise_canvas(model, cache, settings, noise, stats, on_step, canvas_index)

@@ -17,10 +17,19 @@ from .common import Stats, TokenSelector
 
 
 def draft_block(
-    model: nn.Module, cache: List, block: List[int], threshold: float, lora: bool, stats: Stats
-) -> List[int]:
-    """Fill the masks of `block`: all by argmax at threshold 0, else confident ones (or the best) per pass."""
+    model: nn.Module, cache: List, seed: int, size: int, threshold: float, lora: bool, stats: Stats
+) -> mx.array:
+    """The block `[seed, d1..d(size-1)]`, on device: at threshold 0 one pass fills every mask by argmax (no host
+    sync, no softmax); else each pass fills the confident masks (or the most confident one)."""
     mask_id = model.args.mask_token_id
+    block = mx.array([seed] + [mask_id] * (size - 1), dtype=mx.int32)
+    if size < 2:
+        return block
+    if threshold <= 0:
+        logits = model(block[None], cache, pattern="bidirectional", write_cache=False, lora=lora)[0]
+        stats.draft_forwards += 1
+        return mx.concatenate([block[:1], mx.argmax(logits[1:], axis=-1).astype(mx.int32)])
+    block = block.tolist()
     while mask_id in block[1:]:
         logits = model(mx.array([block]), cache, pattern="bidirectional", write_cache=False, lora=lora)[0]
         stats.draft_forwards += 1
@@ -31,9 +40,9 @@ def draft_block(
         chosen = [i for i in masked if confidence[i] >= threshold] or [max(masked, key=lambda i: confidence[i])]
         for i in chosen:
             block[i] = guesses[i]
-        if threshold <= 0 or all(block[i] == mask_id for i in chosen):
-            break  # threshold 0 fills everything at once; a mask guessed as the mask id ends the loop too
-    return block
+        if all(block[i] == mask_id for i in chosen):
+            break  # a mask guessed as the mask id ends the loop
+    return mx.array(block, dtype=mx.int32)
 
 
 def generate_linear_spec(
@@ -47,7 +56,8 @@ def generate_linear_spec(
     options: Optional[dict] = None,
     **_,
 ) -> Iterator[List[int]]:
-    """Yield the tokens each cycle commits (the first yield is the prefill's token)."""
+    """Yield the tokens each cycle commits (the first yield is the prefill's token). Each cycle's draft and
+    verify are queued before the previous cycle's tokens go out, and read back with one host sync."""
     options = dict(options or {})
     length = block_length(model, options)
     threshold = options.pop("threshold", 0.0) or 0.0
@@ -58,14 +68,23 @@ def generate_linear_spec(
     lora = model.has_lora if lora is None else lora  # by default the LoRA drafts whenever the model has one
     refuse_unknown(options, "linear-spec")
     cache, seed = causal_prefill(model, prompt, select, stats, prefill_step_size)
-    produced = 1
-    yield [seed]
-    while produced < max_tokens:
+
+    def queue_cycle(seed: int, produced: int):
+        if produced >= max_tokens:
+            return None
         size = min(length, max_tokens - produced)  # a block yields at most `size` tokens
-        block = draft_block(model, cache, [seed] + [model.args.mask_token_id] * (size - 1), threshold, lora, stats)
-        verified = select(model(mx.array([block]), cache)[0]).tolist()
+        block = draft_block(model, cache, seed, size, threshold, lora, stats)
+        verified = select(model(block[None], cache)[0], drafts=block[1:])
+        mx.async_eval(block, verified)
+        return block, verified
+
+    produced = 1
+    cycle = queue_cycle(seed, produced)
+    yield [seed]
+    while cycle is not None:
+        block, verified = (part.tolist() for part in cycle)  # the cycle's one host sync
         stats.forwards += 1
-        accepted = 0
+        size, accepted = len(block), 0
         while accepted < size - 1 and verified[accepted] == block[accepted + 1]:
             accepted += 1
         emitted = verified[: accepted + 1]  # the agreed drafts, then the causal pass's own next token
@@ -75,5 +94,6 @@ def generate_linear_spec(
         produced += len(emitted)
         if budget.force_at(produced - 1, emitted[:-1]):
             emitted[-1] = budget.token  # the next seed: the model goes on after the end of thinking
-        seed = emitted[-1]
+        select.commit(emitted)
+        cycle = queue_cycle(emitted[-1], produced)
         yield emitted

@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from ..errors import DLLMError
 from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
-from .common import Stats, TokenSelector, make_token_selector
+from .common import Stats, TokenSelector, evaluate_chunk, make_token_selector
 
 greedy = make_token_selector()
 
@@ -93,7 +93,8 @@ def generate_mask_diffusion(
         seed = [first]
     else:  # one pass: a chunked prompt could not see its later chunks
         cache, seed = model.make_cache(), []
-        mx.eval(model(prompt[None], cache, pattern=pattern))
+        model(prompt[None], cache, pattern=pattern, head=False)
+        evaluate_chunk(cache)
         stats.forwards, stats.prefill_forwards = 1, 1
         stats.mark_prefill()
     mask_id = model.args.mask_token_id

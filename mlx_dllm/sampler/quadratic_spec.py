@@ -15,6 +15,13 @@ import mlx.nn as nn
 from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
 from .common import Stats, TokenSelector
 
+# The layout forward runs rows*(rows+1) tokens: at the checkpoint's 32 rows (1,056 tokens) it is compute-bound.
+# Roofline, Nemotron-8B (7.95B non-head parameters, 2 FLOPs each per token) on an M3 Max (400 GB/s, ~14 TFLOP/s)
+# and an M4 Pro (273 GB/s, ~9 TFLOP/s): at 4 rows (20 tokens) compute stays within 1.15x of the weight-read time
+# in bf16 and 8-bit on both, so a forward costs about one AR step and yields ~2.9 tokens; 5 rows gain <20% in
+# bf16 but lose 20% in 8-bit, 8 rows (72 tokens) are 2-4x compute-bound everywhere, 32 rows 30-60x.
+DEFAULT_ROWS = 4
+
 
 def quadratic_mask(rows: int) -> mx.array:
     """Boolean [L, L] attention among the layout's L = rows*(rows+1) tokens (the cache is always visible)."""
@@ -37,9 +44,23 @@ def keep_draft_kv(cache: List, committed: int, rows: int, accepted: int) -> None
         layer_cache.offset = committed + accepted
 
 
-def propose(model: nn.Module, hidden: mx.array, position: int) -> List[int]:
-    """Draft tokens from mask hidden states (the first sits at absolute `position`): their argmax."""
-    return mx.argmax(model.diffusion_head(hidden), axis=-1).tolist()
+def propose(model: nn.Module, hidden: mx.array, position: int) -> mx.array:
+    """Draft tokens from mask hidden states (the first sits at absolute `position`): their argmax, on device."""
+    return mx.argmax(model.diffusion_head(hidden), axis=-1).astype(mx.int32)
+
+
+def layout_forward(model: nn.Module, cache: List, draft: mx.array, layout_mask: mx.array, select: TokenSelector):
+    """Queue one layout forward over `draft` (on device); returns the cache length before it, its hidden rows
+    and the verify tokens."""
+    rows, committed = draft.shape[0], cache[0].offset
+    masks = mx.full((rows, rows), model.args.mask_token_id, dtype=mx.int32)
+    layout = mx.concatenate([draft[:, None], masks], axis=1).reshape(1, -1)
+    mask = mx.concatenate([mx.ones((layout_mask.shape[0], committed), dtype=mx.bool_), layout_mask], axis=1)
+    hidden = model(layout, cache, pattern=mask, row_offsets=committed + mx.arange(rows), head=False)[0]
+    hidden = hidden.reshape(rows, rows + 1, -1)
+    verified = select(model.diffusion_head(hidden[:, 0]), drafts=draft[1:])  # row i: the AR token after d_i
+    mx.async_eval(draft, verified)
+    return committed, hidden, verified
 
 
 def generate_quadratic_spec(
@@ -53,39 +74,40 @@ def generate_quadratic_spec(
     options: Optional[dict] = None,
     **_,
 ) -> Iterator[List[int]]:
-    """Yield the prefill's token, then per forward the accepted drafts and the bonus token (1..B tokens)."""
+    """Yield the prefill's token, then per forward the accepted drafts and the bonus token (1..B tokens).
+    The next draft stays on device and the next layout forward is queued before the tokens go out."""
     options = dict(options or {})
-    rows = block_length(model, options)
+    rows = block_length(model, options, default=DEFAULT_ROWS, layout=True)
     budget = ThinkingBudget(options)
     refuse_unknown(options, "quadratic-spec")
-    mask_id, width = model.args.mask_token_id, rows + 1
+    mask_id = model.args.mask_token_id
     cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size)
     # The initial draft: d_0 from the causal prefill, d_1.. from masks denoised against the prompt.
     masks = model(mx.array([[mask_id] * rows]), cache, pattern="bidirectional", write_cache=False, head=False)[0]
     stats.draft_forwards += 1
-    draft = [first] + propose(model, masks[1:], cache[0].offset + 1)
-    yield draft[:1]  # d_0 is the prefill's AR token: already certain
-    produced = 1
+    draft = mx.concatenate([mx.array([first], dtype=mx.int32), propose(model, masks[1:], cache[0].offset + 1)])
     layout_mask = quadratic_mask(rows)
-    while produced < max_tokens:
-        committed = cache[0].offset
-        layout = mx.array([[token for d in draft for token in [d] + [mask_id] * rows]])
-        mask = mx.concatenate([mx.ones((layout_mask.shape[0], committed), dtype=mx.bool_), layout_mask], axis=1)
-        hidden = model(layout, cache, pattern=mask, row_offsets=committed + mx.arange(rows), head=False)[0]
+    produced = 1
+    step = layout_forward(model, cache, draft, layout_mask, select) if produced < max_tokens else None
+    yield [first]  # d_0 is the prefill's AR token: already certain
+    while step is not None:
+        committed, hidden, verified = step
+        drafted, verified = draft.tolist(), verified.tolist()  # the cycle's one host sync
         stats.forwards += 1
-        hidden = hidden.reshape(rows, width, -1)
-        verified = select(model.diffusion_head(hidden[:, 0])).tolist()  # row i: the AR token after d_i
         accepted = 1
-        while accepted < rows and verified[accepted - 1] == draft[accepted]:
+        while accepted < rows and verified[accepted - 1] == drafted[accepted]:
             accepted += 1
         keep_draft_kv(cache, committed, rows, accepted)
         chosen = hidden[accepted - 1, 2:]  # the masks after the bonus token, conditioned on the accepted prefix
-        next_draft = [verified[accepted - 1]] + propose(model, chosen, committed + accepted + 1)
+        bonus = verified[accepted - 1]
+        next_draft = propose(model, chosen, committed + accepted + 1)
         stats.accept_lengths.append(accepted)
-        if budget.force_at(produced + accepted - 1, draft[:accepted]):
-            next_draft = [budget.token] + next_draft[:-1]  # the next d_0, accepted unconditionally
+        if budget.force_at(produced + accepted - 1, drafted[:accepted]):
+            bonus, next_draft = budget.token, mx.concatenate([mx.array([bonus], dtype=mx.int32), next_draft[:-1]])
+        draft = mx.concatenate([mx.array([bonus], dtype=mx.int32), next_draft])
         # The bonus token is certain now (it is next cycle's d_0, whose K/V that cycle writes): emit it.
-        emitted = draft[1:accepted] + next_draft[:1]
-        yield emitted
+        emitted = drafted[1:accepted] + [bonus]
+        select.commit(emitted)
         produced += len(emitted)
-        draft = next_draft
+        step = layout_forward(model, cache, draft, layout_mask, select) if produced < max_tokens else None
+        yield emitted

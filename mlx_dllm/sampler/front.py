@@ -1,0 +1,337 @@
+"""The shared front of every decoding strategy: `stream_generate(model, tokenizer, prompt, mode=...)`."""
+
+import numbers
+import time
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generation_stream, wired_limit
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from ..errors import DLLMError
+from .ar import generate_ar
+from .common import GenerationResponse, Stats, TokenSelector, check_sampling
+from .dflash import generate_dflash
+from .diffusion import generate_diffusion
+from .linear_spec import generate_linear_spec
+from .mask_diffusion import generate_mask_diffusion
+from .quadratic_spec import generate_quadratic_spec
+from .stopping import StopStringStream
+
+STRATEGIES = {
+    "ar": generate_ar,
+    "dflash": generate_dflash,
+    "diffusion": generate_diffusion,
+    "mask-diffusion": generate_mask_diffusion,
+    "linear-spec": generate_linear_spec,
+    "quadratic-spec": generate_quadratic_spec,
+}
+# Options a strategy takes beyond the common ones; anything else is refused, never ignored.
+OPTIONED_STRATEGIES = {"diffusion", "mask-diffusion", "linear-spec", "quadratic-spec"}
+# Strategies whose tokens come from AR logits (every token, or the verify of a block): they honour mlx-lm's
+# `sampler` and `logits_processors`.
+CAUSAL_STRATEGIES = {"ar", "dflash", "linear-spec", "quadratic-spec"}
+CANVAS_STRATEGIES = {"diffusion", "mask-diffusion"}
+CLEAR_CACHE_EVERY = 256  # tokens, as mlx-lm's generate_step
+SEED_LIMIT = 2**64  # mx.random.seed takes an unsigned 64-bit integer
+
+
+def _whole_number(name: str, value, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DLLMError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else "positive" if low == 1 else f"at least {low}"
+        raise DLLMError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def _check_models(model, draft_model) -> None:
+    for name, value in (("model", model), ("draft_model", draft_model)):
+        if value is not None and not isinstance(value, nn.Module):
+            raise DLLMError(f"{name} must be an mlx.nn.Module (from mlx_dllm.load), got {type(value).__name__}")
+    if model is None:
+        raise DLLMError("model must be an mlx.nn.Module (from mlx_dllm.load), got None")
+
+
+def _wrap_tokenizer(tokenizer) -> TokenizerWrapper:
+    if isinstance(tokenizer, TokenizerWrapper):
+        return tokenizer
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")):
+        raise DLLMError(f"tokenizer must be a Hugging Face or mlx-lm tokenizer, got {type(tokenizer).__name__}")
+    return TokenizerWrapper(tokenizer)
+
+
+def embedding_rows(model: nn.Module) -> Optional[int]:
+    """Rows of the model's token embedding table (the smallest, if it has several), None if it has none."""
+    tables = (nn.Embedding, nn.QuantizedEmbedding)
+    modules = model.named_modules()
+    rows = [m.weight.shape[0] for name, m in modules if name.endswith("embed_tokens") and isinstance(m, tables)]
+    return min(rows) if rows else None
+
+
+def _prompt_ids(tokenizer: TokenizerWrapper, prompt) -> List:
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token
+        return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+    if isinstance(prompt, mx.array):
+        if not mx.issubdtype(prompt.dtype, mx.integer):
+            raise DLLMError(f"a prompt array must hold integer token ids, got {prompt.dtype}")
+        return prompt.reshape(-1).tolist()
+    if isinstance(prompt, (list, tuple)):
+        return list(prompt)
+    raise DLLMError(f"prompt must be text, a list of token ids or an mx.array, got {type(prompt).__name__}")
+
+
+def _encode(tokenizer: TokenizerWrapper, prompt, vocab_rows: Optional[int]) -> mx.array:
+    """The prompt's ids, checked before anything reaches MLX: integers inside the embedding table."""
+    ids = _prompt_ids(tokenizer, prompt)
+    if not ids:
+        raise DLLMError("the prompt is empty")
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise DLLMError(f"prompt token ids must be integers, got {token!r}")
+        if token < 0 or (vocab_rows is not None and token >= vocab_rows):
+            raise DLLMError(f"token id {token} is outside the model's embedding table ({vocab_rows} rows)")
+    return mx.array([int(token) for token in ids], dtype=mx.int32)
+
+
+def _eos_ids(tokenizer: TokenizerWrapper) -> set:
+    ids = set(tokenizer.eos_token_ids or ())
+    wrong = next((i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral)), None)
+    if wrong is not None:
+        raise DLLMError(f"the tokenizer's eos_token_ids must be integers, got {wrong!r}")
+    return ids
+
+
+def _stop_strings(stop) -> tuple:
+    stops = (stop,) if isinstance(stop, str) else stop
+    if stops is None:
+        return ()
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise DLLMError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in stops):
+        raise DLLMError("stop strings must not be empty")
+    return tuple(stops)
+
+
+def _choose_mode(mode: Optional[str], model: nn.Module, draft_model: Optional[nn.Module]) -> str:
+    """The asked mode, else the draft's, else the model's own default (mlx-lm models: plain AR)."""
+    if mode is None:
+        source = draft_model if draft_model is not None else model
+        mode = getattr(source, "default_mode", "dflash" if draft_model is not None else "ar")
+    supported = getattr(model, "modes", ("ar", "dflash"))
+    if mode not in STRATEGIES and mode not in supported:
+        raise DLLMError(f"unknown mode '{mode}' (choose from {', '.join(supported)})")
+    if mode not in supported:
+        family = type(model).__module__.rsplit(".", 1)[-1]
+        raise DLLMError(f"{family} models support {', '.join(supported)}, not {mode}")
+    if mode == "dflash" and draft_model is None:
+        raise DLLMError("mode 'dflash' needs a draft model (--draft-model)")
+    return mode
+
+
+def _refuse_options(options: dict, mode: str, strategy_name: str) -> None:
+    """Options the strategy cannot take, with the message that says what to use instead."""
+    if "on_step" in options and strategy_name not in CANVAS_STRATEGIES:
+        raise DLLMError(f"--visualize (on_step) needs a mode that denoises a canvas; mode {mode} has none")
+    if "block_length" in options and strategy_name == "dflash":
+        raise DLLMError("DFlash takes block_size (--block-size or --num-draft-tokens), not block_length")
+    if options and strategy_name not in OPTIONED_STRATEGIES:
+        raise DLLMError(f"unknown option {sorted(options)[0]} for mode {mode}")
+
+
+def _block_size(block_size, num_draft_tokens, mode: str) -> Optional[int]:
+    """DFlash's block: `block_size`, or mlx-lm's `num_draft_tokens` (the block minus its anchor)."""
+    if num_draft_tokens is not None:
+        if block_size is not None:
+            raise DLLMError("give block_size or num_draft_tokens, not both (block size = draft tokens + 1)")
+        block_size = _whole_number("num_draft_tokens", num_draft_tokens, 1) + 1
+    if block_size is None:
+        return None
+    if mode != "dflash":
+        raise DLLMError(f"block size applies to DFlash drafting, not to mode {mode}")
+    return _whole_number("block size", block_size, 2)
+
+
+def _selector(strategy_name, temp, top_p, top_k, min_p, sampler, logits_processors, vocab_rows, prompt):
+    """The token selector: mlx-lm's `sampler` and `logits_processors` where the mode honours them."""
+    sampling = (temp, top_p, top_k, min_p) != (0.0, 1.0, 0, 0.0)
+    check_sampling(temp, top_p, top_k, min_p)
+    if vocab_rows is not None and top_k > vocab_rows:
+        raise DLLMError(f"top_k {top_k} is above the vocabulary of {vocab_rows}")
+    if strategy_name == "diffusion" and sampling:
+        raise DLLMError("diffusion mode samples with its own schedule: use t_min/t_max, not temp/top_p/top_k/min_p")
+    custom = [name for name, value in (("sampler", sampler), ("logits_processors", logits_processors)) if value]
+    if custom and strategy_name not in CAUSAL_STRATEGIES:
+        raise DLLMError(f"{' and '.join(custom)} apply to AR logits (ar, dflash, linear-spec, quadratic-spec modes)")
+    if sampler is not None:
+        if sampling:
+            raise DLLMError("give either sampler= or temp/top_p/top_k/min_p, not both")
+        if not callable(sampler):
+            raise DLLMError(f"sampler must be callable, got {type(sampler).__name__}")
+    processors = list(logits_processors or ())
+    if not all(callable(p) for p in processors):
+        raise DLLMError("logits_processors must be a list of callables (tokens, logits) -> logits")
+    if sampler is None and temp != 0:
+        sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    return TokenSelector(sampler, processors, prompt)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Union[str, List[int], mx.array],
+    max_tokens: int = 256,
+    *,
+    draft_model: Optional[nn.Module] = None,
+    mode: Optional[str] = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+    stop: Union[str, Sequence[str]] = (),
+    block_size: Optional[int] = None,
+    num_draft_tokens: Optional[int] = None,
+    prefill_step_size: int = 2048,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
+    **options,
+) -> Iterator[GenerationResponse]:
+    """Stream the generated text chunk by chunk; every response carries the running stats.
+
+    `sampler` and `logits_processors` are mlx-lm's (`make_sampler`, `make_logits_processors`); they apply
+    wherever tokens come from AR logits (ar, and the verify of dflash, linear-spec and quadratic-spec).
+    `num_draft_tokens` is mlx-lm's name for DFlash's `block_size` - 1. Text that could begin a `stop` string
+    is held back until it is decided.
+    `options` go to the strategy, which refuses any it does not know: DiffusionGemma's denoising knobs
+    (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `stability_threshold`,
+    `confidence_threshold`, `on_step`); Nemotron-Labs-Diffusion's `block_length`, `threshold`,
+    `causal_context`, `lora`, `max_thinking_tokens` and `end_think_token_id`.
+    """
+    _check_models(model, draft_model)
+    max_tokens = _whole_number("max_tokens", max_tokens, 1)
+    prefill_step_size = _whole_number("prefill_step_size", prefill_step_size, 1)
+    if seed is not None:
+        seed = _whole_number("seed", seed, 0, SEED_LIMIT - 1)
+    stops = _stop_strings(stop)
+    tokenizer = _wrap_tokenizer(tokenizer)
+    mode = _choose_mode(mode, model, draft_model)
+    strategy_name = getattr(model, "mode_strategies", {}).get(mode, mode)
+    if strategy_name not in STRATEGIES:
+        raise DLLMError(f"mode '{mode}' is not implemented yet")
+    _refuse_options(options, mode, strategy_name)
+    block_size = _block_size(block_size, num_draft_tokens, mode)
+    vocab_rows = embedding_rows(model)
+    prompt = _encode(tokenizer, prompt, vocab_rows)
+    select = _selector(strategy_name, temp, top_p, top_k, min_p, sampler, logits_processors, vocab_rows, prompt)
+    eos_ids = _eos_ids(tokenizer)
+    if seed is not None:
+        mx.random.seed(seed)
+    stats = Stats()
+    strategy = STRATEGIES[strategy_name](
+        model,
+        prompt,
+        draft_model=draft_model,
+        select=select,
+        stats=stats,
+        max_tokens=max_tokens,
+        block_size=block_size,
+        prefill_step_size=prefill_step_size,
+        eos_token_ids=eos_ids,
+        options=options,
+    )
+    yield from _stream(model, tokenizer, strategy, stats, prompt.size, mode, max_tokens, eos_ids, stops)
+
+
+def _stream(model, tokenizer, strategy, stats, prompt_size, mode, max_tokens, eos_ids, stops):
+    """Run the strategy on mlx-lm's generation stream under its wired limit; turn its tokens into responses."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    text = StopStringStream(detokenizer, stops)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    committed = emitted = 0
+    try:
+        with wired_limit(model, [generation_stream]):
+            while True:
+                with mx.stream(generation_stream):
+                    tokens = next(strategy, None)
+                finish_reason = None if tokens is not None else "length"  # a strategy ends only at max_tokens
+                before = committed
+                for token in tokens or ():
+                    if token in eos_ids:
+                        finish_reason = "stop"
+                        break
+                    text.add(token)
+                    committed += 1
+                    if committed >= max_tokens:
+                        finish_reason = "length"
+                        break
+                if committed // CLEAR_CACHE_EVERY > before // CLEAR_CACHE_EVERY:
+                    mx.clear_cache()
+                segment, released = text.release(final=finish_reason is not None)
+                if text.stopped:
+                    finish_reason = "stop"
+                emitted += len(released)
+                yield _response(segment, released, mode, prompt_size, start, stats, emitted, finish_reason)
+                if finish_reason is not None:
+                    return
+    finally:
+        strategy.close()
+
+
+def _response(segment, tokens, mode, prompt_size, start, stats, generated, finish_reason) -> GenerationResponse:
+    now = time.perf_counter()
+    prefill_done = stats.prefill_done or now
+    decoded = max(generated - stats.prefill_tokens, 0)  # tokens the decoding forwards produced
+    return GenerationResponse(
+        text=segment,
+        token=tokens[-1] if tokens else None,
+        tokens=tokens,
+        from_draft=len(tokens) > 1,
+        prompt_tokens=prompt_size,
+        prompt_tps=prompt_size / max(prefill_done - start, 1e-9),
+        generation_tokens=generated,
+        generation_tps=generated / max(now - prefill_done, 1e-9),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason=finish_reason,
+        mode=mode,
+        forwards=stats.decoding_forwards,
+        draft_forwards=stats.draft_forwards,
+        tokens_per_forward=decoded / max(stats.decoding_forwards, 1),
+        acceptance_length=stats.acceptance_length,
+        canvases=stats.canvases,
+    )
+
+
+def generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+    """Generate the whole text; with `verbose`, stream it and print mlx-lm's summary lines plus ours."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        text += response.text
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose and response is not None:
+        print()
+        print("=" * 10)
+        print(summary(response))
+    return text
+
+
+def summary(response: GenerationResponse) -> str:
+    """mlx-lm's three summary lines and one line of our stats, with the same fields in every mode (see
+    GenerationResponse for their definitions)."""
+    acceptance = "-" if response.acceptance_length is None else f"{response.acceptance_length:.2f}"
+    return "\n".join(
+        [
+            f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
+            f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec",
+            f"Peak memory: {response.peak_memory:.3f} GB",
+            f"Mode: {response.mode}, forwards: {response.forwards}, draft forwards: {response.draft_forwards}, "
+            f"tokens per forward: {response.tokens_per_forward:.2f}, acceptance length: {acceptance}",
+        ]
+    )
