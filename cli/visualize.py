@@ -29,7 +29,8 @@ class CanvasView:
     def __call__(self, state: StepState) -> None:
         self.clear()
         pieces = [self._piece(token) for token in state.canvas]
-        header = f"[canvas {state.canvas_index + 1} step {state.step + 1}, mean entropy {state.mean_entropy:.3f}] "
+        entropy = "" if state.mean_entropy is None else f", mean entropy {state.mean_entropy:.3f}"
+        header = f"[canvas {state.canvas_index + 1} step {state.step + 1}{entropy}] "
         rows = (len(header) + sum(map(len, pieces))) // max(shutil.get_terminal_size().columns, 1) + 1
         painted = "".join(
             f"{ACCEPTED if accepted else NOISE}{piece}{RESET}" for piece, accepted in zip(pieces, state.accepted)

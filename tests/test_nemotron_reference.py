@@ -1,6 +1,8 @@
 """Nemotron-Labs-Diffusion against the PyTorch reference (transformers' Ministral3Model + untied head, float32):
 forward parity in every attention pattern, the diffusion mode step by step, and lossless self-speculation."""
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -61,7 +63,7 @@ def test_diffusion_mode_commits_like_the_reference(checkpoint, threshold, prompt
     reference, model, _ = checkpoint
     tokens, stats = ref.diffusion_generate(reference, prompt, 24, block_length=8, threshold=threshold)
     commits, ours, our_stats = [], [], Stats()
-    record = lambda block, step, done: commits.append((block, done))  # noqa: E731
+    record = lambda state: commits.append((state.canvas_index, state.committed))  # noqa: E731
     run = generate_mask_diffusion(
         model,
         mx.array(prompt),
@@ -191,6 +193,21 @@ def test_cli_modes(tmp_path):
     assert_user_error(run("generate", "--model", tmp_path / "nld", "-p", "w5", "--block-length", 1), "at least 2")
     result = run("generate", "--model", tmp_path / "nld", "-p", "w5", "--mode", "quadratic-spec", "--threshold", 0.9)
     assert_user_error(result, "unknown option threshold for mode quadratic-spec")
+
+
+def test_cli_visualize_draws_the_diffusion_blocks(tmp_path):
+    from tests.test_cli import run
+
+    ref.build_checkpoint(tmp_path / "nld")
+    args = ["--model", tmp_path / "nld", "-p", "w5 w9", "-m", 8, "--block-length", 4, "--mode", "diffusion"]
+    result = run("generate", *args, "--visualize")
+    assert result.exit_code == 0, result.output
+    assert "[canvas 1 step 1] " in result.stdout and "[canvas 2 step 1] " in result.stdout
+    assert "\x1b[1;32m" in result.stdout and "\x1b8\x1b[J" in result.stdout  # committed tokens bold, redraws erased
+    erased = re.sub(r"\x1b7.*?\x1b8\x1b\[J", "", result.stdout, flags=re.S)  # each drawing, up to its erasure
+    shown = re.sub(r"\x1b\[\d*[A-Za-z]", "", erased)
+    plain = run("generate", *args).stdout
+    assert shown.split("=" * 10)[1].split() == plain.split("=" * 10)[1].split()  # what stays is the plain text
 
 
 def test_bidirectional_context_variant(tmp_path):

@@ -7,7 +7,7 @@ is stable and the mean entropy is low (or after `max_denoising_steps`); its argm
 the encoder and the next canvas starts.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -84,14 +84,15 @@ class RandomNoise:
 
 @dataclass
 class StepState:
-    """What a step leaves behind, for `on_step` (the --visualize redraw)."""
+    """What a denoising step leaves behind, for `on_step` (the --visualize redraw), in both diffusion modes."""
 
     canvas_index: int
     step: int
-    canvas: List[int]  # the next step's input: accepted samples, noise elsewhere
+    canvas: List[int]  # the next step's input: accepted samples (DiffusionGemma) or commits, noise or masks elsewhere
     accepted: List[bool]
     argmax: List[int]
-    mean_entropy: float
+    mean_entropy: Optional[float] = None  # DiffusionGemma's stopping statistic
+    committed: List[int] = field(default_factory=list)  # mask diffusion: the positions this step unmasked
 
 
 def softmax_weights_and_entropy(logits: mx.array):

@@ -14,6 +14,7 @@ import mlx.nn as nn
 from ..errors import DLLMError
 from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
 from .common import Stats, TokenSelector, evaluate_chunk, make_token_selector
+from .diffusion import StepState
 
 greedy = make_token_selector()
 
@@ -31,8 +32,9 @@ def denoise_block(
     threshold: Optional[float],
     eos_ids: set,
     stats: Stats,
-    on_step: Optional[Callable] = None,
+    on_step: Optional[Callable[[StepState], None]] = None,
     select: TokenSelector = greedy,
+    block_index: int = 0,
 ) -> List[int]:
     """Unmask `block` in up to len(block) bidirectional steps; the cache is read, never written.
     Guesses come from `select` (argmax, or a sample at a temperature); confidence is always measured on the
@@ -57,7 +59,8 @@ def denoise_block(
         for position in committed:
             block[position] = guesses[position]  # the guess may be the mask id itself; it then stays masked
         if on_step is not None:
-            on_step(step, sorted(committed))
+            accepted = [token != mask_id for token in block]
+            on_step(StepState(block_index, step, list(block), accepted, guesses, committed=sorted(committed)))
         first_eos = next((i for i, token in enumerate(block) if token in eos_ids), None)
         if first_eos is not None and mask_id not in block[:first_eos]:
             break
@@ -109,7 +112,6 @@ def generate_mask_diffusion(
         start = block_index * length
         if budget.force_at(start + length - 1, previous + seed):  # the budget ends inside this block
             block[max(budget.limit - start, 0)] = budget.token  # pre-committed before denoising
-        step_callback = None if on_step is None else (lambda step, done, b=block_index: on_step(b, step, done))
-        block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, step_callback, select)
+        block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, on_step, select, block_index)
         stats.canvases += 1
         yield block
