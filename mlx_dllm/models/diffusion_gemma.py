@@ -78,15 +78,14 @@ class TextArgs(BaseModelArgs):
         self.num_global_key_value_heads = self.num_global_key_value_heads or self.num_key_value_heads
 
     def attention_shape(self, layer: int):
-        """(head_dim, kv_heads) of a layer: full layers use the global values or `per_layer_config`."""
+        """(head_dim, kv_heads) of a layer: `per_layer_config` overrides the base values (a layer it omits,
+        or an empty one, keeps them, as in transformers); legacy configs without it give full layers the
+        global values."""
+        if self.per_layer_config is not None:
+            override = {int(k): v for k, v in self.per_layer_config.items()}.get(layer, {})
+            return override.get("head_dim", self.head_dim), override.get("num_key_value_heads", self.num_key_value_heads)
         if self.layer_types[layer] == "sliding_attention":
             return self.head_dim, self.num_key_value_heads
-        if self.per_layer_config:
-            override = {int(k): v for k, v in self.per_layer_config.items()}.get(layer)
-            if override:
-                return override.get("head_dim", self.head_dim), override.get(
-                    "num_key_value_heads", self.num_key_value_heads
-                )
         return self.global_head_dim, self.num_global_key_value_heads
 
 
