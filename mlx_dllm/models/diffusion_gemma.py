@@ -22,6 +22,9 @@ from ..errors import DLLMError
 from ..kernels import attention
 from .cache import WindowKVCache
 
+# 16x the released 256: one canvas is one forward whose float32 logits are canvas x vocab (4 GiB at 262k).
+MAX_CANVAS_LENGTH = 4096
+
 DEFAULT_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
@@ -99,8 +102,9 @@ class ModelArgs(BaseModelArgs):
 
     def __post_init__(self):
         self.text = TextArgs.from_dict(self.text_config)
-        if self.canvas_length < 1:
-            raise DLLMError(f"canvas_length must be positive, got {self.canvas_length}")
+        canvas = self.canvas_length
+        if not isinstance(canvas, int) or isinstance(canvas, bool) or not 1 <= canvas <= MAX_CANVAS_LENGTH:
+            raise DLLMError(f"canvas_length must be an integer from 1 to {MAX_CANVAS_LENGTH}, got {canvas!r}")
 
 
 def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
