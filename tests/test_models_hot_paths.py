@@ -36,3 +36,37 @@ def test_largest_canvas_length_is_accepted(gemma_folder):
     config = _gemma_config(gemma_folder)
     config["canvas_length"] = diffusion_gemma.MAX_CANVAS_LENGTH
     assert diffusion_gemma.ModelArgs.from_dict(config).canvas_length == 4096
+
+
+@pytest.mark.parametrize(
+    "knob, value",
+    [
+        ("entropy_bound", "0.1"),
+        ("max_denoising_steps", "abc"),
+        ("max_denoising_steps", 48.0),
+        ("stability_threshold", True),
+        ("t_min", [0.4]),
+        ("confidence_threshold", {"value": 0.005}),
+        ("t_max", float("inf")),
+        ("t_min", float("nan")),
+        ("entropy_bound", float("nan")),
+        ("confidence_threshold", float("nan")),
+    ],
+)
+def test_diffusion_knob_of_the_wrong_kind_is_named(knob, value):
+    from mlx_dllm.sampler.diffusion import DiffusionSettings
+
+    with pytest.raises(DLLMError, match=f"diffusion option {knob} must be"):
+        DiffusionSettings.resolve({"sampler_config": {knob: value}}, {})
+    with pytest.raises(DLLMError, match=f"diffusion option {knob} must be"):
+        DiffusionSettings.resolve(None, {knob: value})
+
+
+def test_cli_t_max_inf_is_one_error_line(gemma_folder):
+    from click.testing import CliRunner
+
+    from mlx_dllm.cli import main
+
+    result = CliRunner().invoke(main, ["generate", "--model", str(gemma_folder), "-p", "w5", "--t-max", "inf"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1] == "Error: diffusion option t_max must be a finite number, got inf"

@@ -86,7 +86,8 @@ class TextArgs(BaseModelArgs):
         global values."""
         if self.per_layer_config is not None:
             override = {int(k): v for k, v in self.per_layer_config.items()}.get(layer, {})
-            return override.get("head_dim", self.head_dim), override.get("num_key_value_heads", self.num_key_value_heads)
+            kv_heads = override.get("num_key_value_heads", self.num_key_value_heads)
+            return override.get("head_dim", self.head_dim), kv_heads
         if self.layer_types[layer] == "sliding_attention":
             return self.head_dim, self.num_key_value_heads
         return self.global_head_dim, self.num_global_key_value_heads
