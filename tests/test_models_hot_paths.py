@@ -70,3 +70,99 @@ def test_cli_t_max_inf_is_one_error_line(gemma_folder):
     result = CliRunner().invoke(main, ["generate", "--model", str(gemma_folder), "-p", "w5", "--t-max", "inf"])
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1] == "Error: diffusion option t_max must be a finite number, got inf"
+
+
+def _tiny_nemotron(dtype=mx.float32):
+    from mlx_dllm.models.nemotron_diffusion import Model, ModelArgs
+
+    mx.random.seed(0)
+    args = ModelArgs(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=256,
+        mask_token_id=100,
+        block_size=4,
+    )
+    model = Model(args)
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def _write_adapter(folder, config, shapes=((4, 128), (64, 4)), layers=2):
+    folder.mkdir(exist_ok=True)
+    text = config if isinstance(config, str) else json.dumps(config)
+    (folder / "adapter_config.json").write_text(text)
+    tensors = {}
+    for i in range(layers):
+        stem = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
+        tensors[f"{stem}.lora_A.weight"] = mx.random.normal(shapes[0]) * 0.1
+        tensors[f"{stem}.lora_B.weight"] = mx.random.normal(shapes[1]) * 0.1
+    mx.save_safetensors(str(folder / "adapter_model.safetensors"), tensors)
+    return folder
+
+
+GOOD_ADAPTER = {"target_modules": ["o_proj"], "r": 4, "lora_alpha": 16}
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{not json", "is not readable JSON"),
+        ("[1, 2]", "must hold a JSON object, got list"),
+        ({"target_modules": ["o_proj"], "lora_alpha": 16}, "r must be a positive integer, got None"),
+        ({**GOOD_ADAPTER, "r": 0}, "r must be a positive integer, got 0"),
+        ({**GOOD_ADAPTER, "r": -4}, "r must be a positive integer, got -4"),
+        ({**GOOD_ADAPTER, "r": "4"}, "r must be a positive integer, got '4'"),
+        ({**GOOD_ADAPTER, "r": 4.5}, "r must be a positive integer, got 4.5"),
+        ({"target_modules": ["o_proj"], "r": 4}, "lora_alpha must be a positive number, got None"),
+        ({**GOOD_ADAPTER, "lora_alpha": 0}, "lora_alpha must be a positive number, got 0"),
+        ({**GOOD_ADAPTER, "lora_alpha": -1.0}, "lora_alpha must be a positive number, got -1.0"),
+        ({**GOOD_ADAPTER, "lora_alpha": "16"}, "lora_alpha must be a positive number, got '16'"),
+        ({**GOOD_ADAPTER, "lora_alpha": True}, "lora_alpha must be a positive number, got True"),
+        ({**GOOD_ADAPTER, "target_modules": "o_proj"}, "LoRA targets 'o_proj' are not supported"),
+    ],
+)
+def test_bad_lora_config_is_one_error(tmp_path, config, message):
+    model = _tiny_nemotron()
+    with pytest.raises(DLLMError, match=message):
+        model.load_lora(_write_adapter(tmp_path / "lora", config))
+    assert not model.has_lora
+
+
+@pytest.mark.parametrize(
+    "shapes", [((4, 64), (64, 4)), ((4, 128), (128, 4)), ((8, 128), (64, 8)), ((4, 128, 1), (64, 4))]
+)
+def test_lora_tensors_of_the_wrong_shape_are_refused(tmp_path, shapes):
+    model = _tiny_nemotron()
+    with pytest.raises(DLLMError, match="layer 0 has A .* expected \\(4, 128\\) and \\(64, 4\\)"):
+        model.load_lora(_write_adapter(tmp_path / "lora", GOOD_ADAPTER, shapes))
+    assert not model.has_lora
+
+
+def test_lora_bad_in_a_later_layer_attaches_nothing(tmp_path):
+    folder = _write_adapter(tmp_path / "lora", GOOD_ADAPTER)
+    tensors = mx.load(str(folder / "adapter_model.safetensors"))
+    tensors["base_model.model.encoder.layers.1.self_attn.o_proj.lora_B.weight"] = mx.zeros((64, 3))
+    mx.save_safetensors(str(folder / "adapter_model.safetensors"), tensors)
+    model = _tiny_nemotron()
+    with pytest.raises(DLLMError, match="layer 1 has A"):
+        model.load_lora(folder)
+    assert all(layer.self_attn.lora is None for layer in model.layers)
+
+
+def test_unreadable_lora_safetensors_is_one_error(tmp_path):
+    folder = _write_adapter(tmp_path / "lora", GOOD_ADAPTER)
+    (folder / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(DLLMError, match="cannot read the LoRA weights"):
+        _tiny_nemotron().load_lora(folder)
+
+
+def test_good_lora_loads(tmp_path):
+    model = _tiny_nemotron()
+    model.load_lora(_write_adapter(tmp_path / "lora", GOOD_ADAPTER))
+    assert model.has_lora and model.layers[0].self_attn.lora.scale == 4.0

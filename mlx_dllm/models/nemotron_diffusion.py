@@ -7,6 +7,8 @@ Every forward states its attention pattern and cache policy:
 Causal logits at position i predict token i+1; bidirectional logits at position i predict token i.
 """
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -187,28 +189,63 @@ class Model(nn.Module):
 
     def load_lora(self, folder: Union[str, Path]) -> None:
         """Attach a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`, o_proj only)."""
-        import json
-
         folder = Path(folder)
         config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
         if not config_file.exists() or not weights_file.exists():
             raise DLLMError(f"no LoRA adapter in {folder} (expected adapter_config.json and adapter_model.safetensors)")
-        config = json.loads(config_file.read_text())
-        targets = set(config.get("target_modules") or [])
-        if targets != {"o_proj"}:
-            raise DLLMError(f"LoRA targets {sorted(targets)} are not supported (only o_proj)")
-        scale = config["lora_alpha"] / config["r"]
-        weights = mx.load(str(weights_file))
+        rank, alpha = read_lora_config(config_file)
+        try:
+            weights = mx.load(str(weights_file))
+        except (RuntimeError, ValueError, OSError) as error:
+            raise DLLMError(f"cannot read the LoRA weights {weights_file}: {error}") from None
+        adapters = []
         for index, layer in enumerate(self.layers):
-            stem = f"encoder.layers.{index}.self_attn.o_proj"
-            found = (
-                [v for k, v in weights.items() if k.endswith(f"{stem}.lora_A.weight")],
-                [v for k, v in weights.items() if k.endswith(f"{stem}.lora_B.weight")],
-            )
-            if len(found[0]) != 1 or len(found[1]) != 1:
-                raise DLLMError(f"the LoRA adapter in {folder} lacks {stem}.lora_A/lora_B")
-            layer.self_attn.lora = LoRA(found[0][0], found[1][0], scale)
+            attention = layer.self_attn
+            lora_a, lora_b = lora_pair(weights, f"encoder.layers.{index}.self_attn.o_proj", folder)
+            expected_a = (rank, attention.n_heads * attention.head_dim)
+            expected_b = (self.args.hidden_size, rank)
+            if lora_a.shape != expected_a or lora_b.shape != expected_b:
+                raise DLLMError(
+                    f"the LoRA adapter in {folder}: layer {index} has A {lora_a.shape} and B {lora_b.shape}, "
+                    f"expected {expected_a} and {expected_b} (r={rank})"
+                )
+            dtype = compute_dtype(attention.o_proj)  # an fp32 adapter must not promote a bf16 or quantized model
+            adapters.append(LoRA(lora_a.astype(dtype), lora_b.astype(dtype), alpha / rank))
+        for layer, adapter in zip(self.layers, adapters):  # all or nothing
+            layer.self_attn.lora = adapter
 
     @staticmethod
     def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         return {k: v for k, v in weights.items() if "rotary_emb" not in k}
+
+
+def read_lora_config(config_file: Path):
+    """(r, lora_alpha) of a PEFT adapter_config.json that targets o_proj only."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, OSError) as error:
+        raise DLLMError(f"{config_file} is not readable JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise DLLMError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+    targets = config.get("target_modules") or []
+    if not isinstance(targets, list) or set(targets) != {"o_proj"}:
+        raise DLLMError(f"LoRA targets {targets!r} are not supported (only o_proj)")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise DLLMError(f"{config_file}: r must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise DLLMError(f"{config_file}: lora_alpha must be a positive number, got {alpha!r}")
+    return rank, alpha
+
+
+def lora_pair(weights: Dict[str, mx.array], stem: str, folder: Path):
+    """The one A and one B tensor of `stem`, whatever prefix PEFT put before it."""
+    found = [[v for k, v in weights.items() if k.endswith(f"{stem}.lora_{part}.weight")] for part in "AB"]
+    if len(found[0]) != 1 or len(found[1]) != 1:
+        raise DLLMError(f"the LoRA adapter in {folder} lacks {stem}.lora_A/lora_B")
+    return found[0][0], found[1][0]
+
+
+def compute_dtype(linear: nn.Module):
+    """The dtype a (possibly quantized) linear layer computes in."""
+    return linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else linear.weight.dtype
