@@ -166,3 +166,129 @@ def test_good_lora_loads(tmp_path):
     model = _tiny_nemotron()
     model.load_lora(_write_adapter(tmp_path / "lora", GOOD_ADAPTER))
     assert model.has_lora and model.layers[0].self_attn.lora.scale == 4.0
+
+
+harness = pytest.importorskip("tests.reference.harness")
+
+
+@pytest.fixture(scope="module")
+def last_layer_drafts(hf_checkpoints, tmp_path_factory):
+    """name -> (torch drafter, our drafter): drafters reading the target's last layer."""
+    from mlx_dllm import convert
+
+    root = tmp_path_factory.mktemp("last_layer_drafts")
+    drafts = {}
+    for name, checkpoint in hf_checkpoints.items():
+        config = checkpoint["target_model"].config
+        torch_draft = harness.build_draft(config, root / name / "hf", target_layer_ids=harness.LAST_LAYER_IDS)
+        drafts[name] = (torch_draft, load(str(convert(root / name / "hf", root / name / "mlx")))[0])
+    return drafts
+
+
+@pytest.mark.parametrize("name", list(harness.TARGETS))
+def test_last_layer_feature_is_the_final_normed_hidden_state(hf_checkpoints, mlx_checkpoints, name):
+    from mlx_dllm.models.target import Target
+
+    ids = [5, 17, 42, 9, 3, 77, 120, 8, 64, 33, 2, 19]
+    hidden = hf_checkpoints[name]["target_model"](torch.tensor([ids]), output_hidden_states=True).hidden_states
+    expected = torch.cat([hidden[i + 1] for i in harness.LAST_LAYER_IDS], dim=-1).detach().numpy()
+    model, _ = load(str(mlx_checkpoints[name]["target"]))
+    target = Target(model, harness.LAST_LAYER_IDS)
+    target(mx.array([ids]), target.make_cache())
+    np.testing.assert_allclose(np.array(target.features()), expected, atol=1e-4, rtol=0)
+
+
+def _record_transformers_drafts(monkeypatch):
+    from transformers.generation.candidate_generator import DFlashTokenCandidateGenerator
+
+    drafts, get_candidates = [], DFlashTokenCandidateGenerator.get_candidates
+
+    def recording(self, input_ids, *args, **kwargs):
+        candidates, logits = get_candidates(self, input_ids, *args, **kwargs)
+        if candidates.shape[1] > input_ids.shape[1]:
+            drafts.append(candidates[0, input_ids.shape[1] :].tolist())
+        return candidates, logits
+
+    monkeypatch.setattr(DFlashTokenCandidateGenerator, "get_candidates", recording)
+    return drafts
+
+
+def _record_our_drafts(monkeypatch):
+    from mlx_dllm.sampler import dflash as dflash_strategy
+
+    drafts, propose_block = [], dflash_strategy.propose_block
+
+    def recording(*args):
+        proposal = propose_block(*args)
+        drafts.append(proposal.tolist())
+        return proposal
+
+    monkeypatch.setattr(dflash_strategy, "propose_block", recording)
+    return drafts
+
+
+@pytest.mark.parametrize("name", list(harness.TARGETS))
+def test_last_layer_drafter_drafts_as_transformers_does(
+    hf_checkpoints, mlx_checkpoints, last_layer_drafts, name, monkeypatch
+):
+    """Greedy DFlash with a drafter on the last layer: same tokens and the same proposals, round by round."""
+    from mlx_dllm import stream_generate
+
+    torch_draft, draft = last_layer_drafts[name]
+    target, tokenizer = load(str(mlx_checkpoints[name]["target"]))
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    prompt, max_tokens = [100, 3, 3, 250, 7, 64, 12], 24
+    theirs = _record_transformers_drafts(monkeypatch)
+    expected = harness.reference_dflash_greedy(hf_checkpoints[name]["target_model"], torch_draft, prompt, max_tokens)
+    ours = _record_our_drafts(monkeypatch)
+    tokens = [t for r in stream_generate(target, tokenizer, prompt, max_tokens, draft_model=draft) for t in r.tokens]
+    assert tokens == expected
+    # Near the end we shrink the block to the tokens left and transformers does not: compare full blocks.
+    full = [i for i, (a, b) in enumerate(zip(ours, theirs)) if len(a) == len(b) == 7]
+    assert len(full) >= 10 and [ours[i] for i in full] == [theirs[i] for i in full]
+
+
+def _dflash_tokens(responses):
+    return [t for r in responses for t in r.tokens]
+
+
+@pytest.fixture
+def qwen_pair(mlx_checkpoints, monkeypatch):
+    target, tokenizer = load(str(mlx_checkpoints["qwen3_gqa"]["target"]))
+    draft, _ = load(str(mlx_checkpoints["qwen3_gqa"]["draft"]))
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    return target, tokenizer, draft
+
+
+def test_two_interleaved_dflash_generators_on_one_target(qwen_pair):
+    from mlx_dllm import stream_generate
+
+    target, tokenizer, draft = qwen_pair
+    prompts = ([5, 17, 42, 9], [100, 3, 3, 250, 7, 64, 12])
+    alone = [_dflash_tokens(stream_generate(target, tokenizer, p, 20, draft_model=draft)) for p in prompts]
+    generators = [stream_generate(target, tokenizer, p, 20, draft_model=draft) for p in prompts]
+    interleaved = [[], []]
+    for first, second in zip(*generators):
+        interleaved[0] += first.tokens
+        interleaved[1] += second.tokens
+    for index, generator in enumerate(generators):
+        interleaved[index] += _dflash_tokens(generator)
+    assert interleaved == alone
+    assert alone[0] != alone[1]
+
+
+def test_dflash_generators_on_two_threads_share_one_target(qwen_pair):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlx_dllm import stream_generate
+
+    target, tokenizer, draft = qwen_pair
+    prompts = [[5, 17, 42, 9], [100, 3, 3, 250, 7, 64, 12], [77], [9, 8, 7]]
+    alone = [_dflash_tokens(stream_generate(target, tokenizer, p, 16, draft_model=draft)) for p in prompts]
+
+    def run(prompt):
+        return _dflash_tokens(stream_generate(target, tokenizer, prompt, 16, draft_model=draft))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        threaded = list(pool.map(run, prompts))
+    assert threaded == alone

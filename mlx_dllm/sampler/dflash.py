@@ -28,7 +28,6 @@ def bind_target(draft: DFlashDraft, model: nn.Module) -> Target:
     target = Target(model, args.target_layer_ids)
     vocab_rows = target.embed_tokens.weight.shape[0]
     if not 0 <= args.mask_token_id < vocab_rows:
-        target.close()
         raise DLLMError(
             f"mask_token_id {args.mask_token_id} is outside the target's embedding table ({vocab_rows} rows)"
         )
@@ -69,10 +68,7 @@ def generate_dflash(
     if not 2 <= block_size <= trained:
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
     target = bind_target(draft_model, model)
-    try:
-        yield from _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size)
-    finally:
-        target.close()
+    yield from _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size)
 
 
 def _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size):
