@@ -292,3 +292,70 @@ def test_dflash_generators_on_two_threads_share_one_target(qwen_pair):
     with ThreadPoolExecutor(max_workers=2) as pool:
         threaded = list(pool.map(run, prompts))
     assert threaded == alone
+
+
+def _unsorted_experts(experts, x, indices, weights):
+    """The gathers in token order, as before sorting."""
+    from mlx_lm.models.gemma4_text import geglu
+
+    x = mx.expand_dims(x, (-2, -3))
+    gate_up = experts.gate_up_proj(x, indices)
+    hidden = geglu(gate_up[..., : experts.intermediate], gate_up[..., experts.intermediate :])
+    return (experts.down_proj(hidden, indices).squeeze(-2) * weights[..., None]).sum(axis=-2)
+
+
+def _spy(monkeypatch, name):
+    calls, original = [], getattr(mx, name)
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("sorted_indices", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mx, name, spy)
+    return calls
+
+
+def _moe_layer(quantized=False):
+    """A DiffusionGemma router + experts with gather-friendly sizes (64 wide, 8 experts, top 2)."""
+    import mlx.nn as nn
+    from mlx_lm.models.gemma4_text import Router
+
+    args = diffusion_gemma.TextArgs.from_dict(
+        dict(
+            hidden_size=64,
+            num_hidden_layers=1,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=32,
+            num_experts=8,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+        )
+    )
+    mx.random.seed(3)
+    router, experts = Router(args), diffusion_gemma.Experts(args)
+    if quantized:
+        nn.quantize(experts, group_size=32, bits=4)
+    mx.eval(router.parameters(), experts.parameters())
+    return router, experts
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit"])
+def test_moe_sorts_canvas_tokens_by_expert(monkeypatch, quantized):
+    router, experts = _moe_layer(quantized)
+    x = mx.random.normal((1, 64, 64))  # a canvas: 64 tokens x top-2 experts
+    indices, weights = router(x)
+    expected = _unsorted_experts(experts, x, indices, weights)
+    calls = _spy(monkeypatch, "gather_qmm" if quantized else "gather_mm")
+    out = experts(x, indices, weights)
+    assert calls == [True, True]
+    np.testing.assert_array_equal(np.array(out), np.array(expected))
+
+
+def test_moe_leaves_a_few_tokens_in_order(monkeypatch):
+    router, experts = _moe_layer()
+    x = mx.random.normal((1, 3, 64))
+    calls = _spy(monkeypatch, "gather_mm")
+    experts(x, *router(x))
+    assert calls == [False, False]

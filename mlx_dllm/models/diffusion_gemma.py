@@ -16,7 +16,7 @@ from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma4_text import Router, geglu, logit_softcap
 from mlx_lm.models.rope_utils import ProportionalRoPE
-from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from ..errors import DLLMError
 from ..kernels import attention
@@ -24,6 +24,7 @@ from .cache import WindowKVCache
 
 # 16x the released 256: one canvas is one forward whose float32 logits are canvas x vocab (4 GiB at 262k).
 MAX_CANVAS_LENGTH = 4096
+SORT_EXPERTS_FROM = 64  # routed (token, expert) pairs; mlx-lm's SwitchGLU threshold
 
 DEFAULT_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -204,10 +205,17 @@ class Experts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         x = mx.expand_dims(x, (-2, -3))
-        gate_up = self.gate_up_proj(x, indices)
+        # As mlx-lm's SwitchGLU: many rows go through the gathers sorted by expert (Metal's sorted kernels).
+        sort = indices.size >= SORT_EXPERTS_FROM
+        expert_ids, inverse = indices, None
+        if sort:
+            x, expert_ids, inverse = _gather_sort(x, indices)
+        gate_up = self.gate_up_proj(x, expert_ids, sorted_indices=sort)
         hidden = geglu(gate_up[..., : self.intermediate], gate_up[..., self.intermediate :])
-        out = self.down_proj(hidden, indices).squeeze(-2)
-        return (out * weights[..., None]).sum(axis=-2)
+        out = self.down_proj(hidden, expert_ids, sorted_indices=sort)
+        if sort:
+            out = _scatter_unsort(out, inverse, indices.shape)
+        return (out.squeeze(-2) * weights[..., None]).sum(axis=-2)
 
 
 class DecoderLayer(nn.Module):
