@@ -359,3 +359,121 @@ def test_moe_leaves_a_few_tokens_in_order(monkeypatch):
     calls = _spy(monkeypatch, "gather_mm")
     experts(x, *router(x))
     assert calls == [False, False]
+
+
+def _cache_sized_concatenations(monkeypatch, cached_rows):
+    """Counts mx.concatenate calls fed a [B, H, T, D] tensor with T >= the cached rows: a copy of the cache."""
+    calls, concatenate = [], mx.concatenate
+
+    def spy(arrays, *args, **kwargs):
+        calls.extend(a.shape for a in arrays if a.ndim == 4 and a.shape[2] >= cached_rows)
+        return concatenate(arrays, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "concatenate", spy)
+    return calls
+
+
+def _attention_inputs(monkeypatch, module):
+    seen, attention = [], module.attention
+
+    def spy(queries, keys, values, *args, **kwargs):
+        seen.append((keys, values))
+        return attention(queries, keys, values, *args, **kwargs)
+
+    monkeypatch.setattr(module, "attention", spy)
+    return seen
+
+
+def _snapshot(cache):
+    return [(c.offset, np.array(c.keys_and_values()[0]), np.array(c.keys_and_values()[1])) for c in cache]
+
+
+def _assert_cache_unchanged(before, cache):
+    for (offset, keys, values), layer_cache in zip(before, cache):
+        assert layer_cache.offset == offset
+        np.testing.assert_array_equal(np.array(layer_cache.keys_and_values()[0]), keys)
+        np.testing.assert_array_equal(np.array(layer_cache.keys_and_values()[1]), values)
+
+
+def _assert_attends_cache_then_block(seen, before, block_rows):
+    """What the old concat path fed attention: every cached row, bit for bit, then the block's."""
+    for (keys, values), (offset, cached_keys, cached_values) in zip(seen, before):
+        assert keys.shape[2] == offset + block_rows
+        np.testing.assert_array_equal(np.array(keys[..., :offset, :]), cached_keys)
+        np.testing.assert_array_equal(np.array(values[..., :offset, :]), cached_values)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_nemotron_bidirectional_pass_does_not_copy_the_cache(monkeypatch, lora):
+    from mlx_dllm.models import nemotron_diffusion
+
+    model = _tiny_nemotron()
+    for layer in model.layers:
+        layer.self_attn.lora = nemotron_diffusion.LoRA(mx.random.normal((4, 128)), mx.random.normal((64, 4)), 4.0)
+    cache = model.make_cache()
+    model(mx.random.randint(0, 256, (1, 40)), cache)
+    block = mx.random.randint(0, 256, (1, 6))
+    before = _snapshot(cache)
+    expected = np.array(model(block, cache, "bidirectional", False, lora=lora))
+    seen = _attention_inputs(monkeypatch, nemotron_diffusion)
+    copies = _cache_sized_concatenations(monkeypatch, 40)
+    logits = model(block, cache, "bidirectional", False, lora=lora)
+    mx.eval(logits)
+    assert copies == []
+    np.testing.assert_array_equal(np.array(logits), expected)
+    _assert_attends_cache_then_block(seen, before, 6)
+    _assert_cache_unchanged(before, cache)
+
+
+def test_diffusion_gemma_denoiser_does_not_copy_the_cache(gemma_folder, monkeypatch):
+    model, _ = load(str(gemma_folder))
+    cache = model.make_cache()
+    model.encode(mx.random.randint(0, 256, (1, 30)), cache)
+    canvas = mx.random.randint(0, 256, (1, dg_ref.CANVAS))
+    before = _snapshot(cache)
+    expected = np.array(model.denoise(canvas, cache))
+    seen = _attention_inputs(monkeypatch, diffusion_gemma)
+    copies = _cache_sized_concatenations(monkeypatch, 30)  # sliding layers copy only their last window-1 rows
+    logits = model.denoise(canvas, cache)
+    mx.eval(logits)
+    assert copies == []
+    np.testing.assert_array_equal(np.array(logits), expected)
+    full = [i for i, t in enumerate(model.text.layer_types) if t == "full_attention"]
+    _assert_attends_cache_then_block([seen[i] for i in full], [before[i] for i in full], dg_ref.CANVAS)
+    _assert_cache_unchanged(before, cache)
+
+
+@pytest.mark.parametrize("architecture", ["DFlashDraftModel", "MuseGlimmerAssistantModel"])
+def test_dflash_drafter_does_not_copy_the_cache(monkeypatch, architecture):
+    from mlx_dllm.models import dflash
+
+    args = dflash.ModelArgs(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=96,
+        block_size=8,
+        mask_token_id=1,
+        target_layer_ids=[0, 1],
+        layer_types=["full_attention", "sliding_attention"],
+        sliding_window=4,
+        architectures=[architecture],
+    )
+    mx.random.seed(5)
+    draft = dflash.Model(args)
+    cache = draft.make_cache()
+    draft(mx.random.normal((1, 8, 64)), mx.random.normal((1, 30, 128)), cache)
+    block, features = mx.random.normal((1, 8, 64)), mx.random.normal((1, 2, 128))
+    before = _snapshot(cache)
+    seen = _attention_inputs(monkeypatch, dflash)
+    copies = _cache_sized_concatenations(monkeypatch, 30)
+    hidden = draft(block, features, cache, start=1)
+    mx.eval(hidden)
+    assert copies == []
+    offset, cached_keys, _ = before[0]
+    keys = seen[0][0]
+    assert keys.shape[2] == offset + 2 + 8  # cache, new context rows, block
+    np.testing.assert_array_equal(np.array(keys[..., :offset, :]), cached_keys)
+    assert [c.offset for c in cache] == [32, 32]  # the new context rows stay, the block does not

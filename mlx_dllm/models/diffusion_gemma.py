@@ -159,23 +159,24 @@ class Attention(nn.Module):
         if write_cache:  # encoder: causal (and windowed on sliding layers), appends to the cache
             mask = cache.make_mask(L, window_size=self.window, return_array=False)
             keys, values = cache.update_and_fetch(keys, values)
-        else:  # denoiser: the canvas sees the cached prefix and all of itself; the cache is untouched
-            mask = None
-            past_keys, past_values = self.cached_prefix(cache)
-            if past_keys is not None:
-                keys = mx.concatenate([past_keys, keys], axis=2)
-                values = mx.concatenate([past_values, values], axis=2)
-        out = attention(queries, keys, values, scale=1.0, mask=mask)
+            out = attention(queries, keys, values, scale=1.0, mask=mask)
+        elif self.window is None:  # denoiser: the canvas sees the cached prefix and all of itself
+            # Write-then-trim: the canvas lands in the preallocated buffer (no copy of the cache), then is forgotten.
+            keys, values = cache.update_and_fetch(keys, values)
+            out = attention(queries, keys, values, scale=1.0)
+            cache.trim(L)
+        else:  # a sliding layer sees the last window-1 committed rows: a bounded copy, the cache untouched
+            keys, values = self.window_prefix_and(cache, keys, values)
+            out = attention(queries, keys, values, scale=1.0)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def cached_prefix(self, cache):
-        """Committed K/V the denoiser sees: all of them, or the last window-1 on sliding layers."""
+    def window_prefix_and(self, cache, keys: mx.array, values: mx.array):
+        """The last window-1 committed K/V of a sliding layer, followed by the canvas's."""
         if cache.offset == 0:
-            return None, None
-        keys, values = cache.keys_and_values()
-        if self.window is not None:
-            keys, values = keys[..., -(self.window - 1) :, :], values[..., -(self.window - 1) :, :]
-        return keys, values
+            return keys, values
+        past_keys, past_values = cache.keys_and_values()
+        past_keys, past_values = past_keys[..., -(self.window - 1) :, :], past_values[..., -(self.window - 1) :, :]
+        return mx.concatenate([past_keys, keys], axis=2), mx.concatenate([past_values, values], axis=2)
 
     def make_cache(self):
         return KVCache() if self.window is None else WindowKVCache(self.window)

@@ -109,13 +109,13 @@ class Attention(nn.Module):
         offset = cache.offset if row_offsets is None else row_offsets
         q, k = self._rope(q, offset, rows), self._rope(k, offset, rows)
         q = q * self._query_scale(L, offset, rows).astype(q.dtype)
-        if write_cache:
-            k, v = cache.update_and_fetch(k, v)
-        elif cache.offset:  # read the committed prefix, leave the cache untouched
-            past_k, past_v = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
-            k, v = mx.concatenate([past_k, k], axis=2), mx.concatenate([past_v, v], axis=2)
+        # Write-then-trim (mlx-lm's idiom): the block lands in the cache's preallocated buffer, so attention
+        # reads a slice of it instead of a concatenated copy of the whole cache; trim then forgets the block.
+        k, v = cache.update_and_fetch(k, v)
         mask = None if isinstance(pattern, str) and pattern == "bidirectional" else pattern
         out = attention(q, k, v, self.scale, mask).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        if not write_cache:
+            cache.trim(L)
         projected = self.o_proj(out)
         if lora and self.lora is not None:
             projected = projected + self.lora(out)
