@@ -3,10 +3,11 @@
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_dllm import DLLMError, load
+from mlx_dllm import DLLMError, load, stream_generate
 from mlx_dllm.models import diffusion_gemma
 
 torch = pytest.importorskip("torch")
@@ -317,7 +318,6 @@ def _spy(monkeypatch, name):
 
 def _moe_layer(quantized=False):
     """A DiffusionGemma router + experts with gather-friendly sizes (64 wide, 8 experts, top 2)."""
-    import mlx.nn as nn
     from mlx_lm.models.gemma4_text import Router
 
     args = diffusion_gemma.TextArgs.from_dict(
@@ -477,3 +477,143 @@ def test_dflash_drafter_does_not_copy_the_cache(monkeypatch, architecture):
     assert keys.shape[2] == offset + 2 + 8  # cache, new context rows, block
     np.testing.assert_array_equal(np.array(keys[..., :offset, :]), cached_keys)
     assert [c.offset for c in cache] == [32, 32]  # the new context rows stay, the block does not
+
+
+class DtypeProbe:
+    """Records the output dtypes of every linear, embedding and decoder layer a generation runs."""
+
+    def __init__(self, monkeypatch, layer_classes):
+        from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+        self.seen = set()
+        for cls in (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear):
+            self._watch(monkeypatch, cls, "linear")
+        for cls in (nn.Embedding, nn.QuantizedEmbedding):
+            self._watch(monkeypatch, cls, "embedding")
+        for cls in layer_classes:
+            self._watch(monkeypatch, cls, "hidden")
+
+    def _watch(self, monkeypatch, cls, kind):
+        original = cls.__call__
+
+        def recorded(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.seen.add((kind, (out[0] if isinstance(out, tuple) else out).dtype))
+            return out
+
+        monkeypatch.setattr(cls, "__call__", recorded)
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    from mlx_lm.utils import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    harness.save_tokenizer(folder)
+    return load_tokenizer(folder)
+
+
+def _cast(model, dtype):
+    """bf16, or 4-bit weights with bf16 scales (a quantized bf16 checkpoint)."""
+    model.set_dtype(mx.bfloat16)
+    if dtype == "4-bit":
+        nn.quantize(model, group_size=32, bits=4, class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+    mx.eval(model.parameters())
+    return model
+
+
+def _run(model, tokenizer, monkeypatch, max_tokens=10, **options):
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    return [t for r in stream_generate(model, tokenizer, [5, 17, 42, 9], max_tokens, **options) for t in r.tokens]
+
+
+BF16_ONLY = {("linear", mx.bfloat16), ("embedding", mx.bfloat16), ("hidden", mx.bfloat16)}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "4-bit"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
+def test_nemotron_stays_in_its_dtype_in_every_mode(tmp_path, word_tokenizer, monkeypatch, dtype, mode):
+    from mlx_dllm.models import nemotron_diffusion
+
+    model = _cast(_tiny_nemotron(), dtype)
+    model.load_lora(_write_adapter(tmp_path / "lora", GOOD_ADAPTER))  # float32 tensors, as PEFT saves them
+    probe = DtypeProbe(monkeypatch, [nemotron_diffusion.TransformerBlock])
+    assert len(_run(model, word_tokenizer, monkeypatch, mode=mode)) == 10
+    assert probe.seen == BF16_ONLY
+
+
+@pytest.mark.parametrize("target_dtype, draft_dtype", [("bf16", mx.bfloat16), ("4-bit", mx.float32), ("fp16", mx.bfloat16)])
+def test_dflash_runs_in_the_target_dtype(mlx_checkpoints, word_tokenizer, monkeypatch, target_dtype, draft_dtype):
+    """A drafter of another dtype (fp16 target + bf16 drafter) is aligned at bind time, not promoted to fp32."""
+    from mlx_lm.models import qwen3
+
+    from mlx_dllm.models import dflash
+
+    target, _ = load(str(mlx_checkpoints["qwen3_gqa"]["target"]))
+    draft, _ = load(str(mlx_checkpoints["qwen3_gqa"]["draft"]))
+    if target_dtype == "fp16":
+        target.set_dtype(mx.float16)
+    else:
+        _cast(target, target_dtype)
+    draft.set_dtype(draft_dtype)
+    expected = mx.float16 if target_dtype == "fp16" else mx.bfloat16
+    probe = DtypeProbe(monkeypatch, [qwen3.TransformerBlock, dflash.DecoderLayer])
+    for mode in ("ar", "dflash"):
+        probe.seen.clear()
+        draft_model = draft if mode == "dflash" else None
+        assert len(_run(target, word_tokenizer, monkeypatch, draft_model=draft_model, mode=mode)) == 10
+        assert probe.seen == {("linear", expected), ("embedding", expected), ("hidden", expected)}, mode
+
+
+@pytest.fixture(scope="module")
+def quantizable_gemma_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("diffusion_gemma_q")
+    dg_ref.build_model(folder, intermediate_size=64, moe_intermediate_size=32)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "4-bit"])
+def test_diffusion_gemma_stays_in_its_dtype(quantizable_gemma_folder, word_tokenizer, monkeypatch, dtype):
+    """The denoiser's logits are float32 by design (transformers); everything before them keeps the dtype."""
+    model, _ = load(str(quantizable_gemma_folder))
+    _cast(model, dtype)
+    probe = DtypeProbe(monkeypatch, [diffusion_gemma.DecoderLayer])
+    denoised = []
+    denoise = model.denoise
+    monkeypatch.setattr(model, "denoise", lambda *a: denoised.append(denoise(*a)) or denoised[-1])
+    mx.random.seed(0)
+    assert len(_run(model, word_tokenizer, monkeypatch, max_tokens=12)) >= 12
+    assert probe.seen == BF16_ONLY
+    assert {logits.dtype for logits in denoised} == {mx.float32}
+
+
+def _relative_error(logits, reference):
+    return float(np.abs(logits - reference).mean() / np.abs(reference).mean())
+
+
+def _reference_denoise(folder, dtype, prompt, canvas):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=dtype).eval()
+    cache = dg_ref.new_cache(reference)
+    dg_ref.encode(reference, prompt, cache)
+    return dg_ref.denoise(reference, canvas, cache).numpy()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_diffusion_gemma_runs_in_half_precision_on_the_cpu(gemma_folder, word_tokenizer, monkeypatch, dtype):
+    """MLX's CPU GatherMM is float32-only: unquantized experts of a bf16 or fp16 model must still run, and
+    land as close to the float32 logits as transformers' own model in that dtype does (within 2x)."""
+    half, _ = load(str(gemma_folder))
+    half.set_dtype(getattr(mx, dtype))
+    mx.random.seed(0)
+    tokens = _run(half, word_tokenizer, monkeypatch, max_tokens=16)
+    assert len(tokens) == 16 and all(0 <= t < dg_ref.VOCAB for t in tokens)
+    prompt, canvas = [5, 17, 42, 9, 3, 77], tokens[: dg_ref.CANVAS]
+    cache = half.make_cache()
+    half.encode(mx.array([prompt]), cache)
+    ours = np.array(half.denoise(mx.array([canvas]), cache))
+    full = _reference_denoise(gemma_folder, torch.float32, prompt, canvas)
+    theirs = _reference_denoise(gemma_folder, getattr(torch, dtype), prompt, canvas)
+    assert np.isfinite(ours).all()
+    assert _relative_error(ours, full) <= 2 * _relative_error(theirs, full)

@@ -14,7 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.gemma4_text import Router, geglu, logit_softcap
+from mlx_lm.models.gemma4_text import Router as Gemma4Router
+from mlx_lm.models.gemma4_text import geglu, logit_softcap
 from mlx_lm.models.rope_utils import ProportionalRoPE
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
@@ -195,6 +196,27 @@ class MLP(nn.Module):
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
+class Router(Gemma4Router):
+    """mlx-lm's Gemma-4 router, with transformers' float32 routing weights ("for numerical stability")."""
+
+    def __call__(self, x: mx.array):
+        scores = self.proj(mx.fast.rms_norm(x, self.scale * self._root_size, self.eps))
+        k = self.config.top_k_experts
+        indices = mx.stop_gradient(mx.argpartition(scores, kth=-k, axis=-1)[..., -k:])
+        weights = mx.softmax(mx.take_along_axis(scores, indices, axis=-1).astype(mx.float32), axis=-1)
+        return indices, weights * self.per_expert_scale[indices].astype(mx.float32)
+
+
+def gather_linear(layer: nn.Module, x: mx.array, indices: mx.array, sort: bool) -> mx.array:
+    """A (quantized) SwitchLinear; on the CPU a bf16/fp16 one runs in float32 and rounds back, since
+    MLX's CPU GatherMM is float32-only (Metal, and gather_qmm everywhere, keep the model's dtype)."""
+    if isinstance(layer, SwitchLinear) and x.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        weight = layer.weight.swapaxes(-1, -2).astype(mx.float32)
+        out = mx.gather_mm(x.astype(mx.float32), weight, rhs_indices=indices, sorted_indices=sort)
+        return out.astype(x.dtype)
+    return layer(x, indices, sorted_indices=sort)
+
+
 class Experts(nn.Module):
     """Top-k experts as gather matmuls; `gate_up_proj` is [E, 2I, H] with the gate rows first (HF layout)."""
 
@@ -211,12 +233,13 @@ class Experts(nn.Module):
         expert_ids, inverse = indices, None
         if sort:
             x, expert_ids, inverse = _gather_sort(x, indices)
-        gate_up = self.gate_up_proj(x, expert_ids, sorted_indices=sort)
+        gate_up = gather_linear(self.gate_up_proj, x, expert_ids, sort)
         hidden = geglu(gate_up[..., : self.intermediate], gate_up[..., self.intermediate :])
-        out = self.down_proj(hidden, expert_ids, sorted_indices=sort)
+        out = gather_linear(self.down_proj, hidden, expert_ids, sort)
         if sort:
             out = _scatter_unsort(out, inverse, indices.shape)
-        return (out.squeeze(-2) * weights[..., None]).sum(axis=-2)
+        # Weighted and summed in float32 (the weights are), rounded once to the model's dtype.
+        return (out.squeeze(-2) * weights[..., None]).sum(axis=-2).astype(x.dtype)
 
 
 class DecoderLayer(nn.Module):

@@ -22,6 +22,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from ..errors import DLLMError
 from ..kernels import attention
+from .dtypes import compute_dtype
 
 Pattern = Union[str, mx.array]  # "causal", "bidirectional", or a boolean [L, cache + L] mask
 
@@ -245,7 +246,3 @@ def lora_pair(weights: Dict[str, mx.array], stem: str, folder: Path):
         raise DLLMError(f"the LoRA adapter in {folder} lacks {stem}.lora_A/lora_B")
     return found[0][0], found[1][0]
 
-
-def compute_dtype(linear: nn.Module):
-    """The dtype a (possibly quantized) linear layer computes in."""
-    return linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else linear.weight.dtype
