@@ -1,17 +1,29 @@
 """Model-level correctness and Mac hot paths: config checks, feature capture, dtypes, cache reads, MoE gathers."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from mlx_lm.models import qwen3
+from mlx_lm.models.gemma4_text import Router, geglu
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.utils import load_tokenizer
 
-from mlx_dllm import DLLMError, load, stream_generate
-from mlx_dllm.models import diffusion_gemma
+from mlx_dllm import DLLMError, convert, load, stream_generate
+from mlx_dllm.cli import main
+from mlx_dllm.models import dflash, diffusion_gemma, nemotron_diffusion
+from mlx_dllm.models.target import Target
+from mlx_dllm.sampler import dflash as dflash_strategy
+from mlx_dllm.sampler.diffusion import DiffusionSettings
 
 torch = pytest.importorskip("torch")
 dg_ref = pytest.importorskip("tests.reference.diffusion_gemma")
+harness = pytest.importorskip("tests.reference.harness")
+transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +67,6 @@ def test_largest_canvas_length_is_accepted(gemma_folder):
     ],
 )
 def test_diffusion_knob_of_the_wrong_kind_is_named(knob, value):
-    from mlx_dllm.sampler.diffusion import DiffusionSettings
-
     with pytest.raises(DLLMError, match=f"diffusion option {knob} must be"):
         DiffusionSettings.resolve({"sampler_config": {knob: value}}, {})
     with pytest.raises(DLLMError, match=f"diffusion option {knob} must be"):
@@ -64,20 +74,14 @@ def test_diffusion_knob_of_the_wrong_kind_is_named(knob, value):
 
 
 def test_cli_t_max_inf_is_one_error_line(gemma_folder):
-    from click.testing import CliRunner
-
-    from mlx_dllm.cli import main
-
     result = CliRunner().invoke(main, ["generate", "--model", str(gemma_folder), "-p", "w5", "--t-max", "inf"])
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1] == "Error: diffusion option t_max must be a finite number, got inf"
 
 
-def _tiny_nemotron(dtype=mx.float32):
-    from mlx_dllm.models.nemotron_diffusion import Model, ModelArgs
-
+def _tiny_nemotron():
     mx.random.seed(0)
-    args = ModelArgs(
+    args = nemotron_diffusion.ModelArgs(
         hidden_size=64,
         num_hidden_layers=2,
         intermediate_size=128,
@@ -88,8 +92,7 @@ def _tiny_nemotron(dtype=mx.float32):
         mask_token_id=100,
         block_size=4,
     )
-    model = Model(args)
-    model.set_dtype(dtype)
+    model = nemotron_diffusion.Model(args)
     mx.eval(model.parameters())
     return model
 
@@ -169,14 +172,9 @@ def test_good_lora_loads(tmp_path):
     assert model.has_lora and model.layers[0].self_attn.lora.scale == 4.0
 
 
-harness = pytest.importorskip("tests.reference.harness")
-
-
 @pytest.fixture(scope="module")
 def last_layer_drafts(hf_checkpoints, tmp_path_factory):
     """name -> (torch drafter, our drafter): drafters reading the target's last layer."""
-    from mlx_dllm import convert
-
     root = tmp_path_factory.mktemp("last_layer_drafts")
     drafts = {}
     for name, checkpoint in hf_checkpoints.items():
@@ -188,8 +186,6 @@ def last_layer_drafts(hf_checkpoints, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(harness.TARGETS))
 def test_last_layer_feature_is_the_final_normed_hidden_state(hf_checkpoints, mlx_checkpoints, name):
-    from mlx_dllm.models.target import Target
-
     ids = [5, 17, 42, 9, 3, 77, 120, 8, 64, 33, 2, 19]
     hidden = hf_checkpoints[name]["target_model"](torch.tensor([ids]), output_hidden_states=True).hidden_states
     expected = torch.cat([hidden[i + 1] for i in harness.LAST_LAYER_IDS], dim=-1).detach().numpy()
@@ -200,9 +196,8 @@ def test_last_layer_feature_is_the_final_normed_hidden_state(hf_checkpoints, mlx
 
 
 def _record_transformers_drafts(monkeypatch):
-    from transformers.generation.candidate_generator import DFlashTokenCandidateGenerator
-
-    drafts, get_candidates = [], DFlashTokenCandidateGenerator.get_candidates
+    generator = transformers.generation.candidate_generator.DFlashTokenCandidateGenerator
+    drafts, get_candidates = [], generator.get_candidates
 
     def recording(self, input_ids, *args, **kwargs):
         candidates, logits = get_candidates(self, input_ids, *args, **kwargs)
@@ -210,13 +205,11 @@ def _record_transformers_drafts(monkeypatch):
             drafts.append(candidates[0, input_ids.shape[1] :].tolist())
         return candidates, logits
 
-    monkeypatch.setattr(DFlashTokenCandidateGenerator, "get_candidates", recording)
+    monkeypatch.setattr(generator, "get_candidates", recording)
     return drafts
 
 
 def _record_our_drafts(monkeypatch):
-    from mlx_dllm.sampler import dflash as dflash_strategy
-
     drafts, propose_block = [], dflash_strategy.propose_block
 
     def recording(*args):
@@ -233,8 +226,6 @@ def test_last_layer_drafter_drafts_as_transformers_does(
     hf_checkpoints, mlx_checkpoints, last_layer_drafts, name, monkeypatch
 ):
     """Greedy DFlash with a drafter on the last layer: same tokens and the same proposals, round by round."""
-    from mlx_dllm import stream_generate
-
     torch_draft, draft = last_layer_drafts[name]
     target, tokenizer = load(str(mlx_checkpoints[name]["target"]))
     monkeypatch.setattr(tokenizer, "eos_token_ids", [])
@@ -262,8 +253,6 @@ def qwen_pair(mlx_checkpoints, monkeypatch):
 
 
 def test_two_interleaved_dflash_generators_on_one_target(qwen_pair):
-    from mlx_dllm import stream_generate
-
     target, tokenizer, draft = qwen_pair
     prompts = ([5, 17, 42, 9], [100, 3, 3, 250, 7, 64, 12])
     alone = [_dflash_tokens(stream_generate(target, tokenizer, p, 20, draft_model=draft)) for p in prompts]
@@ -279,10 +268,6 @@ def test_two_interleaved_dflash_generators_on_one_target(qwen_pair):
 
 
 def test_dflash_generators_on_two_threads_share_one_target(qwen_pair):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mlx_dllm import stream_generate
-
     target, tokenizer, draft = qwen_pair
     prompts = [[5, 17, 42, 9], [100, 3, 3, 250, 7, 64, 12], [77], [9, 8, 7]]
     alone = [_dflash_tokens(stream_generate(target, tokenizer, p, 16, draft_model=draft)) for p in prompts]
@@ -297,8 +282,6 @@ def test_dflash_generators_on_two_threads_share_one_target(qwen_pair):
 
 def _unsorted_experts(experts, x, indices, weights):
     """The gathers in token order, as before sorting."""
-    from mlx_lm.models.gemma4_text import geglu
-
     x = mx.expand_dims(x, (-2, -3))
     gate_up = experts.gate_up_proj(x, indices)
     hidden = geglu(gate_up[..., : experts.intermediate], gate_up[..., experts.intermediate :])
@@ -318,8 +301,6 @@ def _spy(monkeypatch, name):
 
 def _moe_layer(quantized=False):
     """A DiffusionGemma router + experts with gather-friendly sizes (64 wide, 8 experts, top 2)."""
-    from mlx_lm.models.gemma4_text import Router
-
     args = diffusion_gemma.TextArgs.from_dict(
         dict(
             hidden_size=64,
@@ -405,8 +386,6 @@ def _assert_attends_cache_then_block(seen, before, block_rows):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_nemotron_bidirectional_pass_does_not_copy_the_cache(monkeypatch, lora):
-    from mlx_dllm.models import nemotron_diffusion
-
     model = _tiny_nemotron()
     for layer in model.layers:
         layer.self_attn.lora = nemotron_diffusion.LoRA(mx.random.normal((4, 128)), mx.random.normal((64, 4)), 4.0)
@@ -445,8 +424,6 @@ def test_diffusion_gemma_denoiser_does_not_copy_the_cache(gemma_folder, monkeypa
 
 @pytest.mark.parametrize("architecture", ["DFlashDraftModel", "MuseGlimmerAssistantModel"])
 def test_dflash_drafter_does_not_copy_the_cache(monkeypatch, architecture):
-    from mlx_dllm.models import dflash
-
     args = dflash.ModelArgs(
         hidden_size=64,
         num_hidden_layers=2,
@@ -483,8 +460,6 @@ class DtypeProbe:
     """Records the output dtypes of every linear, embedding and decoder layer a generation runs."""
 
     def __init__(self, monkeypatch, layer_classes):
-        from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
-
         self.seen = set()
         for cls in (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear):
             self._watch(monkeypatch, cls, "linear")
@@ -506,8 +481,6 @@ class DtypeProbe:
 
 @pytest.fixture(scope="module")
 def word_tokenizer(tmp_path_factory):
-    from mlx_lm.utils import load_tokenizer
-
     folder = tmp_path_factory.mktemp("tokenizer")
     harness.save_tokenizer(folder)
     return load_tokenizer(folder)
@@ -533,8 +506,6 @@ BF16_ONLY = {("linear", mx.bfloat16), ("embedding", mx.bfloat16), ("hidden", mx.
 @pytest.mark.parametrize("dtype", ["bf16", "4-bit"])
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
 def test_nemotron_stays_in_its_dtype_in_every_mode(tmp_path, word_tokenizer, monkeypatch, dtype, mode):
-    from mlx_dllm.models import nemotron_diffusion
-
     model = _cast(_tiny_nemotron(), dtype)
     model.load_lora(_write_adapter(tmp_path / "lora", GOOD_ADAPTER))  # float32 tensors, as PEFT saves them
     probe = DtypeProbe(monkeypatch, [nemotron_diffusion.TransformerBlock])
@@ -542,13 +513,11 @@ def test_nemotron_stays_in_its_dtype_in_every_mode(tmp_path, word_tokenizer, mon
     assert probe.seen == BF16_ONLY
 
 
-@pytest.mark.parametrize("target_dtype, draft_dtype", [("bf16", mx.bfloat16), ("4-bit", mx.float32), ("fp16", mx.bfloat16)])
+@pytest.mark.parametrize(
+    "target_dtype, draft_dtype", [("bf16", mx.bfloat16), ("4-bit", mx.float32), ("fp16", mx.bfloat16)]
+)
 def test_dflash_runs_in_the_target_dtype(mlx_checkpoints, word_tokenizer, monkeypatch, target_dtype, draft_dtype):
     """A drafter of another dtype (fp16 target + bf16 drafter) is aligned at bind time, not promoted to fp32."""
-    from mlx_lm.models import qwen3
-
-    from mlx_dllm.models import dflash
-
     target, _ = load(str(mlx_checkpoints["qwen3_gqa"]["target"]))
     draft, _ = load(str(mlx_checkpoints["qwen3_gqa"]["draft"]))
     if target_dtype == "fp16":
@@ -592,9 +561,7 @@ def _relative_error(logits, reference):
 
 
 def _reference_denoise(folder, dtype, prompt, canvas):
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=dtype).eval()
+    reference = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=dtype).eval()
     cache = dg_ref.new_cache(reference)
     dg_ref.encode(reference, prompt, cache)
     return dg_ref.denoise(reference, canvas, cache).numpy()

@@ -201,16 +201,16 @@ class Model(nn.Module):
             raise DLLMError(f"cannot read the LoRA weights {weights_file}: {error}") from None
         adapters = []
         for index, layer in enumerate(self.layers):
-            attention = layer.self_attn
+            self_attn = layer.self_attn
             lora_a, lora_b = lora_pair(weights, f"encoder.layers.{index}.self_attn.o_proj", folder)
-            expected_a = (rank, attention.n_heads * attention.head_dim)
+            expected_a = (rank, self_attn.n_heads * self_attn.head_dim)
             expected_b = (self.args.hidden_size, rank)
             if lora_a.shape != expected_a or lora_b.shape != expected_b:
                 raise DLLMError(
                     f"the LoRA adapter in {folder}: layer {index} has A {lora_a.shape} and B {lora_b.shape}, "
                     f"expected {expected_a} and {expected_b} (r={rank})"
                 )
-            dtype = compute_dtype(attention.o_proj)  # an fp32 adapter must not promote a bf16 or quantized model
+            dtype = compute_dtype(self_attn.o_proj)  # an fp32 adapter must not promote a bf16 or quantized model
             adapters.append(LoRA(lora_a.astype(dtype), lora_b.astype(dtype), alpha / rank))
         for layer, adapter in zip(self.layers, adapters):  # all or nothing
             layer.self_attn.lora = adapter
@@ -245,4 +245,3 @@ def lora_pair(weights: Dict[str, mx.array], stem: str, folder: Path):
     if len(found[0]) != 1 or len(found[1]) != 1:
         raise DLLMError(f"the LoRA adapter in {folder} lacks {stem}.lora_A/lora_B")
     return found[0][0], found[1][0]
-
