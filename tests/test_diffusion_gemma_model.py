@@ -75,6 +75,15 @@ def test_legacy_global_head_fields_load_the_same_model(checkpoint, tmp_path):
     assert max(errors) <= TOLERANCE, errors
 
 
+def test_empty_per_layer_config_keeps_the_base_attention_shape(tmp_path):
+    """transformers writes `per_layer_config: {}` when full and sliding layers share their shape."""
+    reference = ref.build_model(tmp_path, global_head_dim=8, num_global_key_value_heads=2)
+    assert json.loads((tmp_path / "config.json").read_text())["text_config"]["per_layer_config"] == {}
+    model, _ = load(str(tmp_path))
+    errors = _compare(reference, model, *_random(4, 11))
+    assert max(errors) <= TOLERANCE, errors
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -123,17 +123,16 @@ class Attention(nn.Module):
         queries = self.rope(queries, offset=start + S)
         block_keys = self.rope(block_keys, offset=start + S)
         context_keys = self.rope(context_keys, offset=start)
-        # Only context rows persist: the block's K/V are never written to the cache.
-        context_keys, context_values = cache.update_and_fetch(context_keys, context_values)
-        keys = mx.concatenate([context_keys, block_keys], axis=2)
-        values = mx.concatenate([context_values, block_values], axis=2)
-
+        # Write-then-trim: the new context rows and the block land in the cache's buffer (the cache itself
+        # is not copied), then the block is trimmed off: only context rows persist.
+        keys, values = cache.update_and_fetch(
+            mx.concatenate([context_keys, block_keys], axis=2), mx.concatenate([context_values, block_values], axis=2)
+        )
         mask = None
         if self.window is not None:
-            block_positions = mx.arange(start + S, start + S + L)
-            key_positions = mx.concatenate([cache.key_positions(), block_positions])
-            mask = sliding_mask(block_positions, key_positions, self.window, self.causal)
+            mask = sliding_mask(mx.arange(start + S, start + S + L), cache.key_positions(), self.window, self.causal)
         out = attention(queries, keys, values, self.scale, mask)
+        cache.trim(L)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def make_cache(self):

@@ -14,13 +14,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.gemma4_text import Router, geglu, logit_softcap
+from mlx_lm.models.gemma4_text import Router as Gemma4Router
+from mlx_lm.models.gemma4_text import geglu, logit_softcap
 from mlx_lm.models.rope_utils import ProportionalRoPE
-from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from ..errors import DLLMError
 from ..kernels import attention
 from .cache import WindowKVCache
+
+# 16x the released 256: one canvas is one forward whose float32 logits are canvas x vocab (4 GiB at 262k).
+MAX_CANVAS_LENGTH = 4096
+SORT_EXPERTS_FROM = 64  # routed (token, expert) pairs; mlx-lm's SwitchGLU threshold
 
 DEFAULT_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -78,15 +83,15 @@ class TextArgs(BaseModelArgs):
         self.num_global_key_value_heads = self.num_global_key_value_heads or self.num_key_value_heads
 
     def attention_shape(self, layer: int):
-        """(head_dim, kv_heads) of a layer: full layers use the global values or `per_layer_config`."""
+        """(head_dim, kv_heads) of a layer: `per_layer_config` overrides the base values (a layer it omits,
+        or an empty one, keeps them, as in transformers); legacy configs without it give full layers the
+        global values."""
+        if self.per_layer_config is not None:
+            override = {int(k): v for k, v in self.per_layer_config.items()}.get(layer, {})
+            kv_heads = override.get("num_key_value_heads", self.num_key_value_heads)
+            return override.get("head_dim", self.head_dim), kv_heads
         if self.layer_types[layer] == "sliding_attention":
             return self.head_dim, self.num_key_value_heads
-        if self.per_layer_config:
-            override = {int(k): v for k, v in self.per_layer_config.items()}.get(layer)
-            if override:
-                return override.get("head_dim", self.head_dim), override.get(
-                    "num_key_value_heads", self.num_key_value_heads
-                )
         return self.global_head_dim, self.num_global_key_value_heads
 
 
@@ -100,8 +105,9 @@ class ModelArgs(BaseModelArgs):
 
     def __post_init__(self):
         self.text = TextArgs.from_dict(self.text_config)
-        if self.canvas_length < 1:
-            raise DLLMError(f"canvas_length must be positive, got {self.canvas_length}")
+        canvas = self.canvas_length
+        if not isinstance(canvas, int) or isinstance(canvas, bool) or not 1 <= canvas <= MAX_CANVAS_LENGTH:
+            raise DLLMError(f"canvas_length must be an integer from 1 to {MAX_CANVAS_LENGTH}, got {canvas!r}")
 
 
 def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
@@ -154,23 +160,24 @@ class Attention(nn.Module):
         if write_cache:  # encoder: causal (and windowed on sliding layers), appends to the cache
             mask = cache.make_mask(L, window_size=self.window, return_array=False)
             keys, values = cache.update_and_fetch(keys, values)
-        else:  # denoiser: the canvas sees the cached prefix and all of itself; the cache is untouched
-            mask = None
-            past_keys, past_values = self.cached_prefix(cache)
-            if past_keys is not None:
-                keys = mx.concatenate([past_keys, keys], axis=2)
-                values = mx.concatenate([past_values, values], axis=2)
-        out = attention(queries, keys, values, scale=1.0, mask=mask)
+            out = attention(queries, keys, values, scale=1.0, mask=mask)
+        elif self.window is None:  # denoiser: the canvas sees the cached prefix and all of itself
+            # Write-then-trim: the canvas lands in the preallocated buffer (no copy of the cache), then is forgotten.
+            keys, values = cache.update_and_fetch(keys, values)
+            out = attention(queries, keys, values, scale=1.0)
+            cache.trim(L)
+        else:  # a sliding layer sees the last window-1 committed rows: a bounded copy, the cache untouched
+            keys, values = self.window_prefix_and(cache, keys, values)
+            out = attention(queries, keys, values, scale=1.0)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def cached_prefix(self, cache):
-        """Committed K/V the denoiser sees: all of them, or the last window-1 on sliding layers."""
+    def window_prefix_and(self, cache, keys: mx.array, values: mx.array):
+        """The last window-1 committed K/V of a sliding layer, followed by the canvas's."""
         if cache.offset == 0:
-            return None, None
-        keys, values = cache.keys_and_values()
-        if self.window is not None:
-            keys, values = keys[..., -(self.window - 1) :, :], values[..., -(self.window - 1) :, :]
-        return keys, values
+            return keys, values
+        past_keys, past_values = cache.keys_and_values()
+        past_keys, past_values = past_keys[..., -(self.window - 1) :, :], past_values[..., -(self.window - 1) :, :]
+        return mx.concatenate([past_keys, keys], axis=2), mx.concatenate([past_values, values], axis=2)
 
     def make_cache(self):
         return KVCache() if self.window is None else WindowKVCache(self.window)
@@ -189,6 +196,27 @@ class MLP(nn.Module):
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
+class Router(Gemma4Router):
+    """mlx-lm's Gemma-4 router, with transformers' float32 routing weights ("for numerical stability")."""
+
+    def __call__(self, x: mx.array):
+        scores = self.proj(mx.fast.rms_norm(x, self.scale * self._root_size, self.eps))
+        k = self.config.top_k_experts
+        indices = mx.stop_gradient(mx.argpartition(scores, kth=-k, axis=-1)[..., -k:])
+        weights = mx.softmax(mx.take_along_axis(scores, indices, axis=-1).astype(mx.float32), axis=-1)
+        return indices, weights * self.per_expert_scale[indices].astype(mx.float32)
+
+
+def gather_linear(layer: nn.Module, x: mx.array, indices: mx.array, sort: bool) -> mx.array:
+    """A (quantized) SwitchLinear; on the CPU a bf16/fp16 one runs in float32 and rounds back, since
+    MLX's CPU GatherMM is float32-only (Metal, and gather_qmm everywhere, keep the model's dtype)."""
+    if isinstance(layer, SwitchLinear) and x.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        weight = layer.weight.swapaxes(-1, -2).astype(mx.float32)
+        out = mx.gather_mm(x.astype(mx.float32), weight, rhs_indices=indices, sorted_indices=sort)
+        return out.astype(x.dtype)
+    return layer(x, indices, sorted_indices=sort)
+
+
 class Experts(nn.Module):
     """Top-k experts as gather matmuls; `gate_up_proj` is [E, 2I, H] with the gate rows first (HF layout)."""
 
@@ -200,10 +228,18 @@ class Experts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         x = mx.expand_dims(x, (-2, -3))
-        gate_up = self.gate_up_proj(x, indices)
+        # As mlx-lm's SwitchGLU: many rows go through the gathers sorted by expert (Metal's sorted kernels).
+        sort = indices.size >= SORT_EXPERTS_FROM
+        expert_ids, inverse = indices, None
+        if sort:
+            x, expert_ids, inverse = _gather_sort(x, indices)
+        gate_up = gather_linear(self.gate_up_proj, x, expert_ids, sort)
         hidden = geglu(gate_up[..., : self.intermediate], gate_up[..., self.intermediate :])
-        out = self.down_proj(hidden, indices).squeeze(-2)
-        return (out * weights[..., None]).sum(axis=-2)
+        out = gather_linear(self.down_proj, hidden, expert_ids, sort)
+        if sort:
+            out = _scatter_unsort(out, inverse, indices.shape)
+        # Weighted and summed in float32 (the weights are), rounded once to the model's dtype.
+        return (out.squeeze(-2) * weights[..., None]).sum(axis=-2).astype(x.dtype)
 
 
 class DecoderLayer(nn.Module):

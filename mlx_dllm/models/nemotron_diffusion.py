@@ -7,6 +7,8 @@ Every forward states its attention pattern and cache policy:
 Causal logits at position i predict token i+1; bidirectional logits at position i predict token i.
 """
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -20,6 +22,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from ..errors import DLLMError
 from ..kernels import attention
+from .dtypes import compute_dtype
 
 Pattern = Union[str, mx.array]  # "causal", "bidirectional", or a boolean [L, cache + L] mask
 
@@ -107,13 +110,13 @@ class Attention(nn.Module):
         offset = cache.offset if row_offsets is None else row_offsets
         q, k = self._rope(q, offset, rows), self._rope(k, offset, rows)
         q = q * self._query_scale(L, offset, rows).astype(q.dtype)
-        if write_cache:
-            k, v = cache.update_and_fetch(k, v)
-        elif cache.offset:  # read the committed prefix, leave the cache untouched
-            past_k, past_v = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
-            k, v = mx.concatenate([past_k, k], axis=2), mx.concatenate([past_v, v], axis=2)
+        # Write-then-trim (mlx-lm's idiom): the block lands in the cache's preallocated buffer, so attention
+        # reads a slice of it instead of a concatenated copy of the whole cache; trim then forgets the block.
+        k, v = cache.update_and_fetch(k, v)
         mask = None if isinstance(pattern, str) and pattern == "bidirectional" else pattern
         out = attention(q, k, v, self.scale, mask).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        if not write_cache:
+            cache.trim(L)
         projected = self.o_proj(out)
         if lora and self.lora is not None:
             projected = projected + self.lora(out)
@@ -187,28 +190,58 @@ class Model(nn.Module):
 
     def load_lora(self, folder: Union[str, Path]) -> None:
         """Attach a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`, o_proj only)."""
-        import json
-
         folder = Path(folder)
         config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
         if not config_file.exists() or not weights_file.exists():
             raise DLLMError(f"no LoRA adapter in {folder} (expected adapter_config.json and adapter_model.safetensors)")
-        config = json.loads(config_file.read_text())
-        targets = set(config.get("target_modules") or [])
-        if targets != {"o_proj"}:
-            raise DLLMError(f"LoRA targets {sorted(targets)} are not supported (only o_proj)")
-        scale = config["lora_alpha"] / config["r"]
-        weights = mx.load(str(weights_file))
+        rank, alpha = read_lora_config(config_file)
+        try:
+            weights = mx.load(str(weights_file))
+        except (RuntimeError, ValueError, OSError) as error:
+            raise DLLMError(f"cannot read the LoRA weights {weights_file}: {error}") from None
+        adapters = []
         for index, layer in enumerate(self.layers):
-            stem = f"encoder.layers.{index}.self_attn.o_proj"
-            found = (
-                [v for k, v in weights.items() if k.endswith(f"{stem}.lora_A.weight")],
-                [v for k, v in weights.items() if k.endswith(f"{stem}.lora_B.weight")],
-            )
-            if len(found[0]) != 1 or len(found[1]) != 1:
-                raise DLLMError(f"the LoRA adapter in {folder} lacks {stem}.lora_A/lora_B")
-            layer.self_attn.lora = LoRA(found[0][0], found[1][0], scale)
+            self_attn = layer.self_attn
+            lora_a, lora_b = lora_pair(weights, f"encoder.layers.{index}.self_attn.o_proj", folder)
+            expected_a = (rank, self_attn.n_heads * self_attn.head_dim)
+            expected_b = (self.args.hidden_size, rank)
+            if lora_a.shape != expected_a or lora_b.shape != expected_b:
+                raise DLLMError(
+                    f"the LoRA adapter in {folder}: layer {index} has A {lora_a.shape} and B {lora_b.shape}, "
+                    f"expected {expected_a} and {expected_b} (r={rank})"
+                )
+            dtype = compute_dtype(self_attn.o_proj)  # an fp32 adapter must not promote a bf16 or quantized model
+            adapters.append(LoRA(lora_a.astype(dtype), lora_b.astype(dtype), alpha / rank))
+        for layer, adapter in zip(self.layers, adapters):  # all or nothing
+            layer.self_attn.lora = adapter
 
     @staticmethod
     def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         return {k: v for k, v in weights.items() if "rotary_emb" not in k}
+
+
+def read_lora_config(config_file: Path):
+    """(r, lora_alpha) of a PEFT adapter_config.json that targets o_proj only."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, OSError) as error:
+        raise DLLMError(f"{config_file} is not readable JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise DLLMError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+    targets = config.get("target_modules") or []
+    if not isinstance(targets, list) or set(targets) != {"o_proj"}:
+        raise DLLMError(f"LoRA targets {targets!r} are not supported (only o_proj)")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise DLLMError(f"{config_file}: r must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise DLLMError(f"{config_file}: lora_alpha must be a positive number, got {alpha!r}")
+    return rank, alpha
+
+
+def lora_pair(weights: Dict[str, mx.array], stem: str, folder: Path):
+    """The one A and one B tensor of `stem`, whatever prefix PEFT put before it."""
+    found = [[v for k, v in weights.items() if k.endswith(f"{stem}.lora_{part}.weight")] for part in "AB"]
+    if len(found[0]) != 1 or len(found[1]) != 1:
+        raise DLLMError(f"the LoRA adapter in {folder} lacks {stem}.lora_A/lora_B")
+    return found[0][0], found[1][0]

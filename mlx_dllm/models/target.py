@@ -1,6 +1,8 @@
 """Adapter over mlx-lm autoregressive models: layer-output capture, embed/lm_head, cache rollback."""
 
-from typing import List, Optional, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -10,30 +12,38 @@ from ..errors import DLLMError
 from .cache import WindowKVCache
 
 
-class _CaptureSlot:
-    """Holds the latest outputs of the captured layers (kept outside the module tree)."""
+class _RecordingLayer:
+    """Stands in for one decoder layer in its model's `layers` list during one target forward."""
 
-    def __init__(self):
-        self.outputs = {}
-
-
-_CAPTURING_CLASSES = {}
-
-
-def _capturing_class(cls):
-    """A subclass of `cls` whose call records its output; the parameter tree is unchanged."""
-    if cls in _CAPTURING_CLASSES.values():  # already captured by an earlier binding
-        return cls
-    if cls in _CAPTURING_CLASSES:
-        return _CAPTURING_CLASSES[cls]
+    def __init__(self, layer: nn.Module, outputs: Dict[int, mx.array], layer_id: int):
+        self._layer, self._outputs, self._layer_id = layer, outputs, layer_id
 
     def __call__(self, *args, **kwargs):
-        out = cls.__call__(self, *args, **kwargs)
-        self._capture_slot.outputs[self._capture_index] = out[0] if isinstance(out, tuple) else out
+        out = self._layer(*args, **kwargs)
+        self._outputs[self._layer_id] = out[0] if isinstance(out, tuple) else out
         return out
 
-    _CAPTURING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
-    return _CAPTURING_CLASSES[cls]
+    def __getattr__(self, name):
+        return getattr(self._layer, name)  # e.g. llama's `use_sliding`, read by its model loop
+
+
+# One capture at a time: a forward from another thread waits instead of seeing a half-swapped list.
+_CAPTURE_LOCK = threading.Lock()
+
+
+@contextmanager
+def recording_layers(layers: List, layer_ids: Sequence[int], outputs: Dict[int, mx.array]):
+    """Put recorders in `layers` for the duration of one forward (which only builds the graph), then
+    give the list its own layers back: no state outlives the call, so generators can share a model."""
+    originals = {layer_id: layers[layer_id] for layer_id in layer_ids}
+    with _CAPTURE_LOCK:
+        try:
+            for layer_id, layer in originals.items():
+                layers[layer_id] = _RecordingLayer(layer, outputs, layer_id)
+            yield
+        finally:
+            for layer_id, layer in originals.items():
+                layers[layer_id] = layer
 
 
 def _find_backbone(model: nn.Module) -> Optional[nn.Module]:
@@ -49,8 +59,9 @@ def _find_backbone(model: nn.Module) -> Optional[nn.Module]:
 class Target:
     """An mlx-lm model seen as a DFlash target.
 
-    `capture_layer_ids` are 0-based decoder layers whose outputs (residual stream, before the final
-    norm) are concatenated, in the given order, into the features the drafter reads.
+    `capture_layer_ids` are 0-based decoder layers whose outputs are concatenated, in the given order,
+    into the features the drafter reads: the residual stream, and for the last layer the final-normed
+    one (transformers' and z-lab's `hidden_states[layer_id + 1]`).
     """
 
     def __init__(self, model: nn.Module, capture_layer_ids: Sequence[int] = ()):
@@ -67,27 +78,19 @@ class Target:
             raise DLLMError(f"target family '{self.family}' is not supported: it lacks {' and '.join(missing)}")
         self.embed_tokens = backbone.embed_tokens
         self.layers = layers
+        # The list the backbone loops over (qwen3_moe's `model.layers` is a fresh slice of it).
+        self._running_layers = backbone.layers if isinstance(getattr(backbone, "layers", None), list) else layers
         self._lm_head = getattr(model, "lm_head", None)
         self.num_layers = len(layers)
         self.capture_layer_ids = list(capture_layer_ids)
         outside = [i for i in self.capture_layer_ids if not 0 <= i < self.num_layers]
         if outside:
             raise DLLMError(f"target layer id {outside[0]} is outside the target's {self.num_layers} layers")
+        self._final_norm = getattr(backbone, "norm", None)
+        if self.num_layers - 1 in self.capture_layer_ids and self._final_norm is None:
+            raise DLLMError(f"target '{self.family}' has no final `norm` for its last layer's features")
         self.make_cache()  # fail early on caches that cannot roll back
-        self._slot = _CaptureSlot()
-        self._original_classes = {}
-        for index, layer_id in enumerate(self.capture_layer_ids):
-            layer = layers[layer_id]
-            self._original_classes.setdefault(layer_id, type(layer))
-            layer.__class__ = _capturing_class(type(layer))
-            layer._capture_slot = self._slot
-            layer._capture_index = index
-
-    def close(self) -> None:
-        """Give the layers their own classes back, so the model runs exactly as before."""
-        for layer_id, cls in self._original_classes.items():
-            self.layers[layer_id].__class__ = cls
-        self._original_classes.clear()
+        self._features = None
 
     def embed(self, ids: mx.array) -> mx.array:
         return self.embed_tokens(ids)
@@ -99,13 +102,26 @@ class Target:
 
     def __call__(self, ids: mx.array, cache: List) -> mx.array:
         """Logits for `ids` [1, N]; the captured features are then available from `features()`."""
-        self._slot.outputs.clear()
-        return self.model(ids, cache=cache)
+        outputs = {}
+        with recording_layers(self._running_layers, set(self.capture_layer_ids), outputs):
+            logits = self.model(ids, cache=cache)
+        unseen = [i for i in self.capture_layer_ids if i not in outputs]
+        if unseen:
+            raise DLLMError(f"target '{self.family}' did not run layer {unseen[0]} from its `layers` list")
+        self._features = self._concatenate_features(outputs)
+        return logits
+
+    def _concatenate_features(self, outputs: Dict[int, mx.array]) -> Optional[mx.array]:
+        if not self.capture_layer_ids:
+            return None
+        last = self.num_layers - 1
+        if last in outputs:
+            outputs[last] = self._final_norm(outputs[last])
+        return mx.concatenate([outputs[i] for i in self.capture_layer_ids], axis=-1)
 
     def features(self) -> mx.array:
         """[1, N, K*H]: captured layer outputs of the last call, in `capture_layer_ids` order."""
-        outputs = self._slot.outputs
-        return mx.concatenate([outputs[i] for i in range(len(self.capture_layer_ids))], axis=-1)
+        return self._features
 
     def make_cache(self) -> List:
         """A prompt cache whose every layer can roll back a rejected block, sliding layers included."""

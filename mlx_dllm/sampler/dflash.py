@@ -12,12 +12,16 @@ import mlx.nn as nn
 
 from ..errors import DLLMError
 from ..models.dflash import Model as DFlashDraft
+from ..models.dtypes import compute_dtype
 from ..models.target import Target
 from .common import Stats, TokenSelector, prefill_chunks
 
 
 def bind_target(draft: DFlashDraft, model: nn.Module) -> Target:
-    """Check that `draft` can read `model` and return the target adapter capturing its layers."""
+    """Check that `draft` can read `model` and return the target adapter capturing its layers.
+
+    The drafter is cast to the target's compute dtype: mixed dtypes (an fp16 target with a bf16
+    drafter) would promote every draft forward, and the target head it feeds, to float32."""
     if not isinstance(draft, DFlashDraft):
         raise DLLMError(f"the draft model must be a DFlash drafter, got {type(draft).__name__}")
     args = draft.args
@@ -28,10 +32,12 @@ def bind_target(draft: DFlashDraft, model: nn.Module) -> Target:
     target = Target(model, args.target_layer_ids)
     vocab_rows = target.embed_tokens.weight.shape[0]
     if not 0 <= args.mask_token_id < vocab_rows:
-        target.close()
         raise DLLMError(
             f"mask_token_id {args.mask_token_id} is outside the target's embedding table ({vocab_rows} rows)"
         )
+    dtype = compute_dtype(target.embed_tokens)
+    if compute_dtype(draft.fc) != dtype:
+        draft.set_dtype(dtype)
     return target
 
 
@@ -69,10 +75,7 @@ def generate_dflash(
     if not 2 <= block_size <= trained:
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
     target = bind_target(draft_model, model)
-    try:
-        yield from _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size)
-    finally:
-        target.close()
+    yield from _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size)
 
 
 def _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size):

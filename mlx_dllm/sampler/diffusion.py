@@ -49,6 +49,8 @@ class DiffusionSettings:
         return settings
 
     def validate(self) -> None:
+        for knob in fields(self):
+            self._check_finite_number(knob)
         if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps < 1:
             raise DLLMError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps}")
         if not self.entropy_bound > 0:
@@ -59,6 +61,18 @@ class DiffusionSettings:
             raise DLLMError(f"stability_threshold must be >= 0, got {self.stability_threshold}")
         if self.confidence_threshold is not None and not self.confidence_threshold > 0:
             raise DLLMError(f"confidence_threshold must be > 0, got {self.confidence_threshold}")
+
+    def _check_finite_number(self, knob) -> None:
+        """Strings, booleans, lists, inf and nan (from a hand-edited generation_config.json) are refused."""
+        value = getattr(self, knob.name)
+        if value is None and knob.type in (Optional[int], Optional[float]):
+            return
+        integer = knob.type in (int, Optional[int])
+        number = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+        if not number or not math.isfinite(value):
+            raise DLLMError(
+                f"diffusion option {knob.name} must be {'an integer' if integer else 'a finite number'}, got {value!r}"
+            )
 
     def temperature(self, remaining: int) -> float:
         """Linear in the steps *remaining*: t_max on the first step, never reaching t_min."""

@@ -28,7 +28,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 256
 MASK_TOKEN_ID = VOCAB - 1  # a row of the embedding table that the tokenizer never produces
 EOS_TOKEN_ID = 1
-TARGET_LAYER_IDS = [0, 1, 2]  # below the last layer: HF's last hidden state is post-norm
+TARGET_LAYER_IDS = [0, 1, 2]
+LAST_LAYER_IDS = [1, 3]  # includes the last layer, whose HF hidden state is the final-normed one
 COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -98,6 +99,7 @@ def build_draft(
     layer_types=None,
     sliding_window=8,
     rope_parameters=None,
+    target_layer_ids=TARGET_LAYER_IDS,
 ) -> torch.nn.Module:
     """The DFlash v1 drafter as transformers ships it (Muse Glimmer assistant), by default all full attention."""
     torch.manual_seed(seed)
@@ -115,7 +117,7 @@ def build_draft(
         sliding_window=sliding_window,
         block_size=block_size,
         mask_token_id=MASK_TOKEN_ID,
-        target_layer_ids=TARGET_LAYER_IDS,
+        target_layer_ids=target_layer_ids,
         initializer_range=0.2,
         bos_token_id=None,
         eos_token_id=EOS_TOKEN_ID,
