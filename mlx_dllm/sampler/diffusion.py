@@ -7,6 +7,7 @@ is stable and the mean entropy is low (or after `max_denoising_steps`); its argm
 the encoder and the next canvas starts.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
