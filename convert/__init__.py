@@ -40,6 +40,8 @@ def convert(
     from .diffusion_gemma import RECIPES, convert_diffusion_gemma, is_diffusion_gemma
     from .target import load_target
 
+    loading.check_path_type(hf_path, "hf_path")
+    loading.check_path_type(mlx_path, "mlx_path", "a folder path")
     given, mlx_path = Path(mlx_path), Path(os.path.abspath(mlx_path))  # `a/..` and `.` get a real name and parent
     if Path(hf_path).is_dir():  # name an overlap with a local source before any other objection
         check_apart_from_source(mlx_path, Path(hf_path))

@@ -39,6 +39,8 @@ READ_FOLDERS = (LORA_FOLDER, "additional_chat_templates")  # the second: transfo
 
 def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     """A local folder as is, else a snapshot of the hub repo; either way its files are checked before any is read."""
+    check_path_type(path_or_repo, "the model path")
+    path_or_repo = os.fspath(path_or_repo)
     path = Path(path_or_repo)
     if path.exists():
         if not path.is_dir():
@@ -49,6 +51,11 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
         path = download(path_or_repo, revision)
     check_checkpoint_files(path)
     return path
+
+
+def check_path_type(value, what: str, kind: str = "a folder path or a hub repo id") -> None:
+    if not isinstance(value, (str, os.PathLike)):
+        raise DLLMError(f"{what} must be {kind}, got {type(value).__name__}")
 
 
 def download(repo: str, revision: Optional[str]) -> Path:

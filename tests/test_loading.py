@@ -39,3 +39,15 @@ def test_code_shipped_with_a_checkpoint_never_runs(hf_checkpoints, tmp_path):
     with pytest.raises(DLLMError, match="trust_remote_code|custom module"):
         load(str(folder))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("value", [123, None, ["a/b"]])
+def test_paths_of_the_wrong_type_are_our_error(value, tmp_path):
+    from mlx_dllm import convert
+
+    with pytest.raises(DLLMError, match="the model path must be a folder path or a hub repo id, got "):
+        load(value)
+    with pytest.raises(DLLMError, match="hf_path must be a folder path or a hub repo id, got "):
+        convert(value, tmp_path / "out")
+    with pytest.raises(DLLMError, match="mlx_path must be a folder path, got "):
+        convert(str(tmp_path), value)

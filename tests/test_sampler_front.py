@@ -159,6 +159,7 @@ def _bad_call(models, nemotron, case):
         "visualize without a canvas": lambda: stream_generate(target, tokenizer, PROMPT, on_step=print),
         "dflash block_length": lambda: stream_generate(target, tokenizer, PROMPT, draft_model=draft, block_length=4),
         "stop of a wrong type": lambda: stream_generate(target, tokenizer, PROMPT, stop=[3]),
+        "draft that is an AR model": lambda: stream_generate(target, tokenizer, PROMPT, draft_model=target),
     }
     return calls[case]
 
@@ -194,6 +195,7 @@ BAD_CALLS = {
     "visualize without a canvas": "--visualize \\(on_step\\) needs a mode that denoises a canvas; mode ar has none",
     "dflash block_length": "DFlash takes block_size",
     "stop of a wrong type": "stop must be a string or a list of strings",
+    "draft that is an AR model": "the draft model must be a DFlash drafter, got Model",
 }
 
 

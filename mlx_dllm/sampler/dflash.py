@@ -70,11 +70,11 @@ def generate_dflash(
     **_,
 ) -> Iterator[List[int]]:
     """Yield the tokens committed by each round (the first yield is the prefill's token)."""
+    target = bind_target(draft_model, model)  # first: it checks that the drafter is one
     trained = draft_model.args.block_size
     block_size = block_size or trained
     if not 2 <= block_size <= trained:
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
-    target = bind_target(draft_model, model)
     yield from _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size)
 
 
