@@ -24,7 +24,7 @@ def convert(
     router, `q_bits` (default 4) for the experts and self-conditioning.
     """
     # Imported on first use, not with the package: `import mlx_dllm` stays instant (CLI --help, Ctrl-C).
-    from mlx_dllm import loading
+    from mlx_dllm import checkpoint_files, loading
 
     from .common import (
         cast_parameters,
@@ -71,7 +71,7 @@ def convert(
         model, config = load_target(source, config)
     cast_parameters(model, dtype, config)
     if quantize:
-        check_finite_files(loading.weight_files(source))  # quantizing turns a NaN into a number: look before
+        check_finite_files(checkpoint_files.weight_files(source))  # quantizing turns a NaN into a number: look before
         print("[INFO] Quantizing")
         model, config = quantize_weights(model, config, q_group_size, q_bits)
 

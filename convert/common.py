@@ -21,6 +21,15 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 from tqdm import tqdm
 
 from mlx_dllm import __version__, loading
+from mlx_dllm.checkpoint_files import (
+    INDEX_FILE,
+    LORA_FOLDER,
+    checkpoint_root,
+    finite_screen,
+    is_nonfinite,
+    nonfinite_message,
+    weight_files,
+)
 from mlx_dllm.configs import read_json
 from mlx_dllm.errors import DLLMError
 
@@ -41,8 +50,8 @@ TOKENIZER_PATTERNS = (
 )
 # Written last into every conversion: `--force` replaces only a folder that has it (and nothing we did not write).
 MARKER = "mlx_dllm_conversion.json"
-CONVERSION_PATTERNS = (MARKER, "config.json", "model*.safetensors", loading.INDEX_FILE, *TOKENIZER_PATTERNS)
-CONVERSION_FOLDERS = (loading.LORA_FOLDER,)
+CONVERSION_PATTERNS = (MARKER, "config.json", "model*.safetensors", INDEX_FILE, *TOKENIZER_PATTERNS)
+CONVERSION_FOLDERS = (LORA_FOLDER,)
 IGNORED_ENTRIES = (".DS_Store",)  # Finder's, not the user's
 
 
@@ -107,19 +116,19 @@ def write_config(config: Dict, file: Path, keep_vision_config: bool) -> None:
 
 def copy_lora(source: Path, destination: Path) -> None:
     """The drafter adapter's files (each one checked by `resolve`: regular, inside the checkpoint)."""
-    (destination / loading.LORA_FOLDER).mkdir()
-    for file in sorted((source / loading.LORA_FOLDER).iterdir()):
-        shutil.copy(file, destination / loading.LORA_FOLDER / file.name)
+    (destination / LORA_FOLDER).mkdir()
+    for file in sorted((source / LORA_FOLDER).iterdir()):
+        shutil.copy(file, destination / LORA_FOLDER / file.name)
 
 
 def save(destination: Path, model: nn.Module, config: Dict, source: Path, dtype: Optional[str] = None) -> None:
     # Multimodal targets keep their vision tower, so they need vision_config to load again.
     keep_vision_config = "vision_tower" in getattr(model, "model", {})
     save_model(destination, model, donate_model=True)
-    check_finite_files(loading.weight_files(destination), dtype)
+    check_finite_files(weight_files(destination), dtype)
     write_config(config, destination / "config.json", keep_vision_config=keep_vision_config)
     copy_tokenizer_files(source, destination)
-    if (source / loading.LORA_FOLDER).is_dir():  # the drafter adapter travels beside the weights
+    if (source / LORA_FOLDER).is_dir():  # the drafter adapter travels beside the weights
         copy_lora(source, destination)
 
 
@@ -133,8 +142,8 @@ def check_finite_files(files: List[Path], dtype: Optional[str] = None) -> None:
         tensors = mx.load(str(file))
         while tensors:
             name, value = tensors.popitem()
-            if mx.issubdtype(value.dtype, mx.floating) and loading.is_nonfinite(value, loading.finite_screen(value)):
-                raise DLLMError(loading.nonfinite_message(name, file.name) + nonfinite_hint(dtype))
+            if mx.issubdtype(value.dtype, mx.floating) and is_nonfinite(value, finite_screen(value)):
+                raise DLLMError(nonfinite_message(name, file.name) + nonfinite_hint(dtype))
 
 
 def check_destination(mlx_path: Path, force: bool) -> None:
@@ -174,7 +183,7 @@ def is_conversion_entry(entry: Path) -> bool:
 
 def check_apart_from_source(mlx_path: Path, source: Path) -> None:
     """The output may neither be nor hold nor sit inside the checkpoint (a hub snapshot: its whole cache folder)."""
-    output, checkpoint = mlx_path.resolve(), loading.checkpoint_root(source)
+    output, checkpoint = mlx_path.resolve(), checkpoint_root(source)
     if output.is_relative_to(checkpoint) or checkpoint.is_relative_to(output):
         raise DLLMError(f"{mlx_path} overlaps the checkpoint in {source}; give a folder outside it")
 

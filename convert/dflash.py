@@ -7,10 +7,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+from mlx_dllm.checkpoint_files import read_weights
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.dflash import Model, ModelArgs
-
-from mlx_dllm.loading import read_weights
 
 
 def check_weights(weights: Dict[str, mx.array], expected: Dict[str, mx.array]) -> None:

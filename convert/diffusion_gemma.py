@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from mlx_dllm import loading
+from mlx_dllm.checkpoint_files import finite_screen, is_nonfinite, nonfinite_message, weight_files
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models import diffusion_gemma
 from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES, Model, ModelArgs
@@ -114,8 +115,9 @@ def quantize_tensor(name: str, value: mx.array, plan: Dict[str, Dict]) -> Dict[s
     return {name: weight, f"{path}.scales": scales, f"{path}.biases": biases}
 
 
-def finite_screen(value: mx.array) -> mx.array:
-    return loading.finite_screen(value) if mx.issubdtype(value.dtype, mx.floating) else mx.array(0.0)
+def tensor_screen(value: mx.array) -> mx.array:
+    """The NaN/Inf screen of a floating tensor; integer tensors pass."""
+    return finite_screen(value) if mx.issubdtype(value.dtype, mx.floating) else mx.array(0.0)
 
 
 def shard_names(count: int) -> List[str]:
@@ -136,13 +138,13 @@ def write_shards(
             while tensors:
                 name, value = tensors.popitem()  # the shard no longer holds the source once it is converted
                 cast = cast_tensor(name, value, dtype)
-                converted, screen = quantize_tensor(name, cast, plan), finite_screen(cast)  # quantizing hides a NaN
+                converted, screen = quantize_tensor(name, cast, plan), tensor_screen(cast)  # quantizing hides a NaN
                 try:
                     mx.eval(converted, screen)
                 except Exception as error:
                     raise DLLMError(f"cannot read {name} from {file.name}: {str(error).splitlines()[0]}") from error
-                if loading.is_nonfinite(cast, screen):
-                    raise DLLMError(loading.nonfinite_message(name, file.name) + nonfinite_hint(dtype))
+                if is_nonfinite(cast, screen):
+                    raise DLLMError(nonfinite_message(name, file.name) + nonfinite_hint(dtype))
                 index["metadata"]["total_parameters"] += value.size
                 shard.update(converted)
                 del value
@@ -196,7 +198,7 @@ def convert_diffusion_gemma(
         plan = quantization_plan(model, group_size, bits, recipe)
         config["quantization"] = quantization_config(plan, group_size, bits, recipe)
     record_dtype(config, dtype)
-    files = loading.weight_files(source)
+    files = weight_files(source)
     counts = check_shards(files, model)
     with staged_folder(mlx_path, force) as staging:
         index = write_shards(files, counts, model, staging, dtype, plan)

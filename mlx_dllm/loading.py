@@ -1,40 +1,26 @@
 """Local folder or hub repo -> (model, tokenizer). Never runs code shipped with a checkpoint."""
 
-import math
 import os
 import re
-import stat
-from fnmatch import fnmatch
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
+from .checkpoint_files import (
+    ALLOW_PATTERNS,
+    LORA_FOLDER,
+    check_checkpoint_files,
+    evaluate_finite,
+    read_weights,
+)
 from .configs import check_ids, check_layer_count, check_sizes, read_json, rope_fields
 from .errors import DLLMError
 from .models import dflash, diffusion_gemma, nemotron_diffusion
 
-# What a checkpoint needs; remote code (*.py) is deliberately not fetched.
-ALLOW_PATTERNS = [
-    "*.json",
-    "model*.safetensors",
-    "linear_spec_lora/*",
-    "tokenizer.model",
-    "*.tiktoken",
-    "tiktoken.model",
-    "*.txt",
-    "*.jinja",
-]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tiktoken.model")
-# Every top-level file the loader, transformers' tokenizer (e.g. spiece.model) or the converter may open.
-READ_PATTERNS = [pattern for pattern in ALLOW_PATTERNS if "/" not in pattern] + ["chat_template*", "*.model"]
-INDEX_FILE = "model.safetensors.index.json"
-LORA_FOLDER = "linear_spec_lora"  # Nemotron-Labs-Diffusion's drafter adapter, beside the weights
-READ_FOLDERS = (LORA_FOLDER, "additional_chat_templates")  # the second: transformers reads its *.jinja
 
 
 def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
@@ -75,52 +61,6 @@ def hub_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
 
 
-def checkpoint_root(folder: Path) -> Path:
-    """Where the folder's links may point: a hub snapshot links into its repo's cache folder (../../blobs)."""
-    folder = folder.resolve()
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
-        return folder.parent.parent
-    return folder
-
-
-def check_checkpoint_files(folder: Path) -> None:
-    """Each file we may read is a regular file inside the checkpoint (a link to a key or a FIFO is refused)."""
-    root = checkpoint_root(folder)
-    for entry in listing(folder):
-        if any(fnmatch(entry.name, pattern) for pattern in READ_PATTERNS):
-            check_regular_file(entry, root)
-    for name in READ_FOLDERS:
-        subfolder = folder / name
-        if subfolder.is_symlink() or subfolder.is_dir():
-            check_inside(subfolder, root)
-            for entry in listing(subfolder):
-                check_regular_file(entry, root)
-
-
-def listing(folder: Path) -> List[Path]:
-    try:
-        return sorted(folder.iterdir())
-    except OSError as error:
-        raise DLLMError(f"cannot list {folder}: {error.strerror}") from error
-
-
-def check_inside(file: Path, root: Path) -> Path:
-    target = file.resolve()
-    if not target.is_relative_to(root):
-        raise DLLMError(f"{file} links outside the checkpoint folder (to {target}); it is not read")
-    return target
-
-
-def check_regular_file(file: Path, root: Path) -> None:
-    target = check_inside(file, root)
-    try:
-        mode = os.stat(target).st_mode
-    except OSError as error:
-        raise DLLMError(f"cannot read {file}: {error.strerror}") from error
-    if not stat.S_ISREG(mode):
-        raise DLLMError(f"{file} is not a regular file (a folder, FIFO or device); it is not read")
-
-
 def read_config(path: Path) -> Dict:
     """config.json, its sizes checked (a zero, a string or a billion layers never reaches a model class)."""
     if not (path / "config.json").exists():
@@ -152,73 +92,6 @@ def check_architecture(config: Dict) -> None:
         raise DLLMError("DFlash2 drafters (DFlash2DraftModel) are not supported yet")
     if architectures and not is_dflash_config(config) and "dflash" in " ".join(architectures).lower():
         raise DLLMError(f"unknown DFlash architecture {architectures[0]}")
-
-
-def weight_files(path: Path) -> List[Path]:
-    """The shards: exactly those the index names when there is one, else every `model*.safetensors`.
-
-    mlx-lm's loader globs `model*.safetensors`, so a shard beside the index that it does not name is refused
-    rather than skipped: that way the index wins in convert and in load alike.
-    """
-    on_disk = sorted(path.glob("model*.safetensors"))
-    if not (path / INDEX_FILE).exists():
-        if not on_disk:
-            raise DLLMError(f"no model*.safetensors in {path}")
-        return on_disk
-    named = indexed_shards(path)
-    missing = [name for name in named if not (path / name).exists()]
-    if missing:
-        raise DLLMError(f"{INDEX_FILE} names {missing[0]}, which is missing from {path}")
-    stray = [file.name for file in on_disk if file.name not in named]
-    if stray:
-        raise DLLMError(f"{stray[0]} in {path} is not named in {INDEX_FILE}: remove it or fix the index")
-    return [path / name for name in named]
-
-
-def indexed_shards(path: Path) -> List[str]:
-    weight_map = read_json(path / INDEX_FILE).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise DLLMError(f"{path / INDEX_FILE} has no weight_map")
-    named = sorted({str(name) for name in weight_map.values()})
-    for name in named:
-        if Path(name).name != name or not fnmatch(name, "model*.safetensors"):
-            raise DLLMError(f"{INDEX_FILE} names {name!r}: shards must be model*.safetensors files beside it")
-    return named
-
-
-def read_weights(path: Path) -> Dict[str, mx.array]:
-    """All shard tensors (lazily); one line on missing or unreadable files (a truncated download)."""
-    weights = {}
-    for file in weight_files(path):
-        try:
-            weights.update(mx.load(str(file)))
-        except Exception as error:
-            raise DLLMError(f"cannot read {file.name}: {str(error).splitlines()[0]}") from error
-    return weights
-
-
-def nonfinite_message(name: str, where: str) -> str:
-    return f"tensor {name} in {where} holds NaN or Inf"
-
-
-def finite_screen(value: mx.array) -> mx.array:
-    """The tensor's sum (lazily): one reduction, and NaN or Inf anywhere in the tensor makes it non-finite."""
-    return mx.sum(value)
-
-
-def is_nonfinite(value: mx.array, screen: mx.array) -> bool:
-    """Exact; the element-wise pass is paid only when the screen fails, since a finite sum can also overflow."""
-    return not math.isfinite(screen.item()) and not mx.isfinite(value).all().item()
-
-
-def evaluate_finite(model: nn.Module, path: Path) -> None:
-    """Evaluate the weights with each floating tensor's screen riding the same eval: the weights are read once."""
-    floating = [(n, v) for n, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
-    screens = [finite_screen(value) for _, value in floating]
-    mx.eval(model.parameters(), screens)
-    for (name, value), screen in zip(floating, screens):
-        if is_nonfinite(value, screen):
-            raise DLLMError(nonfinite_message(name, str(path)))
 
 
 # Families mlx-lm lacks a file for but whose architecture it has under another name.

@@ -17,7 +17,7 @@ from mlx_dllm.cli import main
 from mlx_dllm.convert import convert
 from mlx_dllm.convert.diffusion_gemma import is_eight_bit
 from mlx_dllm.errors import DLLMError
-from mlx_dllm.loading import read_weights
+from mlx_dllm.checkpoint_files import read_weights
 from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES
 
 pytest.importorskip("torch")
