@@ -26,16 +26,8 @@ def convert(
     # Imported on first use, not with the package: `import mlx_dllm` stays instant (CLI --help, Ctrl-C).
     from mlx_dllm import checkpoint_files, loading
 
-    from .common import (
-        cast_parameters,
-        check_apart_from_source,
-        check_destination,
-        check_finite_files,
-        quantize_weights,
-        resolve_dtype,
-        save,
-        staged_folder,
-    )
+    from .common import cast_parameters, check_finite_files, quantize_weights, resolve_dtype, save
+    from .staging import check_apart_from_source, check_destination, staged_folder
     from .dflash import load_draft
     from .diffusion_gemma import RECIPES, convert_diffusion_gemma, is_diffusion_gemma
     from .target import load_target

@@ -1,18 +1,11 @@
-"""What every conversion recipe shares: weight reading, casting, quantizing, saving into a staged folder."""
+"""What every conversion recipe shares: casting, quantizing, the NaN/Inf check, and saving weights, config and
+tokenizer files (into the folder `staging.staged_folder` provides)."""
 
-import ctypes
-import errno
 import glob
 import json
-import os
 import shutil
-import signal
-import threading
-import uuid
-from contextlib import contextmanager
-from fnmatch import fnmatch
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,16 +13,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 from tqdm import tqdm
 
-from mlx_dllm import __version__, loading
-from mlx_dllm.checkpoint_files import (
-    INDEX_FILE,
-    LORA_FOLDER,
-    checkpoint_root,
-    finite_screen,
-    is_nonfinite,
-    nonfinite_message,
-    weight_files,
-)
+from mlx_dllm.checkpoint_files import LORA_FOLDER, finite_screen, is_nonfinite, nonfinite_message, weight_files
 from mlx_dllm.configs import read_json
 from mlx_dllm.errors import DLLMError
 
@@ -48,11 +32,6 @@ TOKENIZER_PATTERNS = (
     "generation_config.json",
     "chat_template*",
 )
-# Written last into every conversion: `--force` replaces only a folder that has it (and nothing we did not write).
-MARKER = "mlx_dllm_conversion.json"
-CONVERSION_PATTERNS = (MARKER, "config.json", "model*.safetensors", INDEX_FILE, *TOKENIZER_PATTERNS)
-CONVERSION_FOLDERS = (LORA_FOLDER,)
-IGNORED_ENTRIES = (".DS_Store",)  # Finder's, not the user's
 
 
 def resolve_dtype(dtype: Optional[str], config: Dict) -> Optional[str]:
@@ -144,153 +123,3 @@ def check_finite_files(files: List[Path], dtype: Optional[str] = None) -> None:
             name, value = tensors.popitem()
             if mx.issubdtype(value.dtype, mx.floating) and is_nonfinite(value, finite_screen(value)):
                 raise DLLMError(nonfinite_message(name, file.name) + nonfinite_hint(dtype))
-
-
-def check_destination(mlx_path: Path, force: bool) -> None:
-    """Refuse any `mlx_path` whose replacement could delete something that is not a previous conversion."""
-    if mlx_path.is_symlink():
-        raise DLLMError(f"{mlx_path} is a symbolic link; give the folder it points to")
-    if mlx_path.exists() and not mlx_path.is_dir():
-        raise DLLMError(f"{mlx_path} is a file, not a folder; it is never replaced")
-    here = Path.cwd().resolve()
-    if here.is_relative_to(mlx_path.resolve()):
-        raise DLLMError(f"{mlx_path} is (or holds) the current directory; give a new folder for the MLX model")
-    if not mlx_path.is_dir() or not any(mlx_path.iterdir()):
-        return
-    if not force:
-        raise DLLMError(f"{mlx_path} already exists and is not empty (use --force to replace it)")
-    check_previous_conversion(mlx_path)
-
-
-def check_previous_conversion(mlx_path: Path) -> None:
-    """A previous conversion has our marker and only what a conversion writes, so replacing it loses nothing else."""
-    if not (mlx_path / MARKER).is_file():
-        raise DLLMError(f"{mlx_path} is not an mlx-dllm conversion (no {MARKER}); --force replaces only those")
-    foreign = [entry.name for entry in sorted(mlx_path.iterdir()) if not is_conversion_entry(entry)]
-    if foreign:
-        raise DLLMError(f"{mlx_path} holds {foreign[0]}, which no conversion writes; --force will not delete it")
-
-
-def is_conversion_entry(entry: Path) -> bool:
-    if entry.name in IGNORED_ENTRIES:
-        return True
-    if entry.is_symlink():
-        return False
-    if entry.is_dir():
-        return entry.name in CONVERSION_FOLDERS
-    return entry.is_file() and any(fnmatch(entry.name, pattern) for pattern in CONVERSION_PATTERNS)
-
-
-def check_apart_from_source(mlx_path: Path, source: Path) -> None:
-    """The output may neither be nor hold nor sit inside the checkpoint (a hub snapshot: its whole cache folder)."""
-    output, checkpoint = mlx_path.resolve(), checkpoint_root(source)
-    if output.is_relative_to(checkpoint) or checkpoint.is_relative_to(output):
-        raise DLLMError(f"{mlx_path} overlaps the checkpoint in {source}; give a folder outside it")
-
-
-def _sibling(mlx_path: Path, kind: str) -> Path:
-    # Same parent, same filesystem: the final rename is atomic.
-    return mlx_path.parent / f".{mlx_path.name}.{uuid.uuid4().hex[:8]}.{kind}"
-
-
-@contextmanager
-def staged_folder(mlx_path: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `mlx_path`; once filled and loadable it becomes `mlx_path`, else it goes.
-
-    A full disk, a read-only folder or an I/O error is one line naming `mlx_path`; SIGTERM unwinds like Ctrl-C.
-    """
-    check_destination(mlx_path, force)
-    with terminate_unwinds():
-        try:
-            mlx_path.parent.mkdir(parents=True, exist_ok=True)
-            staging = _sibling(mlx_path, "partial")
-            staging.mkdir()  # unlike mkdtemp, honours the umask: the folder ends up as mlx_path
-        except OSError as error:
-            raise write_error(mlx_path, error) from error
-        try:
-            yield staging
-            write_json(staging / MARKER, {"format": "mlx-dllm conversion", "version": __version__})
-            check_loads(staging, mlx_path)
-            _replace(staging, mlx_path)
-        except OSError as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise write_error(mlx_path, error, staging) from error
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-
-def write_error(mlx_path: Path, error: OSError, staging: Optional[Path] = None) -> DLLMError:
-    """One line for a full disk, read-only folder or I/O error; it names the source file when reading failed."""
-    reason = error.strerror or str(error).splitlines()[0]
-    culprit = str(error.filename) if error.filename is not None else None
-    if culprit is not None and (staging is None or not culprit.startswith(str(staging))):
-        return DLLMError(f"cannot convert into {mlx_path}: {culprit}: {reason}; nothing was written there")
-    return DLLMError(f"cannot write {mlx_path}: {reason}; nothing was written there")
-
-
-def check_loads(staging: Path, mlx_path: Path) -> None:
-    """`--force` must never swap a good conversion for one that cannot load: load this one first (lazily)."""
-    try:
-        loading.load(str(staging), lazy=True)
-    except DLLMError as error:
-        message = str(error).replace(str(staging), str(mlx_path))
-        raise DLLMError(f"the conversion would not load, so {mlx_path} is left as it was: {message}") from error
-
-
-@contextmanager
-def terminate_unwinds() -> Iterator[None]:
-    """SIGTERM raises SystemExit like Ctrl-C raises KeyboardInterrupt, so the staged folder is removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, _exit_on_terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def _exit_on_terminate(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _replace(staging: Path, mlx_path: Path) -> None:
-    """Put the finished folder at `mlx_path`; an old one is swapped out in one step, so it never goes missing."""
-    if not os.path.lexists(mlx_path):
-        os.rename(staging, mlx_path)
-        return
-    if exchange(staging, mlx_path):
-        shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old conversion
-        return
-    old = _sibling(mlx_path, "old")  # no atomic exchange here: a kill between the renames leaves it at `old`
-    os.rename(mlx_path, old)
-    try:
-        os.rename(staging, mlx_path)
-    except BaseException:
-        os.rename(old, mlx_path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-RENAME_EXCHANGE = 2  # Linux renameat2 flag
-RENAME_SWAP = 2  # macOS renamex_np flag
-AT_FDCWD = -100
-UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
-
-
-def exchange(first: Path, second: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2, macOS renamex_np); False where the system or filesystem cannot."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if hasattr(libc, "renameat2"):
-        result = libc.renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE)
-    elif hasattr(libc, "renamex_np"):
-        result = libc.renamex_np(os.fsencode(first), os.fsencode(second), RENAME_SWAP)
-    else:
-        return False
-    if result == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in UNSUPPORTED:
-        return False
-    raise OSError(code, os.strerror(code), str(second))
