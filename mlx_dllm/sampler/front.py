@@ -1,6 +1,5 @@
 """The shared front of every decoding strategy: `stream_generate(model, tokenizer, prompt, mode=...)`."""
 
-import numbers
 import time
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
@@ -8,10 +7,20 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import make_sampler
-from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..errors import DLLMError
 from .ar import generate_ar
+from .arguments import (
+    SEED_LIMIT,
+    check_models,
+    dflash_block_size,
+    embedding_rows,
+    encode_prompt,
+    stop_strings,
+    tokenizer_eos_ids,
+    whole_number,
+    wrap_tokenizer,
+)
 from .common import GenerationResponse, Stats, TokenSelector, check_sampling
 from .dflash import generate_dflash
 from .diffusion import generate_diffusion
@@ -35,85 +44,6 @@ OPTIONED_STRATEGIES = {"diffusion", "mask-diffusion", "linear-spec", "quadratic-
 CAUSAL_STRATEGIES = {"ar", "dflash", "linear-spec", "quadratic-spec"}
 CANVAS_STRATEGIES = {"diffusion", "mask-diffusion"}
 CLEAR_CACHE_EVERY = 256  # tokens, as mlx-lm's generate_step
-SEED_LIMIT = 2**64  # mx.random.seed takes an unsigned 64-bit integer
-
-
-def _whole_number(name: str, value, low: int, high: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise DLLMError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else "positive" if low == 1 else f"at least {low}"
-        raise DLLMError(f"{name} must be {bound}, got {value}")
-    return int(value)
-
-
-def _check_models(model, draft_model) -> None:
-    for name, value in (("model", model), ("draft_model", draft_model)):
-        if value is not None and not isinstance(value, nn.Module):
-            raise DLLMError(f"{name} must be an mlx.nn.Module (from mlx_dllm.load), got {type(value).__name__}")
-    if model is None:
-        raise DLLMError("model must be an mlx.nn.Module (from mlx_dllm.load), got None")
-
-
-def _wrap_tokenizer(tokenizer) -> TokenizerWrapper:
-    if isinstance(tokenizer, TokenizerWrapper):
-        return tokenizer
-    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")):
-        raise DLLMError(f"tokenizer must be a Hugging Face or mlx-lm tokenizer, got {type(tokenizer).__name__}")
-    return TokenizerWrapper(tokenizer)
-
-
-def embedding_rows(model: nn.Module) -> Optional[int]:
-    """Rows of the model's token embedding table (the smallest, if it has several), None if it has none."""
-    tables = (nn.Embedding, nn.QuantizedEmbedding)
-    modules = model.named_modules()
-    rows = [m.weight.shape[0] for name, m in modules if name.endswith("embed_tokens") and isinstance(m, tables)]
-    return min(rows) if rows else None
-
-
-def _prompt_ids(tokenizer: TokenizerWrapper, prompt) -> List:
-    if isinstance(prompt, str):
-        bos = tokenizer.bos_token
-        return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
-    if isinstance(prompt, mx.array):
-        if not mx.issubdtype(prompt.dtype, mx.integer):
-            raise DLLMError(f"a prompt array must hold integer token ids, got {prompt.dtype}")
-        return prompt.reshape(-1).tolist()
-    if isinstance(prompt, (list, tuple)):
-        return list(prompt)
-    raise DLLMError(f"prompt must be text, a list of token ids or an mx.array, got {type(prompt).__name__}")
-
-
-def _encode(tokenizer: TokenizerWrapper, prompt, vocab_rows: Optional[int]) -> mx.array:
-    """The prompt's ids, checked before anything reaches MLX: integers inside the embedding table."""
-    ids = _prompt_ids(tokenizer, prompt)
-    if not ids:
-        raise DLLMError("the prompt is empty")
-    for token in ids:
-        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
-            raise DLLMError(f"prompt token ids must be integers, got {token!r}")
-        if token < 0 or (vocab_rows is not None and token >= vocab_rows):
-            raise DLLMError(f"token id {token} is outside the model's embedding table ({vocab_rows} rows)")
-    return mx.array([int(token) for token in ids], dtype=mx.int32)
-
-
-def _eos_ids(tokenizer: TokenizerWrapper) -> set:
-    ids = set(tokenizer.eos_token_ids or ())
-    wrong = next((i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral)), None)
-    if wrong is not None:
-        raise DLLMError(f"the tokenizer's eos_token_ids must be integers, got {wrong!r}")
-    return ids
-
-
-def _stop_strings(stop) -> tuple:
-    stops = (stop,) if isinstance(stop, str) else stop
-    if stops is None:
-        return ()
-    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
-        raise DLLMError(f"stop must be a string or a list of strings, got {stop!r}")
-    if any(s == "" for s in stops):
-        raise DLLMError("stop strings must not be empty")
-    return tuple(stops)
 
 
 def _choose_mode(mode: Optional[str], model: nn.Module, draft_model: Optional[nn.Module]) -> str:
@@ -140,19 +70,6 @@ def _refuse_options(options: dict, mode: str, strategy_name: str) -> None:
         raise DLLMError("DFlash takes block_size (--block-size or --num-draft-tokens), not block_length")
     if options and strategy_name not in OPTIONED_STRATEGIES:
         raise DLLMError(f"unknown option {sorted(options)[0]} for mode {mode}")
-
-
-def _block_size(block_size, num_draft_tokens, mode: str) -> Optional[int]:
-    """DFlash's block: `block_size`, or mlx-lm's `num_draft_tokens` (the block minus its anchor)."""
-    if num_draft_tokens is not None:
-        if block_size is not None:
-            raise DLLMError("give block_size or num_draft_tokens, not both (block size = draft tokens + 1)")
-        block_size = _whole_number("num_draft_tokens", num_draft_tokens, 1) + 1
-    if block_size is None:
-        return None
-    if mode != "dflash":
-        raise DLLMError(f"block size applies to DFlash drafting, not to mode {mode}")
-    return _whole_number("block size", block_size, 2)
 
 
 def _selector(strategy_name, temp, top_p, top_k, min_p, sampler, logits_processors, vocab_rows, prompt):
@@ -211,23 +128,23 @@ def stream_generate(
     `confidence_threshold`, `on_step`); Nemotron-Labs-Diffusion's `block_length`, `threshold`,
     `causal_context`, `lora`, `max_thinking_tokens` and `end_think_token_id`.
     """
-    _check_models(model, draft_model)
-    max_tokens = _whole_number("max_tokens", max_tokens, 1)
-    prefill_step_size = _whole_number("prefill_step_size", prefill_step_size, 1)
+    check_models(model, draft_model)
+    max_tokens = whole_number("max_tokens", max_tokens, 1)
+    prefill_step_size = whole_number("prefill_step_size", prefill_step_size, 1)
     if seed is not None:
-        seed = _whole_number("seed", seed, 0, SEED_LIMIT - 1)
-    stops = _stop_strings(stop)
-    tokenizer = _wrap_tokenizer(tokenizer)
+        seed = whole_number("seed", seed, 0, SEED_LIMIT - 1)
+    stops = stop_strings(stop)
+    tokenizer = wrap_tokenizer(tokenizer)
     mode = _choose_mode(mode, model, draft_model)
     strategy_name = getattr(model, "mode_strategies", {}).get(mode, mode)
     if strategy_name not in STRATEGIES:
         raise DLLMError(f"mode '{mode}' is not implemented yet")
     _refuse_options(options, mode, strategy_name)
-    block_size = _block_size(block_size, num_draft_tokens, mode)
+    block_size = dflash_block_size(block_size, num_draft_tokens, mode)
     vocab_rows = embedding_rows(model)
-    prompt = _encode(tokenizer, prompt, vocab_rows)
+    prompt = encode_prompt(tokenizer, prompt, vocab_rows)
     select = _selector(strategy_name, temp, top_p, top_k, min_p, sampler, logits_processors, vocab_rows, prompt)
-    eos_ids = _eos_ids(tokenizer)
+    eos_ids = tokenizer_eos_ids(tokenizer)
     if seed is not None:
         mx.random.seed(seed)
     stats = Stats()

@@ -1,0 +1,103 @@
+"""The front's checks of what a caller passes: types, ranges and token ids, before anything reaches MLX."""
+
+import numbers
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from ..errors import DLLMError
+
+SEED_LIMIT = 2**64  # mx.random.seed takes an unsigned 64-bit integer
+
+
+def whole_number(name: str, value, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DLLMError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else "positive" if low == 1 else f"at least {low}"
+        raise DLLMError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def check_models(model, draft_model) -> None:
+    for name, value in (("model", model), ("draft_model", draft_model)):
+        if value is not None and not isinstance(value, nn.Module):
+            raise DLLMError(f"{name} must be an mlx.nn.Module (from mlx_dllm.load), got {type(value).__name__}")
+    if model is None:
+        raise DLLMError("model must be an mlx.nn.Module (from mlx_dllm.load), got None")
+
+
+def wrap_tokenizer(tokenizer) -> TokenizerWrapper:
+    if isinstance(tokenizer, TokenizerWrapper):
+        return tokenizer
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")):
+        raise DLLMError(f"tokenizer must be a Hugging Face or mlx-lm tokenizer, got {type(tokenizer).__name__}")
+    return TokenizerWrapper(tokenizer)
+
+
+def embedding_rows(model: nn.Module) -> Optional[int]:
+    """Rows of the model's token embedding table (the smallest, if it has several), None if it has none."""
+    tables = (nn.Embedding, nn.QuantizedEmbedding)
+    modules = model.named_modules()
+    rows = [m.weight.shape[0] for name, m in modules if name.endswith("embed_tokens") and isinstance(m, tables)]
+    return min(rows) if rows else None
+
+
+def _prompt_ids(tokenizer: TokenizerWrapper, prompt) -> List:
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token
+        return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+    if isinstance(prompt, mx.array):
+        if not mx.issubdtype(prompt.dtype, mx.integer):
+            raise DLLMError(f"a prompt array must hold integer token ids, got {prompt.dtype}")
+        return prompt.reshape(-1).tolist()
+    if isinstance(prompt, (list, tuple)):
+        return list(prompt)
+    raise DLLMError(f"prompt must be text, a list of token ids or an mx.array, got {type(prompt).__name__}")
+
+
+def encode_prompt(tokenizer: TokenizerWrapper, prompt, vocab_rows: Optional[int]) -> mx.array:
+    """The prompt's ids, checked before anything reaches MLX: integers inside the embedding table."""
+    ids = _prompt_ids(tokenizer, prompt)
+    if not ids:
+        raise DLLMError("the prompt is empty")
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise DLLMError(f"prompt token ids must be integers, got {token!r}")
+        if token < 0 or (vocab_rows is not None and token >= vocab_rows):
+            raise DLLMError(f"token id {token} is outside the model's embedding table ({vocab_rows} rows)")
+    return mx.array([int(token) for token in ids], dtype=mx.int32)
+
+
+def tokenizer_eos_ids(tokenizer: TokenizerWrapper) -> set:
+    ids = set(tokenizer.eos_token_ids or ())
+    wrong = next((i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral)), None)
+    if wrong is not None:
+        raise DLLMError(f"the tokenizer's eos_token_ids must be integers, got {wrong!r}")
+    return ids
+
+
+def stop_strings(stop) -> tuple:
+    stops = (stop,) if isinstance(stop, str) else stop
+    if stops is None:
+        return ()
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise DLLMError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in stops):
+        raise DLLMError("stop strings must not be empty")
+    return tuple(stops)
+
+
+def dflash_block_size(block_size, num_draft_tokens, mode: str) -> Optional[int]:
+    """DFlash's block: `block_size`, or mlx-lm's `num_draft_tokens` (the block minus its anchor)."""
+    if num_draft_tokens is not None:
+        if block_size is not None:
+            raise DLLMError("give block_size or num_draft_tokens, not both (block size = draft tokens + 1)")
+        block_size = whole_number("num_draft_tokens", num_draft_tokens, 1) + 1
+    if block_size is None:
+        return None
+    if mode != "dflash":
+        raise DLLMError(f"block size applies to DFlash drafting, not to mode {mode}")
+    return whole_number("block size", block_size, 2)
