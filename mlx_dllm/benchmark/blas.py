@@ -22,14 +22,14 @@ FIX = "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread) an
 
 
 def blas_kind(path: str) -> Optional[str]:
-    """The BLAS a shared-library path is, None when it is none (OpenBLAS may also install a libblas.so.3)."""
+    """The BLAS a shared-library path is, None when it is none. numpy's `libscipy_openblas64_` exports
+    suffixed symbols that MLX never calls, so it does not count; OpenBLAS may also install a libblas.so.3."""
     name = Path(path).name
-    lowered = path.lower()
-    for kind in ("openblas", "mkl", "blis"):
-        if kind in lowered:
+    for prefix, kind in (("libopenblas", "openblas"), ("libmkl_rt", "mkl"), ("libblis", "blis")):
+        if name.startswith(prefix):
             return kind
     if name.startswith("libblas"):
-        return "reference"
+        return "openblas" if "openblas" in path else "reference"
     return None
 
 
@@ -54,9 +54,10 @@ def active_blas(loaded: Dict[str, str]) -> str:
 
 
 def current_blas() -> str:
-    """The BLAS this process runs (call after importing MLX): `accelerate` on macOS."""
+    """The BLAS this process runs: `accelerate` on macOS; on Linux MLX is imported first, so its BLAS is mapped."""
     if sys.platform == "darwin":
         return "accelerate"
+    import mlx.core  # noqa: F401
     try:
         return active_blas(loaded_blas(Path("/proc/self/maps").read_text()))
     except OSError:
