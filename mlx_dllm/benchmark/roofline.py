@@ -20,10 +20,16 @@ def forward_seconds(nbytes: int, params: int, tokens: int, chip: str) -> float:
     return max(nbytes / bandwidth, 2 * params * tokens / flops)
 
 
+def block_tokens(model, draft) -> int:
+    """The block one step drafts or denoises: the drafter's, the model's, or DiffusionGemma's canvas."""
+    block = getattr(getattr(draft, "args", None), "block_size", None)
+    block = block or getattr(getattr(model, "args", None), "block_size", None)
+    return block or getattr(model, "canvas_length", 1)
+
+
 def cycle_forwards(mode: str, model, draft) -> List[Tuple[object, int]]:
     """(module, tokens) of the forwards one decoding step of `mode` runs."""
-    block = getattr(getattr(draft, "args", None), "block_size", None) or getattr(model.args, "block_size", None)
-    block = block or getattr(model, "canvas_length", 1)
+    block = block_tokens(model, draft)
     if mode == "dflash":
         return [(model, block), (draft, block)]
     if mode == "linear-spec":

@@ -139,7 +139,8 @@ def run(options: Options) -> None:
     if options.plot is not None:
         from .plot import write_plot
 
-        write_plot(options.plot, table, samples, f"{model_label(options)} - {env['device']}, BLAS {env['blas']}")
+        title = f"{model_label(options)} - {env['device']}, BLAS {env['blas']}"
+        write_plot(options.plot, table, samples, title, roofline.block_tokens(model, draft))
         click.echo(f"Plot: {options.plot}")
     click.echo(report.json_line(record))
 
