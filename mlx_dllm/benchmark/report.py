@@ -17,7 +17,7 @@ def paired_ratio(samples: List[Sample], baseline: List[Sample]) -> Optional[floa
     return median(s.generation_tps / b.generation_tps for s, b in zip(samples, baseline) if b.generation_tps > 0)
 
 
-def summarize(samples: Dict[str, List[Sample]], mismatches: List[dict]) -> Dict[str, dict]:
+def summarize(samples: Dict[str, List[Sample]], mismatches: List[dict], outside: Dict[str, float]) -> Dict[str, dict]:
     baseline_name = MLX_LM if MLX_LM in samples else None
     table = {}
     for method, runs in samples.items():
@@ -29,6 +29,7 @@ def summarize(samples: Dict[str, List[Sample]], mismatches: List[dict]) -> Dict[
             "acceptance_length": median(s.acceptance_length for s in runs),
             "peak_memory_gb": max(s.peak_memory_gb for s in runs),
             "generation_tokens": median(len(s.tokens) for s in runs),
+            "outside_forward_share": outside.get(method),
             "vs_mlx_lm": paired_ratio(runs, samples[baseline_name]) if baseline_name else None,
             "identical_to_ar": (diverged == 0) if method in LOSSLESS and method != baseline_name else None,
         }
@@ -45,13 +46,13 @@ def identical_cell(value: Optional[bool]) -> str:
 
 def table_lines(table: Dict[str, dict]) -> List[str]:
     header = (f"{'method':<15} {'gen tok/s':>10} {'prompt tok/s':>12} {'tok/fwd':>8} {'accept':>7} "
-              f"{'peak GB':>8} {'vs mlx_lm':>9} {'= mlx_lm':>9}")
+              f"{'peak GB':>8} {'outside':>8} {'vs mlx_lm':>9} {'= mlx_lm':>9}")
     lines = [header]
     for method, row in table.items():
         lines.append(
             f"{method:<15} {fmt(row['generation_tps'], '.1f'):>10} {fmt(row['prompt_tps'], '.1f'):>12} "
             f"{fmt(row['tokens_per_forward'], '.2f'):>8} {fmt(row['acceptance_length'], '.2f'):>7} "
-            f"{row['peak_memory_gb']:>8.3f} {fmt(row['vs_mlx_lm'], '.2f'):>9} {identical_cell(row['identical_to_ar']):>9}"
+            f"{row['peak_memory_gb']:>8.3f} {fmt(row['outside_forward_share'], '.1%'):>8} {fmt(row['vs_mlx_lm'], '.2f'):>9} {identical_cell(row['identical_to_ar']):>9}"
         )
     return lines
 

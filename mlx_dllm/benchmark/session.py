@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional, Tuple
 import click
 
 from ..errors import DLLMError
-from . import blas, forward_cost, prompts, report, roofline, runner, tiny
+from . import blas, forward_cost, overhead, prompts, report, roofline, runner, tiny
 
 
 @dataclass
@@ -112,11 +112,16 @@ def run(options: Options) -> None:
         vocab = tiny.VOCAB if options.tiny else 0
         ids = [prompts.encode(tokenizer, text, vocab) for text in texts]
         samples, mismatches = measure(model, tokenizer, draft, ids, methods, options)
-    table = report.summarize(samples, mismatches)
+        shares = outside_shares(model, tokenizer, draft, ids[0], methods, options.max_tokens)
+    table = report.summarize(samples, mismatches, shares)
     click.echo("\n" + "\n".join(report.table_lines(table)))
     click.echo(
         f"Medians over {options.repeats} repeat(s) x {len(ids)} prompt(s) of '{options.prompts}', greedy, "
         f"{options.max_tokens} tokens at most; vs mlx_lm = median of paired tokens/s ratios."
+    )
+    click.echo(
+        "outside = share of wall time outside model forwards (selection, acceptance, rollback, detokenizing,\n"
+        "  Python), from a separate run that evaluates every forward on the spot: an upper bound on its cost."
     )
     for line in report.mismatch_lines(mismatches):
         click.echo(line)
@@ -154,6 +159,15 @@ def measure(model, tokenizer, draft, ids, methods, options: Options):
         )
 
 
+def outside_shares(model, tokenizer, draft, prompt, methods, max_tokens: int) -> dict:
+    """Per method, the share of wall time outside forwards, from one instrumented run on the first prompt."""
+    run = runner.runners(methods)
+    return {
+        m: overhead.outside_share(lambda: run[m](model, tokenizer, prompt, max_tokens, draft), model, draft)
+        for m in methods
+    }
+
+
 def projection(chips: str, model, draft, table: dict) -> dict:
     """Print and return the roofline projection (speedup over AR per mode) for one chip or all."""
     tokens = {m: row["tokens_per_forward"] for m, row in table.items() if m != runner.MLX_LM}
@@ -171,7 +185,7 @@ def projection(chips: str, model, draft, table: dict) -> dict:
 def run_forward_cost(options: Options, model, env: dict) -> None:
     from ..sampler.front import embedding_rows
 
-    milliseconds = forward_cost.forward_cost(model, embedding_rows(model), max(options.repeats, 3))
+    milliseconds = forward_cost.forward_cost(model, embedding_rows(model), max(options.repeats, 5))
     click.echo(f"\nForward cost over a {forward_cost.CACHE_TOKENS}-token cache (median ms, each forward alone):")
     click.echo("\n".join(forward_cost.cost_lines(milliseconds)))
     record = {
