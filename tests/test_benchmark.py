@@ -14,7 +14,7 @@ from mlx_dllm.cli import main
 QUICK = ["--num-prompts", "1", "--max-tokens", "6", "--repeats", "1"]
 JSON_KEYS = {"benchmark", "model", "methods", "outputs_match", "mismatches", "blas", "device", "max_tokens", "repeats"}
 ROW_KEYS = {"generation_tps", "prompt_tps", "tokens_per_forward", "acceptance_length", "peak_memory_gb", "vs_mlx_lm",
-            "identical_to_ar", "outside_forward_share"}
+            "identical_output", "outside_forward_share"}
 REFERENCE_MAPS = """\
 7f0000000000-7f0000001000 r-xp 00000000 08:01 42 /venv/lib/python3.11/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0
 7f0000002000-7f0000003000 r-xp 00000000 08:01 43 /venv/lib/python3.11/site-packages/numpy.libs/libscipy_openblas64_-ff651d7f.so
@@ -59,7 +59,7 @@ def test_benchmark_runs_each_tiny_family(family, methods):
     assert all(ROW_KEYS <= set(row) for row in record["methods"].values())
     assert record["outputs_match"] is True and record["mismatches"] == []
     lossless = [m for m in methods if m in runner.LOSSLESS]
-    assert all(record["methods"][m]["identical_to_ar"] is True for m in lossless)
+    assert all(record["methods"][m]["identical_output"] is True for m in lossless)
 
 
 def test_benchmark_restores_the_forward_methods_it_times():
@@ -96,8 +96,8 @@ def test_benchmark_reports_a_forced_mismatch(monkeypatch):
     [record] = json_lines(result.output)
     assert record["outputs_match"] is False
     assert [(m["method"], m["reference"]) for m in record["mismatches"]] == [("quadratic-spec", "mlx_lm")]
-    assert record["methods"]["quadratic-spec"]["identical_to_ar"] is False
-    assert record["methods"]["ar"]["identical_to_ar"] is True
+    assert record["methods"]["quadratic-spec"]["identical_output"] is False
+    assert record["methods"]["ar"]["identical_output"] is True
     assert "MISMATCH: quadratic-spec differs from mlx_lm" in result.output
 
 

@@ -30,13 +30,13 @@ def check_plot_path(path: Path) -> None:
 def speed_panel(axis, table: Dict[str, dict]) -> None:
     methods = list(table)
     speeds = [table[m]["generation_tps"] or 0 for m in methods]
-    colors = ["#9e9e9e" if m == MLX_LM else ("#d62728" if table[m]["identical_to_ar"] is False else "#1f77b4")
+    colors = ["#9e9e9e" if m == MLX_LM else ("#d62728" if table[m]["identical_output"] is False else "#1f77b4")
               for m in methods]
     bars = axis.barh(methods, speeds, color=colors)
     for bar, method in zip(bars, methods):
         ratio = table[method]["vs_mlx_lm"]
         label = f" {bar.get_width():.1f}" + (f"  ({ratio:.2f}x mlx-lm)" if ratio is not None else "")
-        if table[method]["identical_to_ar"] is False:
+        if table[method]["identical_output"] is False:
             label += "  OUTPUT MISMATCH"
         axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=9)
     axis.invert_yaxis()

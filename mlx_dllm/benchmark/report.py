@@ -31,7 +31,7 @@ def summarize(samples: Dict[str, List[Sample]], mismatches: List[dict], outside:
             "generation_tokens": median(len(s.tokens) for s in runs),
             "outside_forward_share": outside.get(method),
             "vs_mlx_lm": paired_ratio(runs, samples[baseline_name]) if baseline_name else None,
-            "identical_to_ar": (diverged == 0) if method in LOSSLESS and method != baseline_name else None,
+            "identical_output": (diverged == 0) if method in LOSSLESS and method != baseline_name else None,
         }
     return table
 
@@ -52,7 +52,7 @@ def table_lines(table: Dict[str, dict]) -> List[str]:
         lines.append(
             f"{method:<15} {fmt(row['generation_tps'], '.1f'):>10} {fmt(row['prompt_tps'], '.1f'):>12} "
             f"{fmt(row['tokens_per_forward'], '.2f'):>8} {fmt(row['acceptance_length'], '.2f'):>7} "
-            f"{row['peak_memory_gb']:>8.3f} {fmt(row['outside_forward_share'], '.1%'):>8} {fmt(row['vs_mlx_lm'], '.2f'):>9} {identical_cell(row['identical_to_ar']):>9}"
+            f"{row['peak_memory_gb']:>8.3f} {fmt(row['outside_forward_share'], '.1%'):>8} {fmt(row['vs_mlx_lm'], '.2f'):>9} {identical_cell(row['identical_output']):>9}"
         )
     return lines
 

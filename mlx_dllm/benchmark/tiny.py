@@ -14,6 +14,8 @@ VOCAB = 256
 EOS_TOKEN_ID = 1
 MASK_TOKEN_ID = VOCAB - 1  # an embedding row the tokenizer never produces
 WEIGHT_SCALE = 0.2  # peaked logits keep greedy choices away from float ties
+LORA_RANK = 4
+LORA_FOLDER = "linear_spec_lora"  # the loader attaches it: linear-spec then drafts with it
 FAMILIES = ("dflash", "diffusion-gemma", "nemotron")
 
 QWEN3_TARGET = {
@@ -134,6 +136,22 @@ def save_tokenizer(folder: Path) -> None:
     fast.save_pretrained(str(folder))
 
 
+def save_lora(config: Dict, folder: Path, seed: int) -> None:
+    """A PEFT LoRA on every o_proj, as Nemotron-Labs-Diffusion ships its linear-spec drafter."""
+    lora = folder / LORA_FOLDER
+    lora.mkdir(parents=True, exist_ok=True)
+    heads_width = config["num_attention_heads"] * config["head_dim"]
+    keys = iter(mx.random.split(mx.random.key(seed), 2 * config["num_hidden_layers"]))
+    weights = {}
+    for index in range(config["num_hidden_layers"]):
+        stem = f"base_model.model.encoder.layers.{index}.self_attn.o_proj"
+        weights[f"{stem}.lora_A.weight"] = mx.random.normal((LORA_RANK, heads_width), key=next(keys)) * heads_width**-0.5
+        weights[f"{stem}.lora_B.weight"] = 0.05 * mx.random.normal((config["hidden_size"], LORA_RANK), key=next(keys))
+    mx.save_safetensors(str(lora / "adapter_model.safetensors"), weights)
+    adapter = {"peft_type": "LORA", "target_modules": ["o_proj"], "r": LORA_RANK, "lora_alpha": 2 * LORA_RANK}
+    (lora / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+
+
 def build_tiny(family: str, root: Path, seed: int = 0) -> Tuple[Path, Optional[Path]]:
     """(model folder, draft folder or None) of a tiny random checkpoint of `family` under `root`."""
     if family == "dflash":
@@ -144,4 +162,6 @@ def build_tiny(family: str, root: Path, seed: int = 0) -> Tuple[Path, Optional[P
     if family not in configs:
         raise DLLMError(f"unknown tiny family '{family}' (choose from {', '.join(FAMILIES)})")
     save_checkpoint(configs[family], root / family, seed)
+    if family == "nemotron":
+        save_lora(NEMOTRON, root / family, seed + 2)
     return root / family, None

@@ -396,7 +396,8 @@ def main():
     args.max_tokens = canvas * math.ceil(args.max_tokens / canvas)  # the reference always returns whole canvases
     vocab = model.text.vocab_size if args.tiny else 0
     chat = bool(tokenizer.has_chat_template if args.chat_template is None else args.chat_template) and not args.tiny
-    prompts = [encode(tokenizer, p, vocab) for p in read_prompts(args.prompts, args.num_prompts)]
+    texts = read_prompts(args.prompts, args.num_prompts)
+    prompts = [encode(tokenizer, p, vocab) if chat or vocab else tokenizer.encode(p) for p in texts]
     args.num_prompts = len(prompts)
     torch_threads = None
     methods = ["ours"]
