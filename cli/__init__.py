@@ -1,4 +1,4 @@
-"""The `mlx-dllm` command line: `generate` and `convert`.
+"""The `mlx-dllm` command line: `generate`, `convert` and `benchmark`.
 
 Commands are imported when they run (MLX takes seconds to import), so `--help` is instant and a Ctrl-C during
 those imports ends like any other: one line and exit status 130.
@@ -13,7 +13,7 @@ from click.exceptions import NoArgsIsHelpError
 from mlx_dllm import __version__
 from mlx_dllm.errors import DLLMError
 
-COMMANDS = {"generate": "generate_command", "convert": "convert_command"}  # module in this package -> command
+COMMANDS = {"generate": "generate_command", "convert": "convert_command", "benchmark": "benchmark_command"}  # module in this package -> command
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
 
 

@@ -1,8 +1,8 @@
 """DiffusionGemma: ours (MLX) vs the transformers reference (torch, CPU), in one process on the same tiny weights.
 
-    python benchmarks/diffusion_gemma.py                        # tiny random checkpoint (needs torch)
-    python benchmarks/diffusion_gemma.py --hidden 256 --vocab 4096 --canvas 64   # a bigger tiny config
-    python benchmarks/diffusion_gemma.py --model PATH           # a converted checkpoint: ours only
+    python -m tests.reference.diffusion_gemma_timing                        # tiny random checkpoint (needs torch)
+    python -m tests.reference.diffusion_gemma_timing --hidden 256 --vocab 4096 --canvas 64   # a bigger tiny config
+    python -m tests.reference.diffusion_gemma_timing --model PATH           # a converted checkpoint: ours only
 
 Both run the entropy-bound sampler with the same knobs and the same token-id prompts; their random streams
 differ, so step counts differ run to run: the table gives medians, and mean forwards per canvas. EOS is ignored
@@ -30,7 +30,8 @@ from mlx_dllm.models.diffusion_gemma import Model as DiffusionGemma
 from mlx_dllm.sampler import diffusion as diffusion_sampler
 from mlx_dllm.sampler.common import Stats
 from mlx_dllm.sampler.diffusion import DiffusionSettings
-from common import DATA, encode, fmt, median, read_prompts  # benchmarks/common.py, beside this script
+from mlx_dllm.benchmark.prompts import encode, read_prompts
+from mlx_dllm.benchmark.report import fmt, median
 
 KNOBS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
 OVERHEAD_TARGET = 0.05
@@ -61,7 +62,7 @@ def tiny_overrides(args) -> dict:
 
 def build_tiny(root: Path, args):
     """A tiny random DiffusionGemma, built (and saved) by the transformers reference; returns the torch model."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference builder lives in tests/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.reference
     try:
         import torch
         from transformers.utils.logging import disable_progress_bar
@@ -351,7 +352,7 @@ def main():
     size.add_argument("--vocab", type=int, help="vocabulary size (the tokenizer only names ids < 256)")
     size.add_argument("--canvas", type=int, help="canvas length (builder default 8)")
     size.add_argument("--window", type=int, help="sliding window (builder default 8)")
-    parser.add_argument("--prompts", type=Path, default=DATA / "gsm8k_test.jsonl", help="jsonl or text file")
+    parser.add_argument("--prompts", default="gsm8k", help="built-in set (gsm8k, mt-bench, humaneval) or a jsonl/text file")
     parser.add_argument("--num-prompts", type=int, default=5)
     parser.add_argument("--max-tokens", "-m", type=int, default=128, help="rounded up to whole canvases")
     parser.add_argument("--repeats", type=int, default=3)
@@ -395,7 +396,8 @@ def main():
     args.max_tokens = canvas * math.ceil(args.max_tokens / canvas)  # the reference always returns whole canvases
     vocab = model.text.vocab_size if args.tiny else 0
     chat = bool(tokenizer.has_chat_template if args.chat_template is None else args.chat_template) and not args.tiny
-    prompts = [encode(tokenizer, p, chat, vocab) for p in read_prompts(args.prompts, args.num_prompts)]
+    texts = read_prompts(args.prompts, args.num_prompts)
+    prompts = [encode(tokenizer, p, vocab) if chat or vocab else tokenizer.encode(p) for p in texts]
     args.num_prompts = len(prompts)
     torch_threads = None
     methods = ["ours"]

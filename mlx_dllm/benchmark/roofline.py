@@ -1,0 +1,51 @@
+"""A roofline projection for Apple GPUs, labelled as such: not a measurement."""
+
+from typing import Dict, List, Tuple
+
+from mlx.utils import tree_flatten
+
+# Assumed Apple GPU specs: memory bandwidth (bytes/s), dense fp16 FLOP/s.
+CHIPS = {"M3 Max": (400e9, 14e12), "M4 Max": (546e9, 17e12), "M2 Ultra": (800e9, 27e12)}
+
+
+def weights(module) -> Tuple[int, int]:
+    """(bytes, parameters) of a module's weights."""
+    arrays = [v for _, v in tree_flatten(module.parameters())]
+    return sum(v.nbytes for v in arrays), sum(v.size for v in arrays)
+
+
+def forward_seconds(nbytes: int, params: int, tokens: int, chip: str) -> float:
+    """max(weight bytes / bandwidth, 2 * params * tokens / peak FLOPs); attention and launches ignored."""
+    bandwidth, flops = CHIPS[chip]
+    return max(nbytes / bandwidth, 2 * params * tokens / flops)
+
+
+def block_tokens(model, draft) -> int:
+    """The block one step drafts or denoises: the drafter's, the model's, or DiffusionGemma's canvas."""
+    block = getattr(getattr(draft, "args", None), "block_size", None)
+    block = block or getattr(getattr(model, "args", None), "block_size", None)
+    return block or getattr(model, "canvas_length", 1)
+
+
+def cycle_forwards(mode: str, model, draft) -> List[Tuple[object, int]]:
+    """(module, tokens) of the forwards one decoding step of `mode` runs."""
+    block = block_tokens(model, draft)
+    if mode == "dflash":
+        return [(model, block), (draft, block)]
+    if mode == "linear-spec":
+        return [(model, block), (model, block)]  # one draft pass + one verify
+    if mode == "quadratic-spec":
+        return [(model, block * (block + 1))]
+    if mode == "diffusion":
+        return [(model, block)]
+    return [(model, 1)]
+
+
+def project(chip: str, model, draft, tokens_per_step: Dict[str, float]) -> Dict[str, float]:
+    """Projected speedup over AR per mode: tokens per step x t(AR forward) / t(step)."""
+    ar = forward_seconds(*weights(model), 1, chip)
+    speedups = {}
+    for mode, tokens in tokens_per_step.items():
+        step = sum(forward_seconds(*weights(module), count, chip) for module, count in cycle_forwards(mode, model, draft))
+        speedups[mode] = (tokens or 1.0) * ar / step
+    return speedups

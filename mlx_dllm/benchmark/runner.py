@@ -1,0 +1,106 @@
+"""Greedy runs of every method on the same weights: mlx-lm's plain generation and our modes, interleaved."""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+
+MLX_LM = "mlx_lm"
+LOSSLESS = ("ar", "dflash", "linear-spec", "quadratic-spec")  # greedy output must equal mlx-lm's AR
+
+
+@dataclass
+class Sample:
+    """One greedy generation, with the numbers as each API reports them."""
+
+    tokens: List[int]
+    generation_tps: float
+    prompt_tps: float
+    peak_memory_gb: float
+    tokens_per_forward: float
+    acceptance_length: Optional[float]
+    step_tokens: List[int] = field(default_factory=list)  # tokens committed per decoding step
+
+
+def run_mlx_lm(model, tokenizer, prompt: List[int], max_tokens: int, draft=None) -> Sample:
+    from mlx_lm.generate import stream_generate
+
+    responses = list(stream_generate(model, tokenizer, prompt, max_tokens))
+    tokens = [r.token for r in responses]
+    if responses[-1].finish_reason == "stop":
+        tokens.pop()  # mlx-lm reports the EOS token; ours does not
+    last = responses[-1]
+    return Sample(tokens, last.generation_tps, last.prompt_tps, last.peak_memory, 1.0, None, [1] * (len(tokens) - 1))
+
+
+def mode_runner(mode: str) -> Callable:
+    def run(model, tokenizer, prompt: List[int], max_tokens: int, draft=None) -> Sample:
+        from ..sampler import stream_generate
+
+        draft_model = draft if mode == "dflash" else None
+        responses = list(stream_generate(model, tokenizer, prompt, max_tokens, mode=mode, draft_model=draft_model))
+        last = responses[-1]
+        steps = [len(r.tokens) for r in responses[1:] if r.tokens]  # the first holds the prefill's token
+        tokens = [t for r in responses for t in r.tokens]
+        return Sample(
+            tokens,
+            last.generation_tps,
+            last.prompt_tps,
+            last.peak_memory,
+            last.tokens_per_forward,
+            last.acceptance_length,
+            steps,
+        )
+
+    return run
+
+
+def runners(methods: List[str]) -> Dict[str, Callable]:
+    return {m: run_mlx_lm if m == MLX_LM else mode_runner(m) for m in methods}
+
+
+def rotated(methods: List[str], repeat: int) -> List[str]:
+    """The method order of one repeat: rotated each repeat, so no method always runs first or warm."""
+    shift = repeat % len(methods)
+    return methods[shift:] + methods[:shift]
+
+
+def first_divergence(tokens: List[int], reference: List[int]) -> Optional[int]:
+    if tokens == reference:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
+def run_all(model, tokenizer, draft, prompts: List[List[int]], methods: List[str], max_tokens: int, repeats: int,
+            progress=None):
+    """Samples per method (over repeats and prompts) and the lossless modes' divergences from the reference."""
+    run = runners(methods)
+    for method in methods:  # warm-up: compile paths and fill allocator pools outside the measurement
+        run[method](model, tokenizer, prompts[0], min(max_tokens, 8), draft)
+    reference = MLX_LM if MLX_LM in methods else ("ar" if "ar" in methods else None)
+    samples = {m: [] for m in methods}
+    mismatches = []
+    for repeat in range(repeats):
+        for index, prompt in enumerate(prompts):
+            outputs = {}
+            for method in rotated(methods, repeat + index):
+                mx.reset_peak_memory()
+                outputs[method] = run[method](model, tokenizer, prompt, max_tokens, draft)
+                samples[method].append(outputs[method])
+            mismatches += check_outputs(outputs, reference, repeat, index)
+            if progress is not None:
+                progress()
+    return samples, mismatches
+
+
+def check_outputs(outputs: Dict[str, Sample], reference: Optional[str], repeat: int, prompt: int) -> List[dict]:
+    if reference is None:
+        return []
+    found = []
+    for method, sample in outputs.items():
+        if method in LOSSLESS and method != reference:
+            position = first_divergence(sample.tokens, outputs[reference].tokens)
+            if position is not None:
+                found.append({"method": method, "reference": reference, "repeat": repeat, "prompt": prompt,
+                              "position": position})
+    return found

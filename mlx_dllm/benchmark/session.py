@@ -1,0 +1,199 @@
+"""One `mlx-dllm benchmark` run: load (or build a tiny model), choose the methods, measure, report."""
+
+import platform
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import click
+
+from ..errors import DLLMError
+from . import blas, forward_cost, overhead, prompts, report, roofline, runner, tiny
+
+
+@dataclass
+class Options:
+    model: Optional[str]
+    draft_model: Optional[str]
+    tiny: Optional[str]
+    modes: Optional[List[str]]
+    prompts: str
+    num_prompts: int
+    max_tokens: int
+    repeats: int
+    plot: Optional[Path]
+    project: Optional[str]
+    forward_cost: bool
+
+
+def check_options(options: Options) -> None:
+    if (options.model is None) == (options.tiny is None):
+        raise DLLMError("give --model (a checkpoint) or --tiny FAMILY (a tiny random one), exactly one")
+    if options.tiny is not None and options.draft_model is not None:
+        raise DLLMError("--tiny dflash builds its own drafter: --draft-model goes with --model")
+    if options.forward_cost and (options.modes or options.plot or options.project):
+        raise DLLMError("--forward-cost measures forwards alone: it takes no --modes, --plot or --project")
+    if options.plot is not None:
+        from .plot import check_plot_path
+
+        check_plot_path(options.plot)
+
+
+@contextmanager
+def loaded_models(options: Options) -> Iterator[Tuple[object, object, object]]:
+    """(model, tokenizer, draft or None), from the checkpoints or a tiny random one built in a temporary folder."""
+    from ..loading import load
+
+    with tempfile.TemporaryDirectory(prefix="mlx-dllm-tiny-") as folder:
+        model_path, draft_path = options.model, options.draft_model
+        if options.tiny is not None:
+            model_path, draft_path = tiny.build_tiny(options.tiny, Path(folder))
+        model, tokenizer = load(str(model_path))
+        draft = load(str(draft_path))[0] if draft_path is not None else None
+    yield model, tokenizer, draft
+
+
+def supported_modes(model, draft) -> List[str]:
+    modes = list(getattr(model, "modes", ("ar", "dflash")))
+    return [m for m in modes if m != "dflash" or draft is not None]
+
+
+def choose_methods(model, draft, asked: Optional[List[str]]) -> List[str]:
+    """The mlx-lm baseline (wherever plain AR runs) followed by the asked modes, else every supported one."""
+    supported = supported_modes(model, draft)
+    for mode in asked or ():
+        if mode not in supported:
+            raise DLLMError(f"--modes: this model runs {', '.join(supported)}, not {mode}")
+    modes = list(dict.fromkeys(asked or supported))
+    baseline = [runner.MLX_LM] if "ar" in getattr(model, "modes", ("ar",)) else []
+    return baseline + modes
+
+
+def environment(device: str) -> dict:
+    import mlx.core as mx
+    import mlx_lm
+
+    from .. import __version__
+
+    return {
+        "blas": blas.current_blas(),
+        "device": device,
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "mlx_dllm": __version__,
+        "platform": platform.platform(),
+    }
+
+
+def announce(env: dict) -> None:
+    click.echo(f"BLAS: {env['blas']}, device {env['device']}, mlx {env['mlx']}, mlx-lm {env['mlx_lm']}")
+    warning = blas.reference_blas_warning(env["blas"], env["device"])
+    if warning is not None:
+        click.echo(warning, err=True)
+
+
+def model_label(options: Options) -> str:
+    return f"tiny-{options.tiny}" if options.tiny else options.model
+
+
+def run(options: Options) -> None:
+    import mlx.core as mx
+
+    check_options(options)
+    env = environment(str(mx.default_device()))
+    announce(env)
+    with loaded_models(options) as (model, tokenizer, draft):
+        if options.forward_cost:
+            return run_forward_cost(options, model, env)
+        methods = choose_methods(model, draft, options.modes)
+        texts = prompts.read_prompts(options.prompts, options.num_prompts)
+        vocab = tiny.VOCAB if options.tiny else 0
+        ids = [prompts.encode(tokenizer, text, vocab) for text in texts]
+        samples, mismatches = measure(model, tokenizer, draft, ids, methods, options)
+        shares = outside_shares(model, tokenizer, draft, ids[0], methods, options.max_tokens)
+    table = report.summarize(samples, mismatches, shares)
+    click.echo("\n" + "\n".join(report.table_lines(table)))
+    click.echo(
+        f"Medians over {options.repeats} repeat(s) x {len(ids)} prompt(s) of '{options.prompts}', greedy, "
+        f"{options.max_tokens} tokens at most; vs mlx_lm = median of paired tokens/s ratios."
+    )
+    click.echo(
+        "outside = share of wall time outside model forwards (selection, acceptance, rollback, detokenizing,\n"
+        "  Python), from a separate run that evaluates every forward on the spot: an upper bound on its cost."
+    )
+    for line in report.mismatch_lines(mismatches):
+        click.echo(line)
+    record = {
+        "benchmark": "generation",
+        "model": model_label(options),
+        "draft_model": "tiny" if options.tiny == "dflash" else options.draft_model,
+        "prompts": options.prompts,
+        "num_prompts": len(ids),
+        "prompt_tokens_median": report.median(len(p) for p in ids),
+        "max_tokens": options.max_tokens,
+        "repeats": options.repeats,
+        "methods": table,
+        "outputs_match": not mismatches,
+        "mismatches": mismatches,
+        **env,
+    }
+    if options.project:
+        record["projection"] = projection(options.project, model, draft, table)
+    if options.plot is not None:
+        from .plot import write_plot
+
+        title = f"{model_label(options)} - {env['device']}, BLAS {env['blas']}"
+        write_plot(options.plot, table, samples, title, roofline.block_tokens(model, draft))
+        click.echo(f"Plot: {options.plot}")
+    click.echo(report.json_line(record))
+
+
+def measure(model, tokenizer, draft, ids, methods, options: Options):
+    from tqdm import tqdm
+
+    with tqdm(total=options.repeats * len(ids), desc="prompts", unit="prompt", leave=False) as bar:
+        return runner.run_all(
+            model, tokenizer, draft, ids, methods, options.max_tokens, options.repeats, progress=bar.update
+        )
+
+
+def outside_shares(model, tokenizer, draft, prompt, methods, max_tokens: int) -> dict:
+    """Per method, the share of wall time outside forwards, from one instrumented run on the first prompt."""
+    run = runner.runners(methods)
+    return {
+        m: overhead.outside_share(lambda: run[m](model, tokenizer, prompt, max_tokens, draft), model, draft)
+        for m in methods
+    }
+
+
+def projection(chips: str, model, draft, table: dict) -> dict:
+    """Print and return the roofline projection (speedup over AR per mode) for one chip or all."""
+    tokens = {m: row["tokens_per_forward"] for m, row in table.items() if m != runner.MLX_LM}
+    names = list(roofline.CHIPS) if chips == "all" else [chips]
+    result = {chip: roofline.project(chip, model, draft, tokens) for chip in names}
+    click.echo("PROJECTION (roofline, not a measurement): speedup over AR from the measured tokens per step,")
+    click.echo("  t_forward = max(weight bytes / bandwidth, 2 x params x tokens / peak FLOPs)")
+    for chip, speedups in result.items():
+        bandwidth, flops = roofline.CHIPS[chip]
+        cells = ", ".join(f"{mode} {value:.2f}x" for mode, value in speedups.items())
+        click.echo(f"  {chip} (assumed {bandwidth / 1e9:.0f} GB/s, {flops / 1e12:.0f} TFLOPs): {cells}")
+    return result
+
+
+def run_forward_cost(options: Options, model, env: dict) -> None:
+    from ..sampler.front import embedding_rows
+
+    milliseconds = forward_cost.forward_cost(model, embedding_rows(model), max(options.repeats, 5))
+    click.echo(f"\nForward cost over a {forward_cost.CACHE_TOKENS}-token cache (median ms, each forward alone):")
+    click.echo("\n".join(forward_cost.cost_lines(milliseconds)))
+    record = {
+        "benchmark": "forward-cost",
+        "model": model_label(options),
+        "cache_tokens": forward_cost.CACHE_TOKENS,
+        "milliseconds": milliseconds,
+        "ratio_to_one_token": {n: ms / milliseconds[1] for n, ms in milliseconds.items()},
+        **env,
+    }
+    click.echo(report.json_line(record))
