@@ -13,7 +13,8 @@ from click.exceptions import NoArgsIsHelpError
 from mlx_dllm import __version__
 from mlx_dllm.errors import DLLMError
 
-COMMANDS = {"generate": "generate_command", "convert": "convert_command", "benchmark": "benchmark_command"}  # module in this package -> command
+# module in this package -> its command
+COMMANDS = {"generate": "generate_command", "convert": "convert_command", "benchmark": "benchmark_command"}
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
 
 

@@ -24,15 +24,23 @@ def split_modes(ctx, param, value):
 @click.option("--draft-model", help="DFlash drafter folder or hub id (adds the dflash mode).")
 @click.option("--tiny", type=click.Choice(FAMILIES), help="Build a tiny random checkpoint of this family instead.")
 @click.option("--modes", callback=split_modes, help="Comma-separated modes (default: every mode the model runs).")
-@click.option("--prompts", default="gsm8k", show_default=True, help=f"Built-in set ({', '.join(BUILT_IN)}) or a jsonl/text file.")
+@click.option(
+    "--prompts", default="gsm8k", show_default=True, help=f"Built-in set ({', '.join(BUILT_IN)}) or a jsonl/text file."
+)
 @click.option("--num-prompts", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--max-tokens", "-m", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Interleaved repeats.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write tokens/s and acceptance to a PNG.")
 @click.option("--project", type=click.Choice([*CHIPS, "all"]), help="Print a roofline projection for an Apple chip.")
 @click.option("--forward-cost", is_flag=True, help="Print the cost of 1..64-token forwards over a 256-token cache.")
-@click.option("--blas", "blas_choice", type=click.Choice(blas.CHOICES), default="auto", show_default=True,
-              help="Linux CPU: preload OpenBLAS when installed (auto), require it, or keep the reference BLAS.")
+@click.option(
+    "--blas",
+    "blas_choice",
+    type=click.Choice(blas.CHOICES),
+    default="auto",
+    show_default=True,
+    help="Linux CPU: preload OpenBLAS when installed (auto), require it, or keep the reference BLAS.",
+)
 def benchmark_command(blas_choice, **flags):
     """Tokens/s, tokens per forward, acceptance and peak memory of each mode; a table and one JSON line."""
     from mlx_dllm.benchmark.session import Options, check_options, run

@@ -13,14 +13,24 @@ from mlx_dllm.cli import main
 
 QUICK = ["--num-prompts", "1", "--max-tokens", "6", "--repeats", "1"]
 JSON_KEYS = {"benchmark", "model", "methods", "outputs_match", "mismatches", "blas", "device", "max_tokens", "repeats"}
-ROW_KEYS = {"generation_tps", "prompt_tps", "tokens_per_forward", "acceptance_length", "peak_memory_gb", "vs_mlx_lm",
-            "identical_output", "outside_forward_share"}
+ROW_KEYS = {
+    "generation_tps",
+    "prompt_tps",
+    "tokens_per_forward",
+    "acceptance_length",
+    "peak_memory_gb",
+    "vs_mlx_lm",
+    "identical_output",
+    "outside_forward_share",
+}
 REFERENCE_MAPS = """\
 7f0000000000-7f0000001000 r-xp 00000000 08:01 42 /venv/lib/python3.11/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0
 7f0000002000-7f0000003000 r-xp 00000000 08:01 43 /venv/lib/python3.11/site-packages/numpy.libs/libscipy_openblas64_-ff651d7f.so
 7f0000004000-7f0000005000 rw-p 00000000 00:00 0 [heap]
 """
-OPENBLAS_LINE = "7f0000006000-7f0000007000 r-xp 00000000 08:01 44 /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0\n"
+OPENBLAS_LINE = (
+    "7f0000006000-7f0000007000 r-xp 00000000 08:01 44 /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0\n"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +142,10 @@ def test_benchmark_forward_cost_curve():
         ([], "give --model (a checkpoint) or --tiny FAMILY"),
         (["--tiny", "dflash", "--repeats", "0"], "Invalid value for '--repeats'"),
         (["--tiny", "dflash", "--draft-model", "x"], "--tiny dflash builds its own drafter"),
-        (["--tiny", "dflash", "--modes", "quadratic-spec", *QUICK], "--modes: this model runs ar, dflash, not quadratic-spec"),
+        (
+            ["--tiny", "dflash", "--modes", "quadratic-spec", *QUICK],
+            "--modes: this model runs ar, dflash, not quadratic-spec",
+        ),
         (["--tiny", "dflash", "--prompts", "no-such-set", *QUICK], "--prompts no-such-set: not a built-in set"),
         (["--tiny", "dflash", "--plot", "picture.jpg"], "--plot writes a PNG"),
         (["--tiny", "nemotron", "--forward-cost", "--modes", "ar"], "--forward-cost measures forwards alone"),
@@ -211,7 +224,9 @@ def test_wheel_ships_the_prompt_sets(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     source = tmp_path / "src"
-    ignored = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "tests", "benchmarks")
+    ignored = shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "tests", "benchmarks"
+    )
     shutil.copytree(repo, source, ignore=ignored)
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist"]
     subprocess.run([*build, source], check=True)

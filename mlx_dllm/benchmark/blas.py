@@ -58,6 +58,7 @@ def current_blas() -> str:
     if sys.platform == "darwin":
         return "accelerate"
     import mlx.core  # noqa: F401
+
     try:
         return active_blas(loaded_blas(Path("/proc/self/maps").read_text()))
     except OSError:

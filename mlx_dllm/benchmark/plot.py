@@ -30,8 +30,10 @@ def check_plot_path(path: Path) -> None:
 def speed_panel(axis, table: Dict[str, dict]) -> None:
     methods = list(table)
     speeds = [table[m]["generation_tps"] or 0 for m in methods]
-    colors = ["#9e9e9e" if m == MLX_LM else ("#d62728" if table[m]["identical_output"] is False else "#1f77b4")
-              for m in methods]
+    colors = [
+        "#9e9e9e" if m == MLX_LM else ("#d62728" if table[m]["identical_output"] is False else "#1f77b4")
+        for m in methods
+    ]
     bars = axis.barh(methods, speeds, color=colors)
     for bar, method in zip(bars, methods):
         ratio = table[method]["vs_mlx_lm"]

@@ -35,7 +35,9 @@ def read_prompts(source: str, count: int) -> List[str]:
         try:
             text = Path(source).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            raise DLLMError(f"--prompts {source}: not a built-in set ({', '.join(BUILT_IN)}) nor a readable file") from error
+            raise DLLMError(
+                f"--prompts {source}: not a built-in set ({', '.join(BUILT_IN)}) nor a readable file"
+            ) from error
     prompts = [parse_line(line, source) for line in text.splitlines() if line.strip()][:count]
     if not prompts:
         raise DLLMError(f"--prompts {source}: no prompts")

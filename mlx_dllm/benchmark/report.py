@@ -45,14 +45,17 @@ def identical_cell(value: Optional[bool]) -> str:
 
 
 def table_lines(table: Dict[str, dict]) -> List[str]:
-    header = (f"{'method':<15} {'gen tok/s':>10} {'prompt tok/s':>12} {'tok/fwd':>8} {'accept':>7} "
-              f"{'peak GB':>8} {'outside':>8} {'vs mlx_lm':>9} {'= mlx_lm':>9}")
+    header = (
+        f"{'method':<15} {'gen tok/s':>10} {'prompt tok/s':>12} {'tok/fwd':>8} {'accept':>7} "
+        f"{'peak GB':>8} {'outside':>8} {'vs mlx_lm':>9} {'= mlx_lm':>9}"
+    )
     lines = [header]
     for method, row in table.items():
         lines.append(
             f"{method:<15} {fmt(row['generation_tps'], '.1f'):>10} {fmt(row['prompt_tps'], '.1f'):>12} "
             f"{fmt(row['tokens_per_forward'], '.2f'):>8} {fmt(row['acceptance_length'], '.2f'):>7} "
-            f"{row['peak_memory_gb']:>8.3f} {fmt(row['outside_forward_share'], '.1%'):>8} {fmt(row['vs_mlx_lm'], '.2f'):>9} {identical_cell(row['identical_output']):>9}"
+            f"{row['peak_memory_gb']:>8.3f} {fmt(row['outside_forward_share'], '.1%'):>8} "
+            f"{fmt(row['vs_mlx_lm'], '.2f'):>9} {identical_cell(row['identical_output']):>9}"
         )
     return lines
 

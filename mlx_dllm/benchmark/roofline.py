@@ -46,6 +46,8 @@ def project(chip: str, model, draft, tokens_per_step: Dict[str, float]) -> Dict[
     ar = forward_seconds(*weights(model), 1, chip)
     speedups = {}
     for mode, tokens in tokens_per_step.items():
-        step = sum(forward_seconds(*weights(module), count, chip) for module, count in cycle_forwards(mode, model, draft))
+        step = sum(
+            forward_seconds(*weights(module), count, chip) for module, count in cycle_forwards(mode, model, draft)
+        )
         speedups[mode] = (tokens or 1.0) * ar / step
     return speedups

@@ -71,8 +71,9 @@ def first_divergence(tokens: List[int], reference: List[int]) -> Optional[int]:
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
-def run_all(model, tokenizer, draft, prompts: List[List[int]], methods: List[str], max_tokens: int, repeats: int,
-            progress=None):
+def run_all(
+    model, tokenizer, draft, prompts: List[List[int]], methods: List[str], max_tokens: int, repeats: int, progress=None
+):
     """Samples per method (over repeats and prompts) and the lossless modes' divergences from the reference."""
     run = runners(methods)
     for method in methods:  # warm-up: compile paths and fill allocator pools outside the measurement
@@ -101,6 +102,7 @@ def check_outputs(outputs: Dict[str, Sample], reference: Optional[str], repeat: 
         if method in LOSSLESS and method != reference:
             position = first_divergence(sample.tokens, outputs[reference].tokens)
             if position is not None:
-                found.append({"method": method, "reference": reference, "repeat": repeat, "prompt": prompt,
-                              "position": position})
+                found.append(
+                    {"method": method, "reference": reference, "repeat": repeat, "prompt": prompt, "position": position}
+                )
     return found

@@ -145,7 +145,9 @@ def save_lora(config: Dict, folder: Path, seed: int) -> None:
     weights = {}
     for index in range(config["num_hidden_layers"]):
         stem = f"base_model.model.encoder.layers.{index}.self_attn.o_proj"
-        weights[f"{stem}.lora_A.weight"] = mx.random.normal((LORA_RANK, heads_width), key=next(keys)) * heads_width**-0.5
+        weights[f"{stem}.lora_A.weight"] = (
+            mx.random.normal((LORA_RANK, heads_width), key=next(keys)) * heads_width**-0.5
+        )
         weights[f"{stem}.lora_B.weight"] = 0.05 * mx.random.normal((config["hidden_size"], LORA_RANK), key=next(keys))
     mx.save_safetensors(str(lora / "adapter_model.safetensors"), weights)
     adapter = {"peft_type": "LORA", "target_modules": ["o_proj"], "r": LORA_RANK, "lora_alpha": 2 * LORA_RANK}

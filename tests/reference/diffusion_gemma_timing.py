@@ -352,7 +352,9 @@ def main():
     size.add_argument("--vocab", type=int, help="vocabulary size (the tokenizer only names ids < 256)")
     size.add_argument("--canvas", type=int, help="canvas length (builder default 8)")
     size.add_argument("--window", type=int, help="sliding window (builder default 8)")
-    parser.add_argument("--prompts", default="gsm8k", help="built-in set (gsm8k, mt-bench, humaneval) or a jsonl/text file")
+    parser.add_argument(
+        "--prompts", default="gsm8k", help="built-in set (gsm8k, mt-bench, humaneval) or a jsonl/text file"
+    )
     parser.add_argument("--num-prompts", type=int, default=5)
     parser.add_argument("--max-tokens", "-m", type=int, default=128, help="rounded up to whole canvases")
     parser.add_argument("--repeats", type=int, default=3)
