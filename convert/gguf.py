@@ -1,10 +1,10 @@
-"""GGUF file (llama.cpp) -> MLX folder: weights through `mx.load`, config and tokenizer from the file's metadata.
+"""GGUF file (llama.cpp) -> MLX folder: tensors and metadata through the `gguf` package's memory-mapped reader.
 
-Q4_0, Q4_1 and Q8_0 tensors stay quantized: `mx.load` reads them as MLX affine (group 32, 4 or 8 bits) with the
-file's own float16 scales, which is exactly the GGUF value, so keeping them loses nothing and keeps the size.
-Every other quantized type (the K-quants, Q5_0, ...) has no exact MLX layout; `mx.load` would cast it to float16,
-so it is dequantized with the `gguf` package's reference dequantizer instead (the values llama.cpp and
-transformers compute) and stored at `--dtype` (float16 by default), or re-quantized with `-q`.
+Q4_0, Q4_1 and Q8_0 tensors stay quantized: their blocks are exactly MLX affine (group 32, 4 or 8 bits, the
+file's own float16 scales), the layout `mx.load` also gives them, so keeping them loses nothing and keeps the size.
+Every other type (the K-quants, Q5_0, ...) has no exact MLX layout (and `mx.load` cannot open a file holding one),
+so it is dequantized with `gguf`'s reference dequantizer (the values llama.cpp and transformers compute) and
+stored at `--dtype` (float16 by default), or re-quantized with `-q`. Tensors are read one at a time.
 """
 
 import stat
@@ -25,8 +25,8 @@ from .common import cast_parameters, check_destination, check_finite_files, quan
 
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 GROUP_SIZE = 32  # the block size of Q4_0, Q4_1 and Q8_0
-KEPT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
-FLOAT_TYPES = ("F32", "F16", "BF16")
+KEPT_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # -> bits
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # float16 scale (and Q4_1's float16 min), then 32 values
 DEFAULT_DTYPE = "float16"
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {
@@ -66,39 +66,54 @@ def check_apart_from_file(mlx_path: Path, file: Path) -> None:
         raise DLLMError(f"{mlx_path} holds the GGUF file {file}; give a folder that does not contain it")
 
 
-def read_gguf(file: Path) -> Tuple[Dict[str, mx.array], Dict]:
+def open_gguf(file: Path):
+    """The file's header and a memory map of its tensors (nothing is read into memory yet)."""
+    from gguf import GGUFReader
+
     try:
-        tensors, metadata = mx.load(str(file), return_metadata=True)
+        return GGUFReader(str(file))
     except Exception as error:
         raise DLLMError(f"cannot read {file.name} as GGUF: {str(error).splitlines()[0]}") from error
-    return tensors, {key: plain(value) for key, value in metadata.items()}
 
 
-def plain(value):
-    """A metadata value as Python: MLX returns scalars and numeric arrays as mx.array."""
-    if isinstance(value, mx.array):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
+def read_metadata(reader) -> Dict:
+    """The key/value metadata as Python values (long token lists included)."""
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
-def tensor_types(file: Path) -> Dict[str, str]:
-    """Each tensor's GGML type name, from the header (the data stays on disk)."""
-    from gguf import GGUFReader
+def affine_from_blocks(blocks: np.ndarray, kind: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0/Q4_1/Q8_0 tensor's blocks (rows, groups, bytes) as MLX affine (weight, scales, biases), exactly:
+    w = d * q + m in the file is scale * q + bias in MLX, with q made unsigned (-8 and -128 fold into the bias)."""
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0]
+    if kind == "Q8_0":
+        values = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        biases = scales * np.float16(-128)
+    else:
+        packed = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
+        values = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)  # low nibbles hold the first 16
+        biases = blocks[..., 2:4].copy().view(np.float16)[..., 0] if kind == "Q4_1" else scales * np.float16(-8)
+    bits = KEPT_TYPES[kind]
+    per_word = 32 // bits
+    values = values.reshape(values.shape[0], -1, per_word).astype(np.uint32)
+    weight = np.zeros(values.shape[:2], dtype=np.uint32)
+    for index in range(per_word):
+        weight |= values[..., index] << np.uint32(bits * index)
+    return weight, scales, biases
 
-    return {tensor.name: tensor.tensor_type.name for tensor in GGUFReader(str(file)).tensors}
 
-
-def dequantized(file: Path, names) -> Dict[str, mx.array]:
-    """The named tensors in float32, by the `gguf` package's reference dequantizer, one at a time."""
-    from gguf import GGUFReader
+def read_tensor(tensor) -> Dict[str, mx.array]:
+    """One tensor under its GGUF name: kept types as MLX affine parts, any other as float32 (gguf's reference
+    dequantizer, the values llama.cpp and transformers compute)."""
     from gguf.quants import dequantize
 
-    values = {}
-    for tensor in GGUFReader(str(file)).tensors:
-        if tensor.name in names:
-            array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-            values[tensor.name] = mx.array(array.reshape(tuple(reversed(tensor.shape.tolist()))))
-    return values
+    kind, stem = tensor.tensor_type.name, tensor.name.rpartition(".")[0]
+    shape = tuple(reversed(tensor.shape.tolist()))
+    if kind in KEPT_TYPES:
+        rows = shape[0]
+        weight, scales, biases = affine_from_blocks(tensor.data.reshape(rows, -1, BLOCK_BYTES[kind]), kind)
+        return {f"{stem}.weight": mx.array(weight), f"{stem}.scales": mx.array(scales), f"{stem}.biases": mx.array(biases)}
+    value = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    return {tensor.name: mx.array(value.reshape(shape))}
 
 
 def architecture_of(metadata: Dict) -> str:
@@ -117,7 +132,7 @@ def read_field(metadata: Dict, key: str, default=None, required: bool = True):
     return default
 
 
-def gguf_config(metadata: Dict, tensors: Dict[str, mx.array]) -> Dict:
+def gguf_config(metadata: Dict, tensors) -> Dict:
     """config.json for mlx-lm's model class, from llama.cpp's metadata keys (as transformers maps them)."""
     architecture = architecture_of(metadata)
     model_type, class_name = ARCHITECTURES[architecture]
@@ -150,7 +165,7 @@ def gguf_config(metadata: Dict, tensors: Dict[str, mx.array]) -> Dict:
     return config
 
 
-def check_plain_rope(metadata: Dict, tensors: Dict[str, mx.array]) -> None:
+def check_plain_rope(metadata: Dict, tensors) -> None:
     """Scaled RoPE (linear, YaRN, Llama 3's rope_freqs) is not mapped yet: refuse rather than run it wrong."""
     scaling = metadata.get("llama.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in tensors:
@@ -194,21 +209,16 @@ def unpermute_rows(value: mx.array, heads: int) -> mx.array:
     return value.reshape(heads, half, 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
 
 
-def mlx_weights(file: Path, tensors: Dict[str, mx.array], config: Dict, architecture: str) -> Dict[str, mx.array]:
-    types = tensor_types(file)
-    unknown = sorted(name for name, kind in types.items() if kind not in KEPT_TYPES + FLOAT_TYPES)
-    tensors = {**tensors, **{f"{n.rpartition('.')[0]}.weight": v for n, v in dequantized(file, set(unknown)).items()}}
-    for name in unknown:  # the float16 copy mx.load made has no scales; drop any quantization parts it carries
-        tensors.pop(f"{name.rpartition('.')[0]}.scales", None)
-        tensors.pop(f"{name.rpartition('.')[0]}.biases", None)
+def mlx_weights(reader, config: Dict, architecture: str) -> Dict[str, mx.array]:
     weights = {}
-    for name, value in tensors.items():
-        if architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
-            heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
-            value = unpermute_rows(value, heads)
-        if architecture == "gemma3" and name.endswith("norm.weight"):
-            value = value.astype(mx.float32) - 1  # the file stores Gemma's (1 + w); mlx-lm adds the 1
-        weights[mlx_name(name, architecture)] = value
+    for tensor in reader.tensors:
+        for name, value in read_tensor(tensor).items():
+            if architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+                heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
+                value = unpermute_rows(value, heads)
+            if architecture == "gemma3" and name.endswith("norm.weight"):
+                value = value - 1  # the file stores Gemma's (1 + w); mlx-lm adds the 1
+            weights[mlx_name(name, architecture)] = value
     return weights
 
 
@@ -273,11 +283,13 @@ def convert_gguf(
     file = check_source_file(Path(gguf_path))
     check_apart_from_file(mlx_path, file)
     check_destination(mlx_path, force)
-    tensors, metadata = read_gguf(file)
-    config = gguf_config(metadata, tensors)
+    reader = open_gguf(file)
+    metadata = read_metadata(reader)
+    tensor_names = {tensor.name for tensor in reader.tensors}
+    config = gguf_config(metadata, tensor_names)
     architecture = architecture_of(metadata)
-    print(f"[INFO] Loading {file} ({architecture}, {len(tensors)} tensors)")
-    model, modules = build_model(mlx_weights(file, tensors, config, architecture), config)
+    print(f"[INFO] Loading {file} ({architecture}, {len(tensor_names)} tensors)")
+    model, modules = build_model(mlx_weights(reader, config, architecture), config)
     if modules:
         config["quantization"] = quantization_config(modules)
     loading.evaluate_finite(model, file)  # before casting or quantizing turns a NaN into a number
