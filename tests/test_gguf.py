@@ -18,7 +18,8 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import mlx_dllm  # noqa: E402
-from mlx_dllm.convert.gguf import open_gguf, read_tensor  # noqa: E402
+from mlx_dllm.convert.gguf import open_gguf, read_tensor, sliding_period  # noqa: E402
+from mlx_dllm.errors import DLLMError  # noqa: E402
 from tests.reference import gguf_files  # noqa: E402
 from tests.test_cli import assert_nothing_written, assert_user_error, run  # noqa: E402
 
@@ -28,7 +29,7 @@ PROMPTS = [
     "def main(argv):\n    return sorted(set(argv))\nIn 1905 Einstein published four papers",
     "Numbers: 3.14159, 2718, 42 and -7. user: what is the capital of France? assistant: Paris. " * 2,
 ]
-UNICODE = "héllo wörld — naïve café; Ελληνικά; русский; 日本語のテキスト; 中文; 한국어; emoji 🙂🚀; tabs\tand  spaces\n"
+UNICODE = "héllo wörld — naïve café; Ελληνικά; русский; 日本語のテキスト; 中文; 한국어; 🙂🚀; tabs\tand  spaces\n"
 LOGIT_TOLERANCE = 1e-4
 
 
@@ -153,7 +154,8 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path):
     gguf_files.finish(writer)
     out = tmp_path / "out" / "m"
     os.makedirs(out.parent)
-    assert_user_error(run("convert", "--hf-path", file, "--mlx-path", out), "GGUF architecture 'qwen2' is not supported")
+    result = run("convert", "--hf-path", file, "--mlx-path", out)
+    assert_user_error(result, "GGUF architecture 'qwen2' is not supported")
     assert_nothing_written(out)
 
 
@@ -165,3 +167,10 @@ def test_missing_and_truncated_files_are_one_error(files, tmp_path):
     truncated.write_bytes(files["llama"][0].read_bytes()[:5000])
     assert_user_error(run("convert", "--hf-path", truncated, "--mlx-path", out), "cannot read cut.gguf as GGUF")
     assert_nothing_written(out)
+
+
+def test_sliding_pattern_as_a_period_or_a_per_layer_list():
+    assert sliding_period(6, {"num_hidden_layers": 7}) == 6
+    assert sliding_period([True] * 5 + [False] + [True], {"num_hidden_layers": 7}) == 6
+    with pytest.raises(DLLMError, match="not periodic"):
+        sliding_period([True, False, False, True], {"num_hidden_layers": 4})
