@@ -174,3 +174,15 @@ def test_sliding_pattern_as_a_period_or_a_per_layer_list():
     assert sliding_period([True] * 5 + [False] + [True], {"num_hidden_layers": 7}) == 6
     with pytest.raises(DLLMError, match="not periodic"):
         sliding_period([True, False, False, True], {"num_hidden_layers": 4})
+
+
+def test_files_beside_the_gguf_are_not_read_into_the_tokenizer(files, tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    file = folder / "llama.gguf"
+    file.write_bytes(files["llama"][0].read_bytes())
+    (folder / "tokenizer_config.json").write_text('{"chat_template": "not the GGUF template", "eos_token": "x"}')
+    out = mlx_dllm.convert(file, tmp_path / "out")
+    _, tokenizer = mlx_dllm.load(str(out))
+    assert tokenizer.chat_template == gguf_files.CHATML_TEMPLATE
+    assert tokenizer.eos_token == "<|im_end|>"
