@@ -227,6 +227,8 @@ def mlx_name(gguf_name: str, architecture: str) -> str:
 def unpermute_rows(value: mx.array, heads: int) -> mx.array:
     """Undo llama.cpp's Q/K row permutation (pairs -> halves per head): the HF rotate-half layout mlx-lm uses."""
     rows = value.shape[0]
+    if heads < 1 or rows % (2 * heads):
+        raise DLLMError(f"a Q/K projection has {rows} rows, which {heads} heads cannot split into rotary pairs")
     half = rows // heads // 2
     return value.reshape(heads, half, 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
 

@@ -186,3 +186,10 @@ def test_files_beside_the_gguf_are_not_read_into_the_tokenizer(files, tmp_path):
     _, tokenizer = mlx_dllm.load(str(out))
     assert tokenizer.chat_template == gguf_files.CHATML_TEMPLATE
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_rows_that_heads_cannot_split_are_one_error():
+    from mlx_dllm.convert.gguf import unpermute_rows
+
+    with pytest.raises(DLLMError, match="6 rows, which 4 heads cannot split"):
+        unpermute_rows(mx.zeros((6, 8)), 4)
