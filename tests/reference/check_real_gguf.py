@@ -114,6 +114,20 @@ def reference_greedy(reference, ids, count):
     return tokens
 
 
+def check_gemma_embedding_scale(model, reference, tokenizer):
+    """mlx-lm's gemma3 multiplies embeddings by sqrt(hidden) rounded to bfloat16 (as the bfloat16 original does);
+    transformers uses it unrounded in float32. Give transformers the rounded scale to see what remains."""
+    scale = reference.model.embed_tokens.embed_scale
+    scale.copy_(scale.to(torch.bfloat16).to(scale.dtype))
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        with torch.no_grad():
+            expected = reference(torch.tensor([ids])).logits[0].numpy()
+        logits = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+        print(f"  logits, transformers with the bfloat16 embedding scale {prompt[:30]!r}: max-abs-diff "
+              f"{float(np.abs(logits - expected).max()):.2e}")
+
+
 def check_greedy(model, reference, tokenizer, count):
     for prompt in PROMPTS[:2]:
         ids = tokenizer.encode(prompt)
@@ -151,6 +165,8 @@ def main():
             ).eval()
             check_logits(model, reference, reference_tokenizer)
             check_greedy(model, reference, reference_tokenizer, args.tokens)
+            if hasattr(reference.model.embed_tokens, "embed_scale"):
+                check_gemma_embedding_scale(model, reference, reference_tokenizer)
             del model, reference
 
 
