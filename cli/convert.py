@@ -8,7 +8,7 @@ from mlx_dllm.convert.diffusion_gemma import RECIPES
 
 
 @click.command("convert")
-@click.option("--hf-path", "--model", "hf_path", required=True, help="Hugging Face folder or hub repo id.")
+@click.option("--hf-path", "--model", "hf_path", required=True, help="Hugging Face folder, hub repo id or .gguf file.")
 @click.option("--mlx-path", default="mlx_model", show_default=True, help="Where to write the MLX model.")
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the weights.")
 @click.option("--q-group-size", type=click.IntRange(min=1), default=None, help="Quantization group size (default 64).")

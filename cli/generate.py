@@ -8,6 +8,7 @@ import click
 from jinja2 import TemplateError
 
 import mlx_dllm
+from mlx_dllm.default_model import default_model
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.dflash import Model as DFlashDraft
 from mlx_dllm.sampler import summary
@@ -80,7 +81,11 @@ def load_models(model_path: str, draft_path):
 
 
 @click.command("generate")
-@click.option("--model", required=True, help="MLX target model folder or hub repo id.")
+@click.option(
+    "--model",
+    default=None,
+    help="MLX target model folder or hub repo id (default: SmolLM2-135M-Instruct, from the hub or PyPI).",
+)
 @click.option("--draft-model", default=None, help="DFlash drafter folder or hub repo id.")
 @click.option("--block-size", type=int, default=None, help="Draft block size (default: the drafter's).")
 @click.option(
@@ -168,6 +173,8 @@ def generate_command(
         raise DLLMError(f"prefill step size must be positive, got {prefill_step_size}")
     verbose = verbose and not quiet
     chat_options = template_options(chat_template_config)
+    if model is None:
+        model = default_model()
     target, tokenizer, drafter = load_models(model, draft_model)
     prompt = build_prompt(tokenizer, read_prompt(prompt), system_prompt, ignore_chat_template, chat_options)
     options = {k: v for k, v in knobs.items() if v is not None}

@@ -18,7 +18,7 @@ def convert(
     revision: Optional[str] = None,
     quant_recipe: Optional[str] = None,
 ) -> Path:
-    """Convert `hf_path` (folder or hub repo) into `mlx_path`; nothing is left behind if it fails.
+    """Convert `hf_path` (folder, hub repo or `.gguf` file) into `mlx_path`; nothing is left behind if it fails.
 
     `quant_recipe="mixed"` (DiffusionGemma only) implies `quantize`: 8-bit embeddings, attention, dense MLP and
     router, `q_bits` (default 4) for the experts and self-conditioning.
@@ -30,11 +30,18 @@ def convert(
     from .staging import check_apart_from_source, check_destination, staged_folder
     from .dflash import load_draft
     from .diffusion_gemma import RECIPES, convert_diffusion_gemma, is_diffusion_gemma
+    from .gguf import convert_gguf, is_gguf
     from .target import load_target
 
     loading.check_path_type(hf_path, "hf_path")
     loading.check_path_type(mlx_path, "mlx_path", "a folder path")
     given, mlx_path = Path(mlx_path), Path(os.path.abspath(mlx_path))  # `a/..` and `.` get a real name and parent
+    if is_gguf(hf_path):
+        if quant_recipe is not None or revision is not None:
+            raise DLLMError("--quant-recipe and --revision do not apply to a GGUF file")
+        convert_gguf(Path(hf_path), mlx_path, quantize, q_group_size, q_bits, dtype, force)
+        print(f"[INFO] Saved to {given}")
+        return given
     if Path(hf_path).is_dir():  # name an overlap with a local source before any other objection
         check_apart_from_source(mlx_path, Path(hf_path))
     check_destination(mlx_path, force)

