@@ -23,7 +23,10 @@ from mlx_dllm.convert.diffusion_gemma import RECIPES
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Weight dtype (default: the checkpoint's).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --mlx-path.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
-def convert_command(hf_path, mlx_path, quantize, q_group_size, q_bits, quant_recipe, dtype, force, revision):
+@click.option("-d", "--dequantize", is_flag=True, help="GGUF: store its Q4_0/Q4_1/Q8_0 tensors as floats too.")
+def convert_command(
+    hf_path, mlx_path, quantize, q_group_size, q_bits, quant_recipe, dtype, force, revision, dequantize
+):
     """Convert a Hugging Face checkpoint (DFlash drafter, DiffusionGemma or mlx-lm target) to MLX."""
     convert_checkpoint(
         hf_path,
@@ -35,4 +38,5 @@ def convert_command(hf_path, mlx_path, quantize, q_group_size, q_bits, quant_rec
         force=force,
         revision=revision,
         quant_recipe=quant_recipe,
+        dequantize=dequantize,
     )

@@ -17,11 +17,13 @@ def convert(
     force: bool = False,
     revision: Optional[str] = None,
     quant_recipe: Optional[str] = None,
+    dequantize: bool = False,
 ) -> Path:
     """Convert `hf_path` (folder, hub repo or `.gguf` file) into `mlx_path`; nothing is left behind if it fails.
 
     `quant_recipe="mixed"` (DiffusionGemma only) implies `quantize`: 8-bit embeddings, attention, dense MLP and
-    router, `q_bits` (default 4) for the experts and self-conditioning.
+    router, `q_bits` (default 4) for the experts and self-conditioning. `dequantize` (GGUF files only) stores the
+    tensors a GGUF keeps quantized (Q4_0, Q4_1, Q8_0) as floats too.
     """
     # Imported on first use, not with the package: `import mlx_dllm` stays instant (CLI --help, Ctrl-C).
     from mlx_dllm import checkpoint_files, loading
@@ -39,9 +41,11 @@ def convert(
     if is_gguf(hf_path):
         if quant_recipe is not None or revision is not None:
             raise DLLMError("--quant-recipe and --revision do not apply to a GGUF file")
-        convert_gguf(Path(hf_path), mlx_path, quantize, q_group_size, q_bits, dtype, force)
+        convert_gguf(Path(hf_path), mlx_path, quantize, q_group_size, q_bits, dtype, force, dequantize)
         print(f"[INFO] Saved to {given}")
         return given
+    if dequantize:
+        raise DLLMError("--dequantize applies to GGUF files (other checkpoints are converted from their floats)")
     if Path(hf_path).is_dir():  # name an overlap with a local source before any other objection
         check_apart_from_source(mlx_path, Path(hf_path))
     check_destination(mlx_path, force)

@@ -102,14 +102,14 @@ def affine_from_blocks(blocks: np.ndarray, kind: str) -> Tuple[np.ndarray, np.nd
     return weight, scales, biases
 
 
-def read_tensor(tensor) -> Dict[str, mx.array]:
-    """One tensor under its GGUF name: kept types as MLX affine parts, any other as float32 (gguf's reference
-    dequantizer, the values llama.cpp and transformers compute)."""
+def read_tensor(tensor, dequantize_all: bool = False) -> Dict[str, mx.array]:
+    """One tensor under its GGUF name: kept types as MLX affine parts (unless `dequantize_all`), any other as
+    float32 (gguf's reference dequantizer, the values llama.cpp and transformers compute)."""
     from gguf.quants import dequantize
 
     kind, stem = tensor.tensor_type.name, tensor.name.rpartition(".")[0]
     shape = tuple(reversed(tensor.shape.tolist()))
-    if kind in KEPT_TYPES:
+    if kind in KEPT_TYPES and not dequantize_all:
         rows = shape[0]
         weight, scales, biases = affine_from_blocks(tensor.data.reshape(rows, -1, BLOCK_BYTES[kind]), kind)
         parts = {"weight": weight, "scales": scales, "biases": biases}
@@ -227,10 +227,10 @@ def unpermute_rows(value: mx.array, heads: int) -> mx.array:
     return value.reshape(heads, half, 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
 
 
-def mlx_weights(reader, config: Dict, architecture: str) -> Dict[str, mx.array]:
+def mlx_weights(reader, config: Dict, architecture: str, dequantize: bool) -> Dict[str, mx.array]:
     weights = {}
     for tensor in reader.tensors:
-        for name, value in read_tensor(tensor).items():
+        for name, value in read_tensor(tensor, dequantize).items():
             if architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
                 heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
                 value = unpermute_rows(value, heads)
@@ -297,7 +297,9 @@ def convert_gguf(
     q_bits: Optional[int] = None,
     dtype: Optional[str] = None,
     force: bool = False,
+    dequantize: bool = False,
 ) -> None:
+    """`dequantize` (mlx-lm's -d) stores the kept Q4_0/Q4_1/Q8_0 tensors as floats too, e.g. a float32 baseline."""
     file = check_source_file(Path(gguf_path))
     check_apart_from_file(mlx_path, file)
     check_destination(mlx_path, force)
@@ -307,7 +309,7 @@ def convert_gguf(
     config = gguf_config(metadata, tensor_names)
     architecture = architecture_of(metadata)
     print(f"[INFO] Loading {file} ({architecture}, {len(tensor_names)} tensors)")
-    model, modules = build_model(mlx_weights(reader, config, architecture), config)
+    model, modules = build_model(mlx_weights(reader, config, architecture, dequantize), config)
     if modules:
         config["quantization"] = quantization_config(modules)
     evaluate_finite(model, file)  # before casting or quantizing turns a NaN into a number

@@ -120,6 +120,22 @@ def test_kept_types_stay_quantized_and_others_are_dequantized(files):
     assert "model.layers.0.mlp.down_proj.scales" not in weights
 
 
+def test_dequantize_stores_the_kept_types_as_floats_with_the_same_logits(files, tmp_path):
+    """-d, as mlx_lm.convert's: a float32 baseline of a Q4_0/Q4_1/Q8_0 file, computing what the packed one does."""
+    file, packed = files["llama"]
+    out = tmp_path / "f32"
+    result = run("convert", "--hf-path", file, "--mlx-path", out, "--dtype", "float32", "-d")
+    assert result.exit_code == 0, result.output
+    assert "quantization" not in mlx_dllm.configs.read_json(out / "config.json")
+    weights = mx.load(str(out / "model.safetensors"))
+    assert all(value.dtype == mx.float32 for value in weights.values()) and not any(".scales" in n for n in weights)
+    ids = mx.array([[5, 17, 42, 9, 100]])
+    logits = [mlx_dllm.load(str(folder))[0](ids) for folder in (packed, out)]
+    assert mx.abs(logits[0] - logits[1]).max().item() < 1e-4
+    result = run("convert", "--hf-path", packed, "--mlx-path", tmp_path / "x", "-d")
+    assert_user_error(result, "--dequantize applies to GGUF files")
+
+
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 def test_affine_repacking_equals_mx_load(tmp_path, kind):
     """MLX's own GGUF reader gives the same affine weight, scales and biases, bit for bit."""
