@@ -22,7 +22,7 @@ class GenerationResponse:
     - `draft_forwards`: forwards that only propose tokens (the DFlash drafter, linear-spec's drafting
       passes, quadratic-spec's first draft);
     - `tokens_per_forward`: tokens those decoding forwards produced / `forwards` (the prefill's own token
-      left out, so plain AR reads 1.00);
+      left out, so plain AR reads 1.00, a little less when the forward that produced an EOS counts);
     - `acceptance_length`: mean tokens committed per verify round (speculative modes, else None).
     """
 
