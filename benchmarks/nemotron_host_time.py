@@ -12,11 +12,10 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import contextmanager
 
 import mlx.core as mx
-import mlx.nn as nn
 
+from mlx_dllm.benchmark.overhead import outside_share
 from mlx_dllm.models.nemotron_diffusion import LoRA, Model, ModelArgs
 from mlx_dllm.sampler.common import Stats, make_token_selector
 from mlx_dllm.sampler.linear_spec import generate_linear_spec
@@ -46,42 +45,6 @@ def tiny_model(hidden: int, vocab: int) -> Model:
     return model
 
 
-class ForwardTimer:
-    """Evaluates and times every model and head call; nested calls count once."""
-
-    def __init__(self):
-        self.seconds, self.depth = 0.0, 0
-
-    def wrap(self, call):
-        def timed(*args, **kwargs):
-            if self.depth:
-                return call(*args, **kwargs)
-            mx.eval([a for a in args if isinstance(a, mx.array)])  # pending host-side work stays outside
-            self.depth += 1
-            start = time.perf_counter()
-            try:
-                out = call(*args, **kwargs)
-                mx.eval(out)
-            finally:
-                self.depth -= 1
-            self.seconds += time.perf_counter() - start
-            return out
-
-        return timed
-
-
-@contextmanager
-def timed(timer: ForwardTimer):
-    saved = {cls: cls.__call__ for cls in (Model, nn.Linear)}
-    for cls, call in saved.items():
-        cls.__call__ = timer.wrap(call)
-    try:
-        yield
-    finally:
-        for cls, call in saved.items():
-            cls.__call__ = call
-
-
 def run(model, mode: str, prompt: mx.array, max_tokens: int) -> float:
     strategy, block = MODES[mode]
     start = time.perf_counter()
@@ -96,12 +59,7 @@ def run(model, mode: str, prompt: mx.array, max_tokens: int) -> float:
 def measure(model, mode: str, prompt: mx.array, max_tokens: int, repeats: int) -> dict:
     run(model, mode, prompt, max_tokens)  # warm-up
     plain = [run(model, mode, prompt, max_tokens) for _ in range(repeats)]
-    shares = []
-    for _ in range(repeats):
-        timer = ForwardTimer()
-        with timed(timer):
-            wall = run(model, mode, prompt, max_tokens)
-        shares.append(max(0.0, 1.0 - timer.seconds / wall))
+    shares = [outside_share(lambda: run(model, mode, prompt, max_tokens), model, None) for _ in range(repeats)]
     return {
         "outside_share": round(statistics.median(shares), 3),
         "ms_per_token": round(1e3 * statistics.median(plain) / max_tokens, 3),
