@@ -361,16 +361,16 @@ def test_linear_spec_at_threshold_zero_takes_no_full_vocabulary_softmax(nemotron
 
 
 LONG_VOCAB, LONG_PROMPT, STEP = 65536, 2048, 512
+# Tiny layers under a large vocabulary: the head dominates, so a head run on every prompt row shows at once.
+WIDE = dict(
+    hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def _wide_qwen3():
     args = qwen3.ModelArgs(
         model_type="qwen3",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **WIDE,
         head_dim=16,
         rms_norm_eps=1e-6,
         vocab_size=LONG_VOCAB,
@@ -415,11 +415,7 @@ def _drafter():
 
 def _wide_nemotron():
     args = NemotronArgs(
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **WIDE,
         head_dim=16,
         vocab_size=LONG_VOCAB,
         max_position_embeddings=8192,
@@ -430,11 +426,7 @@ def _wide_nemotron():
 
 def _wide_diffusion_gemma():
     text = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **WIDE,
         vocab_size=1024,
         num_experts=2,
         top_k_experts=1,
