@@ -109,6 +109,26 @@ def test_greedy_64_tokens_match_transformers(files, arch):
     assert [int(token) for token, _ in steps] == ids[len(prompt) :]
 
 
+
+def test_gemma3_embedding_scale_is_rounded_to_bfloat16_as_mlx_lm_does(tmp_path):
+    """The one deliberate difference from transformers: mlx-lm's gemma3 scales embeddings by sqrt(hidden) rounded
+    to bfloat16 (the value the bfloat16 original computes), transformers by the float32 sqrt. At hidden 96 the two
+    differ (9.8125 vs 9.7980; the other tests' 64 gives an exact 8); with the rounded scale the weights agree."""
+    file = gguf_files.write_gemma3(tmp_path / "g.gguf", hidden_size=96)
+    model, _ = mlx_dllm.load(str(mlx_dllm.convert(file, tmp_path / "mlx", dtype="float32")))
+    reference, tokenizer = reference_model(file), reference_tokenizer(file)
+    ids = tokenizer.encode(PROMPTS[2])
+    logits = np.array(model(mx.array([ids]))[0])
+
+    def reference_logits():
+        with torch.no_grad():
+            return reference(torch.tensor([ids])).logits[0].numpy()
+
+    assert np.abs(logits - reference_logits()).max() > 10 * LOGIT_TOLERANCE
+    scale = reference.model.embed_tokens.embed_scale
+    scale.copy_(scale.to(torch.bfloat16).to(scale.dtype))
+    assert np.abs(logits - reference_logits()).max() < LOGIT_TOLERANCE
+
 def test_kept_types_stay_quantized_and_others_are_dequantized(files):
     config = mlx_dllm.configs.read_json(files["llama"][1] / "config.json")
     assert config["quantization"]["group_size"] == 32 and config["quantization"]["bits"] == 4
