@@ -1,4 +1,4 @@
-"""The `mlx-dllm` command line: `generate`, `convert` and `benchmark`.
+"""The `mlx-dllm` command line: `generate`, `convert`, `benchmark` and `train-drafter`.
 
 Commands are imported when they run (MLX takes seconds to import), so `--help` is instant and a Ctrl-C during
 those imports ends like any other: one line and exit status 130.
@@ -14,7 +14,12 @@ from mlx_dllm import __version__
 from mlx_dllm.errors import DLLMError
 
 # module in this package -> its command
-COMMANDS = {"generate": "generate_command", "convert": "convert_command", "benchmark": "benchmark_command"}
+COMMANDS = {
+    "generate": "generate_command",
+    "convert": "convert_command",
+    "benchmark": "benchmark_command",
+    "train-drafter": "train_drafter_command",
+}
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
 
 
@@ -27,7 +32,7 @@ class Group(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        return getattr(importlib.import_module(f"{__name__}.{name}"), COMMANDS[name])
+        return getattr(importlib.import_module(f"{__name__}.{name.replace('-', '_')}"), COMMANDS[name])
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:

@@ -74,11 +74,20 @@ class ModelArgs(BaseModelArgs):
 
 
 def sliding_mask(query_positions: mx.array, key_positions: mx.array, window: int, causal: bool) -> mx.array:
-    """Bool [Tq, Tk] mask of a sliding layer from absolute positions."""
-    distance = query_positions[:, None] - key_positions[None]
+    """Bool [..., Tq, Tk] mask of a sliding layer from absolute positions (leading axes broadcast)."""
+    distance = query_positions[..., :, None] - key_positions[..., None, :]
     if causal:
         return (distance >= 0) & (distance < window)
     return mx.abs(distance) <= window  # the Muse Glimmer (transformers) bidirectional window
+
+
+@dataclass
+class AnchorBlocks:
+    """Training layout, passed where inference passes a cache: batch row j is the block anchored at absolute
+    position `anchors[j]`, and it sees the context rows before its anchor and its own block, nothing else.
+    All blocks of one sequence then go through the drafter in one forward."""
+
+    anchors: mx.array  # [J] int32
 
 
 class Attention(nn.Module):
@@ -110,19 +119,23 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.reshape(B, L, n_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, context: mx.array, cache) -> mx.array:
-        B, L, _ = x.shape
-        S = context.shape[1]
-        start = cache.offset  # absolute position of the first new context row
-        queries = self.q_norm(self._heads(self.q_proj(x), self.n_heads))
-        block_keys = self.k_norm(self._heads(self.k_proj(x), self.n_kv_heads))
-        block_values = self._heads(self.v_proj(x), self.n_kv_heads)
-        context_keys = self.k_norm(self._heads(self.k_proj(context), self.n_kv_heads))
-        context_values = self._heads(self.v_proj(context), self.n_kv_heads)
+    def _keys_values(self, x: mx.array, offset) -> tuple:
+        """Normed, rotated keys and values of `x` (block or context: the same weights serve both)."""
+        keys = self.rope(self.k_norm(self._heads(self.k_proj(x), self.n_kv_heads)), offset=offset)
+        return keys, self._heads(self.v_proj(x), self.n_kv_heads)
 
-        queries = self.rope(queries, offset=start + S)
-        block_keys = self.rope(block_keys, offset=start + S)
-        context_keys = self.rope(context_keys, offset=start)
+    def _output(self, out: mx.array) -> mx.array:
+        B, _, L, _ = out.shape
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def __call__(self, x: mx.array, context: mx.array, cache) -> mx.array:
+        if isinstance(cache, AnchorBlocks):
+            return self._anchor_blocks(x, context, cache.anchors)
+        L, S = x.shape[1], context.shape[1]
+        start = cache.offset  # absolute position of the first new context row
+        queries = self.rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset=start + S)
+        block_keys, block_values = self._keys_values(x, start + S)
+        context_keys, context_values = self._keys_values(context, start)
         # Write-then-trim: the new context rows and the block land in the cache's buffer (the cache itself
         # is not copied), then the block is trimmed off: only context rows persist.
         keys, values = cache.update_and_fetch(
@@ -133,7 +146,25 @@ class Attention(nn.Module):
             mask = sliding_mask(mx.arange(start + S, start + S + L), cache.key_positions(), self.window, self.causal)
         out = attention(queries, keys, values, self.scale, mask)
         cache.trim(L)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self._output(out)
+
+    def _anchor_blocks(self, x: mx.array, context: mx.array, anchors: mx.array) -> mx.array:
+        """x [J, B, H] blocks, context [1, N, H] of the whole sequence; block j starts at `anchors[j]`."""
+        J, L, _ = x.shape
+        N = context.shape[1]
+        queries = self.rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset=anchors)
+        block_keys, block_values = self._keys_values(x, anchors)
+        context_keys, context_values = self._keys_values(context, 0)
+        context_shape = (J,) + context_keys.shape[1:]
+        keys = mx.concatenate([mx.broadcast_to(context_keys, context_shape), block_keys], axis=2)
+        values = mx.concatenate([mx.broadcast_to(context_values, context_shape), block_values], axis=2)
+        query_positions = anchors[:, None] + mx.arange(L)  # [J, B]
+        key_positions = mx.concatenate([mx.broadcast_to(mx.arange(N), (J, N)), query_positions], axis=1)
+        visible = mx.concatenate([mx.arange(N)[None] < anchors[:, None], mx.ones((J, L), dtype=mx.bool_)], axis=1)
+        mask = visible[:, None, :]  # [J, 1 (query), N + B]
+        if self.window is not None:
+            mask = mask & sliding_mask(query_positions, key_positions, self.window, self.causal)
+        return self._output(attention(queries, keys, values, self.scale, mask[:, None]))
 
     def make_cache(self):
         if self.window is None:
@@ -174,12 +205,14 @@ class Model(nn.Module):
 
     def __call__(self, block_embeddings: mx.array, target_features: mx.array, cache, start: int = 0) -> mx.array:
         """block_embeddings [1, B, H]; target_features [1, S, K*H] for context rows not yet cached.
+        (Training passes `AnchorBlocks` as the cache: [J, B, H] blocks over a whole sequence's [1, N, K*H].)
 
         Returns the final-normed hidden states of block positions `start..B-1`.
         """
         context = self.hidden_norm(self.fc(target_features))
         h = block_embeddings
-        for layer, layer_cache in zip(self.layers, cache):
+        caches = [cache] * len(self.layers) if isinstance(cache, AnchorBlocks) else cache
+        for layer, layer_cache in zip(self.layers, caches):
             h = layer(h, context, layer_cache)
         return self.norm(h[:, start:])
 

@@ -66,6 +66,7 @@ def varied_text(reference, prose_files):
     for file in prose_files:
         for line in Path(file).read_text(encoding="utf-8").splitlines()[:300]:
             record = json.loads(line)
+            record = record if isinstance(record, dict) else {"text": record}  # the shipped sets hold strings
             pieces += [value if isinstance(value, str) else "\n".join(value) for value in record.values()
                        if isinstance(value, (str, list)) and all(isinstance(v, str) for v in value)]
     pieces += [UNICODE] * 200

@@ -1,0 +1,1 @@
+"""Training DFlash drafters with MLX (`mlx-dllm train-drafter`)."""

@@ -1,0 +1,72 @@
+"""The trained drafter as a folder `load` reads: z-lab's config layout, safetensors weights and a model card."""
+
+import json
+from pathlib import Path
+from typing import Dict
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .. import __version__
+
+CARD = """---
+library_name: mlx
+tags: [mlx, dflash, speculative-decoding, mlx-dllm]
+base_model: {target}
+---
+
+# DFlash drafter for {target}
+
+A block-diffusion drafter trained with `mlx-dllm train-drafter` (mlx-dllm {version}). It reads target layers
+{layers} and proposes {proposals} tokens per forward; the target verifies them, so outputs are the target's own.
+
+```bash
+mlx-dllm generate --model {target} --draft-model <this folder> -p "..."
+```
+
+## Training
+
+| | |
+|---|---|
+{rows}
+"""
+
+
+def card_rows(config, draft_config: Dict) -> str:
+    facts = config.facts
+    rows = {
+        "data": f"{config.data}: {facts.get('sequences')} sequences, {facts.get('response_tokens')} response tokens "
+        f"({facts.get('held_out_prompts', 0)} prompts held out)",
+        "drafter": f"{draft_config['num_hidden_layers']} layers, hidden {draft_config['hidden_size']}, "
+        f"block {config.block_size}, mask token {config.mask_token_id}",
+        "objective": config.loss if config.loss == "dpace" else f"decay (gamma {config.loss_decay or 'default'})",
+        "steps": f"{facts.get('steps')} (batch {config.batch_tokens} tokens, {config.anchors} anchors per sequence, "
+        f"lr {config.lr}, seed {config.seed})",
+        "time": f"{facts.get('train_seconds')} s",
+        "final loss": facts.get("final_loss"),
+        "per-position accuracy (last step)": facts.get("final_accuracy"),
+        "acceptance length, held-out prompts (greedy DFlash)": facts.get("held_out_acceptance_length", "not measured"),
+    }
+    return "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+
+
+def write_drafter(out: Path, draft, draft_config: Dict, config, tokenizer) -> Path:
+    from ..convert.staging import staged_folder
+
+    with staged_folder(out, force=False) as staging:
+        weights = dict(tree_flatten(draft.parameters()))
+        mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (staging / "config.json").write_text(json.dumps(draft_config, indent=2) + "\n")
+        (staging / "training.json").write_text(json.dumps({**config.facts, "options": _options(config)}, indent=2))
+        card = CARD.format(target=config.model, version=__version__, layers=config.target_layers,
+                           proposals=config.block_size - 1, rows=card_rows(config, draft_config))
+        (staging / "README.md").write_text(card)
+    return out
+
+
+def _options(config) -> Dict:
+    from dataclasses import asdict
+
+    options = asdict(config)
+    options.pop("facts")
+    return options

@@ -1,0 +1,346 @@
+"""`train-drafter`: a DFlash drafter trained with MLX on a frozen target's own responses.
+
+Each step takes sequences up to `batch_tokens`. Per sequence: one target forward gives the features of every
+position; `anchors` random positions of the response each start a block [anchor, mask x (B-1)], and all of them
+go through the drafter in one forward (`AnchorBlocks`). Gradients are summed over the step's blocks, clipped, and
+AdamW takes a step on a warmup + cosine schedule. Data order and anchors derive from the seed and the step, so a
+resumed run repeats an uninterrupted one exactly.
+"""
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from ..errors import DLLMError
+from ..models.dflash import AnchorBlocks, Model as DFlashDraft, ModelArgs
+from ..models.target import Target
+from . import checkpoints, data
+from .drafter_config import check_target_layers, choose_mask_token, default_target_layers, drafter_config
+from .objective import LOSSES, Objective, accepted_lengths, block_loss, default_gamma
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: str
+    out: str
+    block_size: int = 16
+    num_layers: int = 1
+    target_layers: Optional[List[int]] = None
+    anchors: int = 64
+    loss: str = "decay"
+    loss_decay: Optional[float] = None
+    dpace_alpha: float = 0.5
+    steps: Optional[int] = None
+    epochs: float = 1.0
+    batch_tokens: int = 4096
+    lr: float = 6e-4
+    warmup: float = 0.04
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 50
+    held_out: float = 0.02
+    max_response_tokens: int = 256
+    generation_batch: int = 32
+    mask_token_id: Optional[int] = None
+    eval_prompts: int = 8
+    eval_tokens: int = 128
+    resume: bool = False
+    # What the run found, for the model card (not options).
+    facts: Dict = field(default_factory=dict)
+
+
+RESUME_KEYS = (  # a resumed run must agree with its checkpoint on everything that shapes the result
+    "model", "data", "block_size", "num_layers", "target_layers", "anchors", "loss", "loss_decay", "dpace_alpha",
+    "steps", "epochs", "batch_tokens", "lr", "warmup", "weight_decay", "clip", "seed", "held_out",
+    "max_response_tokens", "mask_token_id",
+)
+
+
+def check_options(config: TrainConfig) -> None:
+    """Ranges first: nothing reaches MLX, and nothing is written, before these pass."""
+    if config.block_size < 2:
+        raise DLLMError(f"--block-size must be at least 2 (one anchor and one proposal), got {config.block_size}")
+    positive = {"--num-layers": config.num_layers, "--anchors": config.anchors, "--batch-tokens": config.batch_tokens,
+                "--save-every": config.save_every, "--max-response-tokens": config.max_response_tokens,
+                "--generation-batch": config.generation_batch}
+    for name, value in positive.items():
+        if value < 1:
+            raise DLLMError(f"{name} must be at least 1, got {value}")
+    if config.steps is not None and config.steps < 1:
+        raise DLLMError(f"--steps must be at least 1, got {config.steps}")
+    if not config.epochs > 0:
+        raise DLLMError(f"--epochs must be positive, got {config.epochs}")
+    if config.loss not in LOSSES:
+        raise DLLMError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss}")
+    if config.loss_decay is not None and not config.loss_decay > 0:
+        raise DLLMError(f"--loss-decay must be positive, got {config.loss_decay}")
+    if not 0 <= config.dpace_alpha < 1:
+        raise DLLMError(f"--dpace-alpha must be in [0, 1), got {config.dpace_alpha}")
+    if not (config.lr > 0 and 0 <= config.warmup < 1 and config.clip > 0 and config.weight_decay >= 0):
+        raise DLLMError("--lr and the clip must be positive, the warmup fraction in [0, 1)")
+    if not 0 <= config.held_out < 1:
+        raise DLLMError(f"--held-out must be in [0, 1), got {config.held_out}")
+    if config.eval_prompts < 0 or config.eval_tokens < 1:
+        raise DLLMError("--eval-prompts must be at least 0 and --eval-tokens at least 1")
+
+
+def work_folder(out: Path) -> Path:
+    """Beside the drafter: cached responses and checkpoints, kept so a rerun or `--resume` reuses them."""
+    return out.parent / f"{out.name}.work"
+
+
+def train(config: TrainConfig, log=print) -> Path:
+    from .. import loading
+    from ..convert.staging import check_destination
+
+    check_options(config)
+    out = Path(config.out)
+    if out.exists() or out.is_symlink():
+        raise DLLMError(f"--out {out} already exists; give a new folder for the drafter")
+    check_destination(out, force=False)
+    work = work_folder(out)
+    if not config.resume and checkpoints.latest(work) is not None:
+        raise DLLMError(f"{work} holds a checkpoint of an earlier run: pass --resume to continue it, or remove it")
+    if config.resume and checkpoints.latest(work) is None:
+        raise DLLMError(f"--resume: {work} holds no checkpoint to continue")
+    records = data.read_records(Path(config.data))
+    model, tokenizer = loading.load(config.model)
+    if isinstance(model, DFlashDraft) or not hasattr(model, "layers"):
+        raise DLLMError(f"{config.model} is not an autoregressive target")
+    num_layers = len(model.layers)
+    layer_ids = check_target_layers(config.target_layers or default_target_layers(num_layers), num_layers)
+    config.target_layers = layer_ids
+    target = Target(model, layer_ids)
+    train_records, evaluation = data.split(records, config.held_out)
+    generated = [record for record in train_records if record.response is None]
+    if generated or any(record.response is not None for record in train_records):
+        data.prompt_ids(tokenizer, train_records[0].prompt)  # the chat template exists, before anything is written
+
+    work.mkdir(parents=True, exist_ok=True)
+    examples = load_examples(config, model, tokenizer, train_records, work, log)
+    vocab_rows = target.embed_tokens.weight.shape[0]
+    used = {token for example in examples for token in example.ids}
+    config.mask_token_id = choose_mask_token(tokenizer, vocab_rows, config.mask_token_id, used)
+    draft_config = drafter_config(model.args, config.num_layers, config.block_size, layer_ids, config.mask_token_id)
+    run = Run(config, target, examples, draft_config)
+    if config.resume:
+        run.restore(work)
+    start = time.perf_counter()
+    run.loop(work, log)
+    config.facts.update(run.facts, train_seconds=round(time.perf_counter() - start + run.facts.get("seconds_before", 0), 1))
+    config.facts["held_out_prompts"] = len(evaluation)
+    if config.eval_prompts and evaluation:
+        config.facts.update(measure_acceptance(model, tokenizer, run.draft, evaluation[: config.eval_prompts],
+                                               config.eval_tokens))
+    from .drafter_folder import write_drafter
+
+    return write_drafter(out, run.draft, draft_config, config, tokenizer)
+
+
+def load_examples(config, model, tokenizer, records, work: Path, log) -> List[data.Example]:
+    """Finished pairs as given; prompts answered by the target (cached in `work/responses`)."""
+    from tqdm import tqdm
+
+    pairs = [data.pair_example(tokenizer, record) for record in records if record.response is not None]
+    prompts = [record for record in records if record.response is None]
+    generated = []
+    if prompts:
+        with tqdm(total=len(prompts), desc="target responses", unit="prompt") as bar:
+            generated = list(data.generated_examples(
+                model, tokenizer, prompts, work / "responses", data.target_identity(Path(loading_path(config.model))),
+                config.max_response_tokens, config.generation_batch, bar.update,
+            ))
+    examples = [example for example in pairs + generated if len(example.ids) - example.response_start >= 2]
+    if not examples:
+        raise DLLMError("no training sequence has a response of two tokens or more")
+    return examples
+
+
+def loading_path(model: str) -> str:
+    from ..loading import resolve
+
+    return str(resolve(model))
+
+
+class Run:
+    """The drafter, its optimizer and the fixed plan of which sequences each step trains on."""
+
+    def __init__(self, config: TrainConfig, target: Target, examples: Sequence[data.Example], draft_config: Dict):
+        self.config, self.target, self.examples = config, target, examples
+        mx.random.seed(config.seed)
+        self.draft = DFlashDraft(ModelArgs.from_dict(draft_config))
+        self.draft.set_dtype(target.embed_tokens.weight.dtype if target.embed_tokens.weight.dtype != mx.uint32
+                             else mx.float32)
+        mx.eval(self.draft.parameters())
+        self.plan = step_plan(examples, config)
+        total = len(self.plan)
+        warmup = max(1, int(total * config.warmup)) if config.warmup > 0 else 0
+        cosine = optim.cosine_decay(config.lr, max(1, total - warmup), end=config.lr * 0.1)
+        schedule = optim.join_schedules([optim.linear_schedule(0.0, config.lr, warmup), cosine], [warmup]) \
+            if warmup else cosine
+        self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+        self.optimizer.init(self.draft.trainable_parameters())
+        gamma = config.loss_decay or default_gamma(config.block_size)
+        self.objective = Objective(config.loss, gamma, config.dpace_alpha)
+        self.step = 0
+        self.facts = {"sequences": len(examples), "tokens": sum(len(e.ids) for e in examples),
+                      "response_tokens": sum(len(e.ids) - e.response_start for e in examples), "steps": total}
+        self.loss_and_grad = nn.value_and_grad(self.draft, self._sequence_loss)
+
+    def restore(self, work: Path) -> None:
+        state = checkpoints.load(work, self.draft, self.optimizer, asdict_options(self.config))
+        self.step = state["step"]
+        self.facts["seconds_before"] = state.get("seconds", 0)
+
+    def _sequence_loss(self, block_ids, features, anchors, labels, valid):
+        hidden = self.draft(self.target.embed(block_ids), features, AnchorBlocks(anchors), start=1)
+        logits = self.target.lm_head(hidden)
+        loss, correct = block_loss(self.objective, logits, labels, valid)
+        return loss, correct
+
+    def sequence_grads(self, example: data.Example, rng: np.random.Generator):
+        ids = np.array(example.ids, dtype=np.int32)
+        anchors = sample_anchors(example, self.config.anchors, rng)
+        B = self.config.block_size
+        offsets = np.arange(1, B)
+        label_positions = anchors[:, None] + offsets[None]
+        valid = label_positions < len(ids)
+        labels = ids[np.minimum(label_positions, len(ids) - 1)]
+        block_ids = np.full((len(anchors), B), self.config.mask_token_id, dtype=np.int32)
+        block_ids[:, 0] = ids[anchors]
+        self.target(mx.array(ids)[None], self.target.make_cache())
+        features = self.target.features()
+        mx.eval(features)
+        (loss, correct), grads = self.loss_and_grad(
+            mx.array(block_ids), features, mx.array(anchors), mx.array(labels), mx.array(valid)
+        )
+        return loss, correct, mx.array(valid), grads, len(anchors)
+
+    def train_step(self) -> Dict:
+        total_loss, blocks, grads = 0.0, 0, None
+        correct_sum = mx.zeros((self.config.block_size - 1,))
+        valid_sum = mx.zeros((self.config.block_size - 1,))
+        lengths = []
+        for index in self.plan[self.step]:
+            rng = np.random.default_rng([self.config.seed, self.step, index])
+            loss, correct, valid, sequence_grads, count = self.sequence_grads(self.examples[index], rng)
+            grads = sequence_grads if grads is None else tree_map(mx.add, grads, sequence_grads)
+            correct_sum = correct_sum + correct.sum(axis=0)
+            valid_sum = valid_sum + valid.sum(axis=0)
+            accepted, complete = accepted_lengths(correct, valid)
+            lengths.append(mx.where(complete, accepted, 0).sum() / mx.maximum(complete.sum(), 1))
+            mx.eval(grads, loss, correct_sum, valid_sum, lengths[-1])
+            total_loss += loss.item()
+            blocks += count
+        grads = tree_map(lambda g: g / blocks, grads)
+        grads, _ = optim.clip_grad_norm(grads, self.config.clip)
+        self.optimizer.update(self.draft, grads)
+        mx.eval(self.draft.parameters(), self.optimizer.state)
+        self.step += 1
+        accuracy = (correct_sum / mx.maximum(valid_sum, 1)).tolist()
+        return {"loss": total_loss / blocks, "accuracy": accuracy, "tau": float(np.mean([x.item() for x in lengths]))}
+
+    def loop(self, work: Path, log) -> None:
+        from tqdm import tqdm
+
+        from ..convert.staging import terminate_unwinds
+
+        options = asdict_options(self.config)
+        started = time.perf_counter()
+        seconds_before = self.facts.get("seconds_before", 0)
+        last = None
+        with terminate_unwinds(), tqdm(total=len(self.plan), initial=self.step, desc="training", unit="step") as bar:
+            try:
+                while self.step < len(self.plan):
+                    last = self.train_step()
+                    self.facts.setdefault("first_loss", round(last["loss"], 4))
+                    bar.update(1)
+                    bar.set_postfix_str(progress_text(last))
+                    if self.step % self.config.save_every == 0 and self.step < len(self.plan):
+                        checkpoints.save(work, self.draft, self.optimizer, self.step, options,
+                                         seconds_before + time.perf_counter() - started)
+            except (KeyboardInterrupt, SystemExit):
+                checkpoints.save(work, self.draft, self.optimizer, self.step, options,
+                                 seconds_before + time.perf_counter() - started)
+                bar.write(f"[INFO] Checkpoint of step {self.step} saved in {work}; --resume continues it")
+                raise
+        if last is not None:
+            self.facts.update(final_loss=round(last["loss"], 4), final_tau_estimate=round(last["tau"], 3),
+                              final_accuracy=[round(a, 3) for a in last["accuracy"]])
+
+
+def progress_text(stats: Dict) -> str:
+    accuracy = "/".join(f"{a:.2f}" for a in stats["accuracy"][:4])
+    return f"loss {stats['loss']:.3f} acc {accuracy}.. tau~{stats['tau']:.2f}"
+
+
+def asdict_options(config: TrainConfig) -> Dict:
+    options = asdict(config)
+    return {key: options[key] for key in RESUME_KEYS}
+
+
+def sample_anchors(example: data.Example, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Distinct random positions of the response that have at least one label after them, in order."""
+    positions = np.arange(example.response_start, len(example.ids) - 1)
+    if len(positions) > count:
+        positions = np.sort(rng.choice(positions, size=count, replace=False))
+    return positions.astype(np.int32)
+
+
+def step_plan(examples: Sequence[data.Example], config: TrainConfig) -> List[List[int]]:
+    """Which sequences each step trains on: each epoch a seeded shuffle, packed in order up to `batch_tokens`."""
+    steps: List[List[int]] = []
+    wanted = config.steps
+    epoch = 0
+    per_epoch = None
+    while True:
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(examples))
+        batch, tokens = [], 0
+        epoch_steps = []
+        for index in order.tolist():
+            size = len(examples[index].ids)
+            if batch and tokens + size > config.batch_tokens:
+                epoch_steps.append(batch)
+                batch, tokens = [], 0
+            batch.append(index)
+            tokens += size
+        if batch:
+            epoch_steps.append(batch)
+        per_epoch = per_epoch or len(epoch_steps)
+        steps += epoch_steps
+        epoch += 1
+        if wanted is None and len(steps) >= math.ceil(config.epochs * per_epoch):
+            return steps[: math.ceil(config.epochs * per_epoch)]
+        if wanted is not None and len(steps) >= wanted:
+            return steps[:wanted]
+
+
+def measure_acceptance(model, tokenizer, draft, records, max_tokens: int) -> Dict:
+    """Greedy DFlash on held-out prompts through the real decoding loop: the mean accepted length per round."""
+    from ..sampler import stream_generate
+
+    lengths, forwards, tokens = [], 0, 0
+    for record in records:
+        response = None
+        for response in stream_generate(model, tokenizer, data.prompt_ids(tokenizer, record.prompt), max_tokens,
+                                        draft_model=draft):
+            pass
+        if response is not None and response.acceptance_length is not None:
+            lengths.append(response.acceptance_length)
+            forwards += response.forwards
+            tokens += response.generation_tokens
+    if not lengths:
+        return {}
+    return {"held_out_acceptance_length": round(float(np.mean(lengths)), 3), "held_out_eval_prompts": len(lengths),
+            "held_out_eval_max_tokens": max_tokens}
+

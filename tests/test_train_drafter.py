@@ -1,0 +1,233 @@
+"""`train-drafter`: the packed anchor forward, the losses, learning, exact resume, and one-line errors.
+
+The learning tests use a counting target built here: its layers are zero (the residual stream stays the
+embedding), its embeddings are one-hot and its head maps token t to t+1, so its greedy continuation of any
+prompt counts upwards. A drafter that learns it proposes whole blocks right.
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import mlx_dllm
+from mlx_dllm.models.dflash import AnchorBlocks, Model as DFlashDraft, ModelArgs
+from mlx_dllm.training import data, trainer
+from mlx_dllm.training.objective import Objective, block_loss, position_weights
+from tests.test_cli import assert_user_error, run
+
+VOCAB = 48
+HIDDEN = 64
+FIRST_WORD = 2  # 0 pad, 1 eos; words w2..w46 count round; 47 is a reserved special token (the mask)
+WORDS = VOCAB - 1 - FIRST_WORD
+
+
+def next_token(token: int) -> int:
+    return FIRST_WORD + (token - FIRST_WORD + 1) % WORDS
+
+
+def save_tokenizer(folder: Path, chat_template=True) -> None:
+    vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i for i in range(FIRST_WORD, VOCAB - 1)}, "<reserved>": VOCAB - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=["<reserved>"])
+    if chat_template:
+        fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(folder)
+
+
+def write_counting_target(folder: Path, chat_template=True, layers=4) -> Path:
+    config = dict(model_type="llama", hidden_size=HIDDEN, num_hidden_layers=layers, intermediate_size=64,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=VOCAB,
+                  tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=512, eos_token_id=1)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    weights = {name: mx.zeros_like(value) for name, value in tree_flatten(model.parameters())}
+    embedding = np.zeros((VOCAB, HIDDEN), dtype=np.float32)
+    head = np.zeros((VOCAB, HIDDEN), dtype=np.float32)
+    for token in range(VOCAB):
+        embedding[token, token] = 1.0
+        if FIRST_WORD <= token < FIRST_WORD + WORDS:
+            head[next_token(token), token] = 10.0
+    weights["model.embed_tokens.weight"] = mx.array(embedding)
+    weights["lm_head.weight"] = mx.array(head)
+    for name in weights:
+        if "norm" in name:
+            weights[name] = mx.ones_like(weights[name])
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_tokenizer(folder, chat_template)
+    return folder
+
+
+def write_prompts(file: Path, count: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = [json.dumps({"prompt": " ".join(f"w{t}" for t in rng.integers(FIRST_WORD, FIRST_WORD + WORDS, 3))})
+             for _ in range(count)]
+    file.write_text("\n".join(lines) + "\n")
+    return file
+
+
+@pytest.fixture(scope="module")
+def counting(tmp_path_factory):
+    root = tmp_path_factory.mktemp("counting")
+    return write_counting_target(root / "target"), write_prompts(root / "prompts.jsonl", 40)
+
+
+def config(target, prompts, out, **options) -> trainer.TrainConfig:
+    defaults = dict(block_size=4, num_layers=1, anchors=16, batch_tokens=96, lr=3e-3, save_every=5,
+                    max_response_tokens=24, held_out=0.1, eval_prompts=4, eval_tokens=24, warmup=0.1)
+    return trainer.TrainConfig(model=str(target), data=str(prompts), out=str(out), **{**defaults, **options})
+
+
+def test_the_target_counts(counting):
+    model, tokenizer = mlx_dllm.load(str(counting[0]))
+    text = mlx_dllm.generate(model, tokenizer, [5, 9], max_tokens=4)
+    assert text.split() == ["w10", "w11", "w12", "w13"]
+
+
+def small_drafter(**changes):
+    args = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, head_dim=8, block_size=6, mask_token_id=0, target_layer_ids=[0, 2],
+                rope_theta=10000.0, layer_types=["full_attention", "sliding_attention"], sliding_window=5)
+    mx.random.seed(3)
+    draft = DFlashDraft(ModelArgs.from_dict({**args, **changes}))
+    mx.eval(draft.parameters())
+    return draft
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal-window", "bidirectional-window"])
+def test_packed_anchor_forward_equals_one_inference_forward_per_anchor(causal):
+    draft = small_drafter(is_causal=causal)
+    rng = np.random.default_rng(0)
+    N, B = 23, 6
+    features = mx.array(rng.standard_normal((1, N, 64)).astype(np.float32))
+    anchors = np.array([1, 4, 9, 10, 17, 22], dtype=np.int32)
+    blocks = mx.array(rng.standard_normal((len(anchors), B, 32)).astype(np.float32))
+    head = mx.array(rng.standard_normal((32, 50)).astype(np.float32))
+    packed = draft(blocks, features, AnchorBlocks(mx.array(anchors)), start=1) @ head
+    for row, anchor in enumerate(anchors.tolist()):
+        cache = draft.make_cache()
+        separate = draft(blocks[row : row + 1], features[:, :anchor], cache, start=1) @ head
+        assert mx.abs(packed[row] - separate[0]).max().item() < 1e-5
+
+
+def test_decay_weights_and_dpace_weights_follow_their_formulas():
+    valid = mx.array([[1, 1, 1, 0]], dtype=mx.float32)
+    decay = position_weights(Objective("decay", gamma=2.0), mx.zeros((1, 4)), valid)
+    assert np.allclose(np.array(decay), [[1, np.exp(-0.5), np.exp(-1.0), 0]])
+    p = mx.array([[0.8, 0.5, 0.2, 0.9]])
+    weights = np.array(position_weights(Objective("dpace", alpha=0.5), p, valid))
+    c = 0.5 + 0.5 * np.array([0.8, 0.5, 0.2])
+    prefix = np.cumprod(c)  # the expected accepted length is prefix.sum(); position k's weight: sum_{m>=k}
+    assert np.allclose(weights[0, :3], [prefix.sum(), prefix[1:].sum(), prefix[2]]) and weights[0, 3] == 0
+
+
+def test_dpace_loss_gradient_is_the_weighted_cross_entropy():
+    logits = mx.array(np.random.default_rng(1).standard_normal((2, 3, 7)).astype(np.float32))
+    labels = mx.array([[1, 2, 3], [4, 5, 6]])
+    valid = mx.array([[True, True, True], [True, True, False]])
+    objective = Objective("dpace", alpha=0.3)
+    loss, _ = block_loss(objective, logits, labels, valid)
+    probabilities = mx.exp(-mx.take_along_axis(-mx.log(mx.softmax(logits, -1)), labels[..., None], -1)[..., 0])
+    weights = position_weights(objective, probabilities, valid.astype(mx.float32))
+    cross_entropy = -mx.log(mx.take_along_axis(mx.softmax(logits, -1), labels[..., None], -1)[..., 0])
+    assert abs(loss.item() - (cross_entropy * weights).sum().item()) < 1e-4
+
+
+def test_training_lowers_the_loss_and_learns_a_deterministic_target(counting, tmp_path):
+    """tau >= 0.8 B on held-out prompts, measured by the real decoding loop, and output identical to AR."""
+    target, prompts = counting
+    settings = config(target, prompts, tmp_path / "drafter", steps=120, num_layers=2)
+    folder = trainer.train(settings, log=lambda *a: None)
+    facts = settings.facts
+    assert facts["final_loss"] < 0.25 * facts["first_loss"]
+    assert facts["held_out_acceptance_length"] >= 0.8 * 4
+    model, tokenizer = mlx_dllm.load(str(target))
+    draft, _ = mlx_dllm.load(str(folder))
+    held = [r for r in data.read_records(prompts) if data.held_out(r.prompt, 0.1)]
+    ids = data.prompt_ids(tokenizer, held[0].prompt)
+    speculative = list(mlx_dllm.stream_generate(model, tokenizer, ids, 20, draft_model=draft))
+    assert speculative[-1].acceptance_length >= 0.8 * 4
+    assert mlx_dllm.generate(model, tokenizer, ids, max_tokens=20, draft_model=draft) == mlx_dllm.generate(
+        model, tokenizer, ids, max_tokens=20
+    )
+    card = (folder / "README.md").read_text()
+    assert "acceptance length" in card and str(facts["held_out_acceptance_length"]) in card
+
+
+def test_resume_repeats_an_uninterrupted_run_exactly(counting, tmp_path, monkeypatch):
+    target, prompts = counting
+    whole = config(target, prompts, tmp_path / "whole", steps=8, eval_prompts=0, save_every=3)
+    trainer.train(whole)
+    original_step = trainer.Run.train_step
+
+    def interrupted(self):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    monkeypatch.setattr(trainer.Run, "train_step", interrupted)
+    halves = config(target, prompts, tmp_path / "halves", steps=8, eval_prompts=0, save_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(halves)
+    assert not (tmp_path / "halves").exists()
+    monkeypatch.setattr(trainer.Run, "train_step", original_step)
+    trainer.train(config(target, prompts, tmp_path / "halves", steps=8, eval_prompts=0, save_every=3, resume=True))
+    first = mx.load(str(tmp_path / "whole" / "model.safetensors"))
+    second = mx.load(str(tmp_path / "halves" / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(np.array_equal(np.array(first[name]), np.array(second[name])) for name in first)
+
+
+def test_cli_trains_a_drafter_that_generate_loads(counting, tmp_path):
+    target, prompts = counting
+    out = tmp_path / "drafter"
+    result = run("train-drafter", "--model", target, "--data", prompts, "--out", out, "--block-size", 4,
+                 "--steps", 3, "--batch-tokens", 64, "--max-response-tokens", 16, "--eval-prompts", 1)
+    assert result.exit_code == 0, result.output
+    config_file = json.loads((out / "config.json").read_text())
+    assert config_file["dflash_config"]["block_size"] == 4 and config_file["architectures"] == ["DFlashDraftModel"]
+    result = run("generate", "--model", target, "--draft-model", out, "-p", "w3 w4", "-m", 6)
+    assert result.exit_code == 0, result.output
+
+
+def assert_nothing_new(root: Path, before: set):
+    assert {path.name for path in root.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(data="empty"), "holds no prompts"),
+        (dict(block_size=1), "--block-size must be at least 2"),
+        (dict(target_layers="1,9"), "target layer 9 is outside"),
+        (dict(target="no-template"), "has no chat template"),
+        (dict(out="exists"), "already exists"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(counting, tmp_path, change, message):
+    target, prompts = counting
+    if change.get("data") == "empty":
+        prompts = tmp_path / "empty.jsonl"
+        prompts.write_text("\n")
+    if change.get("target") == "no-template":
+        target = write_counting_target(tmp_path / "bare", chat_template=False)
+    out = tmp_path / "drafter"
+    if change.get("out") == "exists":
+        out.mkdir()
+    before = {path.name for path in tmp_path.iterdir()}
+    arguments = ["train-drafter", "--model", target, "--data", prompts, "--out", out, "--steps", 2]
+    if "block_size" in change:
+        arguments += ["--block-size", change["block_size"]]
+    if "target_layers" in change:
+        arguments += ["--target-layers", change["target_layers"]]
+    assert_user_error(run(*arguments), message)
+    assert_nothing_new(tmp_path, before)
