@@ -34,9 +34,9 @@ def layer_list(text):
 @click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps (and on Ctrl-C).")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in OUT.work exactly where it stopped.")
 @click.option("--held-out", type=float, default=0.02, show_default=True, help="Fraction of prompts never trained on.")
-@click.option("--mask-token-id", type=int, default=None, help="Mask token (default: the target's, else a reserved id).")
+@click.option("--mask-token-id", type=int, default=None, help="Mask token (default: the target's or a reserved id).")
 @click.option("--max-response-tokens", type=int, default=256, show_default=True, help="Longest target response.")
-@click.option("--eval-prompts", type=int, default=8, show_default=True, help="Held-out prompts for measured acceptance.")
+@click.option("--eval-prompts", type=int, default=8, show_default=True, help="Held-out prompts to measure on.")
 def train_drafter_command(model, data, out, block_size, num_layers, target_layers, anchors, loss, loss_decay,
                           dpace_alpha, steps, epochs, batch_tokens, lr, seed, save_every, resume, held_out,
                           mask_token_id, max_response_tokens, eval_prompts):
@@ -54,5 +54,5 @@ def train_drafter_command(model, data, out, block_size, num_layers, target_layer
     facts = config.facts
     tau = facts.get("held_out_acceptance_length")
     measured = f", held-out acceptance length {tau}" if tau is not None else ""
-    click.echo(f"[INFO] Drafter saved to {folder} ({facts.get('steps')} steps in {facts.get('train_seconds')} s{measured})",
-               err=True)
+    seconds = facts.get("train_seconds")
+    click.echo(f"[INFO] Drafter saved to {folder} ({facts.get('steps')} steps in {seconds} s{measured})", err=True)

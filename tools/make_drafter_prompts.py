@@ -72,7 +72,8 @@ def documented_functions(tree):
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
             yield node
         if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
-            yield from (item for item in node.body if isinstance(item, ast.FunctionDef) and not item.name.startswith("_"))
+            methods = (item for item in node.body if isinstance(item, ast.FunctionDef))
+            yield from (method for method in methods if not method.name.startswith("_"))
 
 
 def code_prompts():

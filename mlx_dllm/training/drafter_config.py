@@ -66,7 +66,7 @@ def drafter_config(target_args, num_layers: int, block_size: int, layer_ids: Lis
         "num_key_value_heads": getattr(target_args, "num_key_value_heads", None) or heads,
         "head_dim": getattr(target_args, "head_dim", None) or hidden // heads,
         "intermediate_size": target_args.intermediate_size,
-        "rms_norm_eps": getattr(target_args, "rms_norm_eps", 1e-6),
+        "rms_norm_eps": float(f"{getattr(target_args, 'rms_norm_eps', 1e-6):.6g}"),  # not float32 noise
         "rope_theta": getattr(target_args, "rope_theta", 10000.0),
         "rope_scaling": getattr(target_args, "rope_scaling", None),
         "max_position_embeddings": getattr(target_args, "max_position_embeddings", 40960),

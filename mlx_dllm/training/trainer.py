@@ -137,7 +137,8 @@ def train(config: TrainConfig, log=print) -> Path:
         run.restore(work)
     start = time.perf_counter()
     run.loop(work, log)
-    config.facts.update(run.facts, train_seconds=round(time.perf_counter() - start + run.facts.get("seconds_before", 0), 1))
+    seconds = time.perf_counter() - start + run.facts.get("seconds_before", 0)
+    config.facts.update(run.facts, train_seconds=round(seconds, 1))
     config.facts["held_out_prompts"] = len(evaluation)
     if config.eval_prompts and evaluation:
         config.facts.update(measure_acceptance(model, tokenizer, run.draft, evaluation[: config.eval_prompts],

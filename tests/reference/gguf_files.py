@@ -165,7 +165,8 @@ def write_gemma3(path: Path, seed: int = 0, hidden_size: int = 64) -> Path:
     tokens, scores, types = sentencepiece_vocabulary(special)
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
-        vocab_size=len(tokens), hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=7, num_attention_heads=2,
+        vocab_size=len(tokens), hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=7,
+        num_attention_heads=2,
         num_key_value_heads=1, head_dim=256, sliding_window=8, rms_norm_eps=1e-6, initializer_range=0.2,
         max_position_embeddings=512,
     )
