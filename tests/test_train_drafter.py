@@ -146,7 +146,7 @@ def test_training_lowers_the_loss_and_learns_a_deterministic_target(counting, tm
     """tau >= 0.8 B on held-out prompts, measured by the real decoding loop, and output identical to AR."""
     target, prompts = counting
     settings = config(target, prompts, tmp_path / "drafter", steps=120, num_layers=2)
-    folder = trainer.train(settings, log=lambda *a: None)
+    folder = trainer.train(settings)
     facts = settings.facts
     assert facts["final_loss"] < 0.25 * facts["first_loss"]
     assert facts["held_out_acceptance_length"] >= 0.8 * 4

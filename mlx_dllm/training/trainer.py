@@ -99,7 +99,7 @@ def work_folder(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def train(config: TrainConfig, log=print) -> Path:
+def train(config: TrainConfig) -> Path:
     from .. import loading
     from ..convert.staging import check_destination
 
@@ -122,12 +122,10 @@ def train(config: TrainConfig, log=print) -> Path:
     config.target_layers = layer_ids
     target = Target(model, layer_ids)
     train_records, evaluation = data.split(records, config.held_out)
-    generated = [record for record in train_records if record.response is None]
-    if generated or any(record.response is not None for record in train_records):
-        data.prompt_ids(tokenizer, train_records[0].prompt)  # the chat template exists, before anything is written
+    data.prompt_ids(tokenizer, train_records[0].prompt)  # a chat template exists, before anything is written
 
     work.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(config, model, tokenizer, train_records, work, log)
+    examples = load_examples(config, model, tokenizer, train_records, work)
     vocab_rows = target.embed_tokens.weight.shape[0]
     used = {token for example in examples for token in example.ids}
     config.mask_token_id = choose_mask_token(tokenizer, vocab_rows, config.mask_token_id, used)
@@ -136,7 +134,7 @@ def train(config: TrainConfig, log=print) -> Path:
     if config.resume:
         run.restore(work)
     start = time.perf_counter()
-    run.loop(work, log)
+    run.loop(work)
     seconds = time.perf_counter() - start + run.facts.get("seconds_before", 0)
     config.facts.update(run.facts, train_seconds=round(seconds, 1))
     config.facts["held_out_prompts"] = len(evaluation)
@@ -148,7 +146,7 @@ def train(config: TrainConfig, log=print) -> Path:
     return write_drafter(out, run.draft, draft_config, config, tokenizer)
 
 
-def load_examples(config, model, tokenizer, records, work: Path, log) -> List[data.Example]:
+def load_examples(config, model, tokenizer, records, work: Path) -> List[data.Example]:
     """Finished pairs as given; prompts answered by the target (cached in `work/responses`)."""
     from tqdm import tqdm
 
@@ -179,9 +177,7 @@ class Run:
     def __init__(self, config: TrainConfig, target: Target, examples: Sequence[data.Example], draft_config: Dict):
         self.config, self.target, self.examples = config, target, examples
         mx.random.seed(config.seed)
-        self.draft = DFlashDraft(ModelArgs.from_dict(draft_config))
-        self.draft.set_dtype(target.embed_tokens.weight.dtype if target.embed_tokens.weight.dtype != mx.uint32
-                             else mx.float32)
+        self.draft = DFlashDraft(ModelArgs.from_dict(draft_config))  # float32 master weights, whatever the target
         mx.eval(self.draft.parameters())
         self.plan = step_plan(examples, config)
         total = len(self.plan)
@@ -193,15 +189,19 @@ class Run:
         self.optimizer.init(self.draft.trainable_parameters())
         gamma = config.loss_decay or default_gamma(config.block_size)
         self.objective = Objective(config.loss, gamma, config.dpace_alpha)
-        self.step = 0
         self.facts = {"sequences": len(examples), "tokens": sum(len(e.ids) for e in examples),
                       "response_tokens": sum(len(e.ids) - e.response_start for e in examples), "steps": total}
         self.loss_and_grad = nn.value_and_grad(self.draft, self._sequence_loss)
 
     def restore(self, work: Path) -> None:
         state = checkpoints.load(work, self.draft, self.optimizer, asdict_options(self.config))
-        self.step = state["step"]
         self.facts["seconds_before"] = state.get("seconds", 0)
+
+    @property
+    def step(self) -> int:
+        """Steps taken: the optimizer's own counter, updated in the same evaluation as the weights, so a
+        checkpoint written after an interrupt never pairs new weights with an old step."""
+        return int(self.optimizer.step.item())
 
     def _sequence_loss(self, block_ids, features, anchors, labels, valid):
         hidden = self.draft(self.target.embed(block_ids), features, AnchorBlocks(anchors), start=1)
@@ -247,11 +247,10 @@ class Run:
         grads, _ = optim.clip_grad_norm(grads, self.config.clip)
         self.optimizer.update(self.draft, grads)
         mx.eval(self.draft.parameters(), self.optimizer.state)
-        self.step += 1
         accuracy = (correct_sum / mx.maximum(valid_sum, 1)).tolist()
         return {"loss": total_loss / blocks, "accuracy": accuracy, "tau": float(np.mean([x.item() for x in lengths]))}
 
-    def loop(self, work: Path, log) -> None:
+    def loop(self, work: Path) -> None:
         from tqdm import tqdm
 
         from ..convert.staging import terminate_unwinds
