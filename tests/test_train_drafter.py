@@ -231,3 +231,28 @@ def test_bad_input_is_one_line_and_writes_nothing(counting, tmp_path, change, me
         arguments += ["--target-layers", change["target_layers"]]
     assert_user_error(run(*arguments), message)
     assert_nothing_new(tmp_path, before)
+
+
+def test_records_take_prompts_in_every_shape_and_responses_only_by_name(tmp_path):
+    file = tmp_path / "mixed.jsonl"
+    lines = ['"w2 w3"', '{"question": "w4", "answer": "not a response"}', '{"turns": ["w5", "w6"]}',
+             '{"prompt": "w7", "response": "w8 w9"}', ""]
+    file.write_text("\n".join(lines))
+    records = data.read_records(file)
+    assert [(r.prompt, r.response) for r in records] == [
+        ("w2 w3", None), ("w4", None), ("w5", None), ("w7", "w8 w9")
+    ]
+    file.write_text('{"prompt": "w2"}\n{"prompt": 3}\n')
+    with pytest.raises(mlx_dllm.DLLMError, match="line 2: no prompt"):
+        data.read_records(file)
+
+
+def test_finished_pairs_train_without_asking_the_target(counting, tmp_path, monkeypatch):
+    target, _ = counting
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"w{i}", "response": " ".join(f"w{i + k}" for k in range(1, 9))})
+                               for i in range(2, 30)))
+    monkeypatch.setattr(data, "greedy_batch", lambda *args: pytest.fail("pairs need no target responses"))
+    settings = config(target, pairs, tmp_path / "drafter", steps=3, eval_prompts=0, held_out=0.0)
+    trainer.train(settings)
+    assert settings.facts["sequences"] == 28 and settings.facts["response_tokens"] == 28 * 8
