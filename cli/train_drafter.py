@@ -21,6 +21,8 @@ def layer_list(text):
 @click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per block: the anchor + proposals.")
 @click.option("--num-layers", type=int, default=1, show_default=True, help="Drafter decoder layers.")
 @click.option("--target-layers", default=None, help="Target layers to read, e.g. 1,8,14,20,27 (default: 5 spread).")
+@click.option("--init", type=click.Choice(["target", "random"]), default="target", show_default=True,
+              help="target: start from the target's layers after the last one read; random: from scratch.")
 @click.option("--anchors", type=int, default=64, show_default=True, help="Random anchor blocks per sequence.")
 @click.option("--loss", type=click.Choice(["decay", "dpace"]), default="decay", show_default=True,
               help="decay: CE weighted exp(-(k-1)/gamma); dpace: D-PACE's accepted-length weights.")
@@ -37,7 +39,7 @@ def layer_list(text):
 @click.option("--mask-token-id", type=int, default=None, help="Mask token (default: the target's or a reserved id).")
 @click.option("--max-response-tokens", type=int, default=256, show_default=True, help="Longest target response.")
 @click.option("--eval-prompts", type=int, default=8, show_default=True, help="Held-out prompts to measure on.")
-def train_drafter_command(model, data, out, block_size, num_layers, target_layers, anchors, loss, loss_decay,
+def train_drafter_command(model, data, out, block_size, num_layers, target_layers, init, anchors, loss, loss_decay,
                           dpace_alpha, steps, epochs, batch_tokens, lr, seed, save_every, resume, held_out,
                           mask_token_id, max_response_tokens, eval_prompts):
     """Train a DFlash drafter on a frozen target's own responses, and write it with a model card."""
@@ -45,7 +47,7 @@ def train_drafter_command(model, data, out, block_size, num_layers, target_layer
 
     config = TrainConfig(
         model=model, data=data, out=out, block_size=block_size, num_layers=num_layers,
-        target_layers=layer_list(target_layers), anchors=anchors, loss=loss, loss_decay=loss_decay,
+        target_layers=layer_list(target_layers), init=init, anchors=anchors, loss=loss, loss_decay=loss_decay,
         dpace_alpha=dpace_alpha, steps=steps, epochs=epochs, batch_tokens=batch_tokens, lr=lr, seed=seed,
         save_every=save_every, resume=resume, held_out=held_out, mask_token_id=mask_token_id,
         max_response_tokens=max_response_tokens, eval_prompts=eval_prompts,

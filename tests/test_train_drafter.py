@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -82,7 +82,8 @@ def counting(tmp_path_factory):
 
 
 def config(target, prompts, out, **options) -> trainer.TrainConfig:
-    defaults = dict(block_size=4, num_layers=1, anchors=16, batch_tokens=96, lr=3e-3, save_every=5,
+    # init="random": the counting target's layers are zeros, nothing to start from
+    defaults = dict(block_size=4, num_layers=1, anchors=16, batch_tokens=96, lr=3e-3, save_every=5, init="random",
                     max_response_tokens=24, held_out=0.1, eval_prompts=4, eval_tokens=24, warmup=0.1)
     return trainer.TrainConfig(model=str(target), data=str(prompts), out=str(out), **{**defaults, **options})
 
@@ -256,3 +257,25 @@ def test_finished_pairs_train_without_asking_the_target(counting, tmp_path, monk
     settings = config(target, pairs, tmp_path / "drafter", steps=3, eval_prompts=0, held_out=0.0)
     trainer.train(settings)
     assert settings.facts["sequences"] == 28 and settings.facts["response_tokens"] == 28 * 8
+
+
+def test_target_init_starts_the_drafter_as_the_layers_after_the_last_one_read():
+    from mlx_dllm.models.target import Target
+    from mlx_dllm.training.drafter_config import drafter_config
+
+    mx.random.seed(0)
+    args = llama.ModelArgs.from_dict(dict(model_type="llama", hidden_size=32, num_hidden_layers=5,
+                                          intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                          rms_norm_eps=1e-6, vocab_size=40, rope_theta=10000.0))
+    model = llama.Model(args)
+    model.update(tree_map(lambda w: mx.random.normal(w.shape), model.parameters()))
+    target = Target(model, [0, 2])
+    draft = DFlashDraft(ModelArgs.from_dict(drafter_config(args, 2, 4, [0, 2], 39)))
+    trainer.initialize_from_target(draft, target)
+    for layer, source in zip(draft.layers, model.layers[3:5]):
+        assert mx.array_equal(layer.self_attn.q_proj.weight, source.self_attn.q_proj.weight)
+        assert mx.array_equal(layer.mlp.down_proj.weight, source.mlp.down_proj.weight)
+        assert mx.array_equal(layer.post_attention_layernorm.weight, source.post_attention_layernorm.weight)
+    assert mx.array_equal(draft.fc.weight, mx.concatenate([mx.zeros((32, 32)), mx.eye(32)], axis=1))
+    assert mx.array_equal(draft.hidden_norm.weight, model.layers[3].input_layernorm.weight)
+    assert mx.array_equal(draft.norm.weight, model.model.norm.weight)

@@ -92,6 +92,10 @@ class Target:
         self.make_cache()  # fail early on caches that cannot roll back
         self._features = None
 
+    @property
+    def final_norm(self) -> Optional[nn.Module]:
+        return self._final_norm
+
     def embed(self, ids: mx.array) -> mx.array:
         return self.embed_tokens(ids)
 

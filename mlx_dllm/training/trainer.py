@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from ..errors import DLLMError
 from ..models.dflash import AnchorBlocks, Model as DFlashDraft, ModelArgs
@@ -52,6 +52,7 @@ class TrainConfig:
     max_response_tokens: int = 256
     generation_batch: int = 32
     mask_token_id: Optional[int] = None
+    init: str = "target"
     eval_prompts: int = 8
     eval_tokens: int = 128
     resume: bool = False
@@ -59,10 +60,12 @@ class TrainConfig:
     facts: Dict = field(default_factory=dict)
 
 
+INITS = ("target", "random")
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 RESUME_KEYS = (  # a resumed run must agree with its checkpoint on everything that shapes the result
     "model", "data", "block_size", "num_layers", "target_layers", "anchors", "loss", "loss_decay", "dpace_alpha",
     "steps", "epochs", "batch_tokens", "lr", "warmup", "weight_decay", "clip", "seed", "held_out",
-    "max_response_tokens", "mask_token_id",
+    "max_response_tokens", "mask_token_id", "init",
 )
 
 
@@ -80,6 +83,8 @@ def check_options(config: TrainConfig) -> None:
         raise DLLMError(f"--steps must be at least 1, got {config.steps}")
     if not config.epochs > 0:
         raise DLLMError(f"--epochs must be positive, got {config.epochs}")
+    if config.init not in INITS:
+        raise DLLMError(f"--init must be one of {', '.join(INITS)}, got {config.init}")
     if config.loss not in LOSSES:
         raise DLLMError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss}")
     if config.loss_decay is not None and not config.loss_decay > 0:
@@ -178,6 +183,8 @@ class Run:
         self.config, self.target, self.examples = config, target, examples
         mx.random.seed(config.seed)
         self.draft = DFlashDraft(ModelArgs.from_dict(draft_config))  # float32 master weights, whatever the target
+        if config.init == "target":
+            initialize_from_target(self.draft, target)
         mx.eval(self.draft.parameters())
         self.plan = step_plan(examples, config)
         total = len(self.plan)
@@ -277,6 +284,32 @@ class Run:
         if last is not None:
             self.facts.update(final_loss=round(last["loss"], 4), final_tau_estimate=round(last["tau"], 3),
                               final_accuracy=[round(a, 3) for a in last["accuracy"]])
+
+
+def initialize_from_target(draft: DFlashDraft, target: Target) -> None:
+    """Start the drafter as the target's layers that follow its last captured one, reading that layer's output.
+
+    `fc` picks the last feature slice, `hidden_norm` is the next layer's input norm (the context then enters as
+    the target's own next layer sees it) and the final norm is the target's. Parameters whose shapes differ
+    (another attention or MLP layout) keep their random start; the drafter's q/k norms start at one."""
+    last = max(target.capture_layer_ids)
+    first = min(last + 1, target.num_layers - len(draft.layers))
+    sources = target.layers[first : first + len(draft.layers)]
+    hidden = draft.args.hidden_size
+    fc = mx.zeros(draft.fc.weight.shape)
+    slot = target.capture_layer_ids.index(last)
+    fc[:, slot * hidden : (slot + 1) * hidden] = mx.eye(hidden)
+    updates = {"fc": {"weight": fc}}
+    if sources and getattr(sources[0], "input_layernorm", None) is not None:
+        updates["hidden_norm"] = {"weight": sources[0].input_layernorm.weight}
+    if target.final_norm is not None and getattr(target.final_norm, "weight", None) is not None:
+        updates["norm"] = {"weight": target.final_norm.weight}
+    draft.update(updates)
+    for layer, source in zip(draft.layers, sources):
+        own = dict(tree_flatten(layer.parameters()))
+        copied = [(name, value) for name, value in tree_flatten(source.parameters())
+                  if name in own and own[name].shape == value.shape and value.dtype in FLOATS]
+        layer.load_weights([(name, value.astype(mx.float32)) for name, value in copied], strict=False)
 
 
 def progress_text(stats: Dict) -> str:
