@@ -27,6 +27,10 @@ def test_wheel_maps_convert_and_cli_into_the_package(tmp_path):
     assert "mlx_dllm/convert/__init__.py" in names and "mlx_dllm/convert/dflash.py" in names
     assert "mlx_dllm/cli/__init__.py" in names and "mlx_dllm/cli/generate.py" in names
     assert not [name for name in names if name.split("/")[0] in ("convert", "cli")]
+    assert "mlx_dllm/training/trainer.py" in names and "mlx_dllm/cli/train_drafter.py" in names
+    shipped = REPO / "mlx_dllm" / "drafters"
+    for file in shipped.glob("*/*"):  # the default model's drafter travels with the package
+        assert f"mlx_dllm/drafters/{file.parent.name}/{file.name}" in names
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "mlx-dllm = mlx_dllm.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -185,6 +185,7 @@ class Run:
         self.draft = DFlashDraft(ModelArgs.from_dict(draft_config))  # float32 master weights, whatever the target
         if config.init == "target":
             initialize_from_target(self.draft, target)
+        start_attention_sharp(self.draft)
         mx.eval(self.draft.parameters())
         self.plan = step_plan(examples, config)
         total = len(self.plan)
@@ -310,6 +311,17 @@ def initialize_from_target(draft: DFlashDraft, target: Target) -> None:
         copied = [(name, value) for name, value in tree_flatten(source.parameters())
                   if name in own and own[name].shape == value.shape and value.dtype in FLOATS]
         layer.load_weights([(name, value.astype(mx.float32)) for name, value in copied], strict=False)
+
+
+def start_attention_sharp(draft: DFlashDraft) -> None:
+    """q/k norms start at head_dim**0.25, not 1: scaled q.k logits then spread like an unnormalised dot product
+    (std ~sqrt(head_dim)) instead of std ~1, which leaves attention over hundreds of context rows nearly uniform
+    and slow to sharpen (measured on SmolLM2: one sequence, 60 steps, loss 4.1 at 1 against 2.3 at 3)."""
+    for layer in draft.layers:
+        attention = layer.self_attn
+        start = attention.head_dim**0.25
+        attention.q_norm.weight = mx.full(attention.q_norm.weight.shape, start)
+        attention.k_norm.weight = mx.full(attention.k_norm.weight.shape, start)
 
 
 def progress_text(stats: Dict) -> str:
