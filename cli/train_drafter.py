@@ -26,6 +26,11 @@ def layer_list(text):
 @click.option("--anchors", type=int, default=64, show_default=True, help="Random anchor blocks per sequence.")
 @click.option("--loss", type=click.Choice(["decay", "dpace"]), default="decay", show_default=True,
               help="decay: CE weighted exp(-(k-1)/gamma); dpace: D-PACE's accepted-length weights.")
+@click.option("--loss-vocab", type=click.Choice(["all", "seen"]), default="all", show_default=True,
+              help="seen: the loss's softmax over only the tokens the responses use (much faster; exact per label).")
+@click.option("--cache-features", is_flag=True,
+              help="Keep the target's features per sequence in OUT.work (float32: 4 bytes x 5 layers x hidden per "
+                   "token) so later epochs and resumed runs skip the target forward.")
 @click.option("--loss-decay", type=float, default=None, help="gamma of the decay loss (default 7 for B=16, 4 for B=8).")
 @click.option("--dpace-alpha", type=float, default=0.5, show_default=True, help="D-PACE confidence smoothing.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: --epochs over the data).")
@@ -39,7 +44,8 @@ def layer_list(text):
 @click.option("--mask-token-id", type=int, default=None, help="Mask token (default: the target's or a reserved id).")
 @click.option("--max-response-tokens", type=int, default=256, show_default=True, help="Longest target response.")
 @click.option("--eval-prompts", type=int, default=8, show_default=True, help="Held-out prompts to measure on.")
-def train_drafter_command(model, data, out, block_size, num_layers, target_layers, init, anchors, loss, loss_decay,
+def train_drafter_command(model, data, out, block_size, num_layers, target_layers, init, anchors, loss, loss_vocab,
+                          cache_features, loss_decay,
                           dpace_alpha, steps, epochs, batch_tokens, lr, seed, save_every, resume, held_out,
                           mask_token_id, max_response_tokens, eval_prompts):
     """Train a DFlash drafter on a frozen target's own responses, and write it with a model card."""
@@ -50,7 +56,8 @@ def train_drafter_command(model, data, out, block_size, num_layers, target_layer
         target_layers=layer_list(target_layers), init=init, anchors=anchors, loss=loss, loss_decay=loss_decay,
         dpace_alpha=dpace_alpha, steps=steps, epochs=epochs, batch_tokens=batch_tokens, lr=lr, seed=seed,
         save_every=save_every, resume=resume, held_out=held_out, mask_token_id=mask_token_id,
-        max_response_tokens=max_response_tokens, eval_prompts=eval_prompts,
+        max_response_tokens=max_response_tokens, eval_prompts=eval_prompts, loss_vocab=loss_vocab,
+        cache_features=cache_features,
     )
     folder = train(config)
     facts = config.facts

@@ -43,12 +43,13 @@ def save_tokenizer(folder: Path, chat_template=True) -> None:
     fast.save_pretrained(folder)
 
 
-def write_counting_target(folder: Path, chat_template=True, layers=4) -> Path:
+def write_counting_target(folder: Path, chat_template=True, layers=4, layer_noise=0.0) -> Path:
     config = dict(model_type="llama", hidden_size=HIDDEN, num_hidden_layers=layers, intermediate_size=64,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=VOCAB,
                   tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=512, eos_token_id=1)
     model = llama.Model(llama.ModelArgs.from_dict(config))
-    weights = {name: mx.zeros_like(value) for name, value in tree_flatten(model.parameters())}
+    mx.random.seed(0)
+    weights = {name: layer_noise * mx.random.normal(value.shape) for name, value in tree_flatten(model.parameters())}
     embedding = np.zeros((VOCAB, HIDDEN), dtype=np.float32)
     head = np.zeros((VOCAB, HIDDEN), dtype=np.float32)
     for token in range(VOCAB):
@@ -279,3 +280,49 @@ def test_target_init_starts_the_drafter_as_the_layers_after_the_last_one_read():
     assert mx.array_equal(draft.fc.weight, mx.concatenate([mx.zeros((32, 32)), mx.eye(32)], axis=1))
     assert mx.array_equal(draft.hidden_norm.weight, model.layers[3].input_layernorm.weight)
     assert mx.array_equal(draft.norm.weight, model.model.norm.weight)
+
+
+@pytest.mark.parametrize("head", ["tied", "untied", "quantized"])
+def test_seen_vocab_head_gives_the_full_heads_logits_on_its_rows(head):
+    import mlx.nn as nn
+
+    from mlx_dllm.models.target import Target
+    from mlx_dllm.training.vocabulary import SeenVocabHead
+
+    mx.random.seed(1)
+    args = llama.ModelArgs.from_dict(dict(model_type="llama", hidden_size=64, num_hidden_layers=1,
+                                          intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                          rms_norm_eps=1e-6, vocab_size=300, rope_theta=10000.0,
+                                          tie_word_embeddings=head == "tied"))
+    model = llama.Model(args)
+    if head == "quantized":
+        nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    target = Target(model, [0])
+    tokens = np.array([0, 3, 17, 150, 299], dtype=np.int32)
+    seen = SeenVocabHead(target, tokens)
+    hidden = mx.random.normal((2, 3, 64))
+    tolerance = 1e-4 if head == "quantized" else 1e-5  # quantized: dequantize-then-matmul against the fused op
+    assert mx.abs(seen(hidden) - target.lm_head(hidden)[..., mx.array(tokens)]).max().item() < tolerance
+    assert seen.labels(np.array([[17, 299], [0, 3]])).tolist() == [[2, 4], [0, 1]]
+
+
+def test_cached_features_train_exactly_as_computed_ones_and_run_the_target_once(counting, tmp_path, monkeypatch):
+    from mlx_dllm.models.target import Target
+
+    prompts = counting[1]
+    target = write_counting_target(tmp_path / "noisy", layer_noise=0.1)  # features in full float32 precision
+    forwards = []
+    original = Target.__call__
+    monkeypatch.setattr(Target, "__call__", lambda self, *args: forwards.append(1) or original(self, *args))
+    options = dict(steps=30, eval_prompts=0, loss_vocab="seen")
+    trainer.train(config(target, prompts, tmp_path / "computed", **options))
+    computed_forwards = len(forwards)
+    forwards.clear()
+    cached = config(target, prompts, tmp_path / "cached", cache_features=True, **options)
+    trainer.train(cached)
+    files = list((tmp_path / "cached.work" / "features").glob("*/*.safetensors"))
+    assert len(forwards) == len(files) == cached.facts["sequences"] < computed_forwards
+    first = mx.load(str(tmp_path / "computed" / "model.safetensors"))
+    second = mx.load(str(tmp_path / "cached" / "model.safetensors"))
+    assert all(np.array_equal(np.array(first[name]), np.array(second[name])) for name in first)

@@ -96,6 +96,11 @@ class Target:
     def final_norm(self) -> Optional[nn.Module]:
         return self._final_norm
 
+    @property
+    def head_module(self) -> nn.Module:
+        """The module holding the LM head's rows: `lm_head`, or the tied embedding table."""
+        return self._lm_head if self._lm_head is not None else self.embed_tokens
+
     def embed(self, ids: mx.array) -> mx.array:
         return self.embed_tokens(ids)
 

@@ -23,8 +23,10 @@ from ..errors import DLLMError
 from ..models.dflash import AnchorBlocks, Model as DFlashDraft, ModelArgs
 from ..models.target import Target
 from . import checkpoints, data
+from .features import TargetFeatures
 from .drafter_config import check_target_layers, choose_mask_token, default_target_layers, drafter_config
 from .objective import LOSSES, Objective, accepted_lengths, block_loss, default_gamma
+from .vocabulary import LOSS_VOCABS, SeenVocabHead, seen_tokens
 
 
 @dataclass
@@ -53,6 +55,8 @@ class TrainConfig:
     generation_batch: int = 32
     mask_token_id: Optional[int] = None
     init: str = "target"
+    loss_vocab: str = "all"
+    cache_features: bool = False
     eval_prompts: int = 8
     eval_tokens: int = 128
     resume: bool = False
@@ -65,7 +69,7 @@ FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 RESUME_KEYS = (  # a resumed run must agree with its checkpoint on everything that shapes the result
     "model", "data", "block_size", "num_layers", "target_layers", "anchors", "loss", "loss_decay", "dpace_alpha",
     "steps", "epochs", "batch_tokens", "lr", "warmup", "weight_decay", "clip", "seed", "held_out",
-    "max_response_tokens", "mask_token_id", "init",
+    "max_response_tokens", "mask_token_id", "init", "loss_vocab",
 )
 
 
@@ -85,6 +89,8 @@ def check_options(config: TrainConfig) -> None:
         raise DLLMError(f"--epochs must be positive, got {config.epochs}")
     if config.init not in INITS:
         raise DLLMError(f"--init must be one of {', '.join(INITS)}, got {config.init}")
+    if config.loss_vocab not in LOSS_VOCABS:
+        raise DLLMError(f"--loss-vocab must be one of {', '.join(LOSS_VOCABS)}, got {config.loss_vocab}")
     if config.loss not in LOSSES:
         raise DLLMError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss}")
     if config.loss_decay is not None and not config.loss_decay > 0:
@@ -135,7 +141,8 @@ def train(config: TrainConfig) -> Path:
     used = {token for example in examples for token in example.ids}
     config.mask_token_id = choose_mask_token(tokenizer, vocab_rows, config.mask_token_id, used)
     draft_config = drafter_config(model.args, config.num_layers, config.block_size, layer_ids, config.mask_token_id)
-    run = Run(config, target, examples, draft_config)
+    features = TargetFeatures(target, work / "features" if config.cache_features else None, target_id(config.model))
+    run = Run(config, target, examples, draft_config, features)
     if config.resume:
         run.restore(work)
     start = time.perf_counter()
@@ -161,7 +168,7 @@ def load_examples(config, model, tokenizer, records, work: Path) -> List[data.Ex
     if prompts:
         with tqdm(total=len(prompts), desc="target responses", unit="prompt") as bar:
             generated = list(data.generated_examples(
-                model, tokenizer, prompts, work / "responses", data.target_identity(Path(loading_path(config.model))),
+                model, tokenizer, prompts, work / "responses", target_id(config.model),
                 config.max_response_tokens, config.generation_batch, bar.update,
             ))
     examples = [example for example in pairs + generated if len(example.ids) - example.response_start >= 2]
@@ -170,17 +177,20 @@ def load_examples(config, model, tokenizer, records, work: Path) -> List[data.Ex
     return examples
 
 
-def loading_path(model: str) -> str:
+def target_id(model: str) -> str:
     from ..loading import resolve
 
-    return str(resolve(model))
+    return data.target_identity(Path(resolve(model)))
 
 
 class Run:
     """The drafter, its optimizer and the fixed plan of which sequences each step trains on."""
 
-    def __init__(self, config: TrainConfig, target: Target, examples: Sequence[data.Example], draft_config: Dict):
+    def __init__(self, config: TrainConfig, target: Target, examples: Sequence[data.Example], draft_config: Dict,
+                 features: Optional[TargetFeatures] = None):
         self.config, self.target, self.examples = config, target, examples
+        self.features = features or TargetFeatures(target)
+        self.head = SeenVocabHead(target, seen_tokens(examples)) if config.loss_vocab == "seen" else target.lm_head
         mx.random.seed(config.seed)
         self.draft = DFlashDraft(ModelArgs.from_dict(draft_config))  # float32 master weights, whatever the target
         if config.init == "target":
@@ -213,7 +223,7 @@ class Run:
 
     def _sequence_loss(self, block_ids, features, anchors, labels, valid):
         hidden = self.draft(self.target.embed(block_ids), features, AnchorBlocks(anchors), start=1)
-        logits = self.target.lm_head(hidden)
+        logits = self.head(hidden)
         loss, correct = block_loss(self.objective, logits, labels, valid)
         return loss, correct
 
@@ -225,11 +235,11 @@ class Run:
         label_positions = anchors[:, None] + offsets[None]
         valid = label_positions < len(ids)
         labels = ids[np.minimum(label_positions, len(ids) - 1)]
+        if isinstance(self.head, SeenVocabHead):
+            labels = self.head.labels(labels)
         block_ids = np.full((len(anchors), B), self.config.mask_token_id, dtype=np.int32)
         block_ids[:, 0] = ids[anchors]
-        self.target(mx.array(ids)[None], self.target.make_cache())
-        features = self.target.features()
-        mx.eval(features)
+        features = self.features(example.ids)
         (loss, correct), grads = self.loss_and_grad(
             mx.array(block_ids), features, mx.array(anchors), mx.array(labels), mx.array(valid)
         )
