@@ -1,4 +1,4 @@
-"""The `mlx-dllm` command line: `generate`, `convert`, `benchmark` and `train-drafter`.
+"""The `mlx-dllm` command line: `generate`, `convert`, `benchmark`, `train-drafter` and `serve`.
 
 Commands are imported when they run (MLX takes seconds to import), so `--help` is instant and a Ctrl-C during
 those imports ends like any other: one line and exit status 130.
@@ -19,6 +19,7 @@ COMMANDS = {
     "convert": "convert_command",
     "benchmark": "benchmark_command",
     "train-drafter": "train_drafter_command",
+    "serve": "serve_command",
 }
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
 

@@ -5,9 +5,8 @@ import sys
 from typing import List
 
 import click
-from jinja2 import TemplateError
-
 import mlx_dllm
+from mlx_dllm.chat_template import end_of_thinking_id, template_ids
 from mlx_dllm.default_model import default_drafter, default_model
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.dflash import Model as DFlashDraft
@@ -42,25 +41,17 @@ def template_options(chat_template_config) -> dict:
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt, ignore_chat_template: bool, options=None) -> List[int]:
-    """The prompt's ids as `mlx_lm.generate` makes them: the chat template (with the tokenizer's own defaults,
-    thinking included, and `options`) when there is one and it is wanted, else the text with special tokens."""
-    use_chat_template = not ignore_chat_template and tokenizer.has_chat_template
-    if use_chat_template:
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-        messages.append({"role": "user", "content": prompt})
-        try:
-            prompt = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, **(options or {})
-            )
-        except (TemplateError, ValueError, TypeError, KeyError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise DLLMError(f"the chat template failed: {message}") from error
-    return tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
+    """The prompt's ids as `mlx_lm.generate` makes them: the chat template when there is one and it is wanted,
+    else the text with special tokens."""
+    if ignore_chat_template or not tokenizer.has_chat_template:
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    return template_ids(tokenizer, messages + [{"role": "user", "content": prompt}], options)
 
 
 def end_think_id(tokenizer) -> int:
-    token = tokenizer.convert_tokens_to_ids("</think>")
-    if not isinstance(token, int) or token == tokenizer.unk_token_id:
+    token = end_of_thinking_id(tokenizer)
+    if token is None:
         raise DLLMError("--max-thinking-tokens needs a tokenizer with a </think> token")
     return token
 

@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
+from .arguments import whole_number
 from .common import Stats, TokenSelector, prefill_chunks
 
 
@@ -31,6 +32,23 @@ def block_length(model: nn.Module, options: dict, default: Optional[int] = None,
         largest = max(r for r in range(2, MAX_QUADRATIC_ROWS + 1) if r * (r + 1) <= positions) if layout else positions
         raise DLLMError(f"block length {length} is too long for this model (at most {largest})")
     return int(length)
+
+
+def threshold_option(options: dict, default: Optional[float]) -> Optional[float]:
+    """`threshold`: a confidence in [0, 1], or None where the mode allows it; checked, not trusted."""
+    threshold = options.pop("threshold", default)
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
+        raise DLLMError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    return float(threshold)
+
+
+def flag_option(options: dict, name: str, default: Optional[bool]) -> Optional[bool]:
+    value = options.pop(name, default)
+    if value is not None and not isinstance(value, bool):
+        raise DLLMError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def refuse_unknown(options: dict, mode: str) -> None:
@@ -60,6 +78,9 @@ class ThinkingBudget:
         self.token = options.pop("end_think_token_id", None)
         if (self.limit is None) != (self.token is None):
             raise DLLMError("max_thinking_tokens and end_think_token_id go together")
+        if self.limit is not None:
+            self.limit = whole_number("max_thinking_tokens", self.limit, 0)
+            self.token = whole_number("end_think_token_id", self.token, 0)
         self.done = self.limit is None
 
     def force_at(self, index: int, tokens: List[int]) -> bool:

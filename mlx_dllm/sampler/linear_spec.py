@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
-from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
+from .blocks import ThinkingBudget, block_length, causal_prefill, flag_option, refuse_unknown, threshold_option
 from .common import Stats, TokenSelector
 
 
@@ -60,8 +60,8 @@ def generate_linear_spec(
     verify are queued before the previous cycle's tokens go out, and read back with one host sync."""
     options = dict(options or {})
     length = block_length(model, options)
-    threshold = options.pop("threshold", 0.0) or 0.0
-    lora = options.pop("lora", None)
+    threshold = threshold_option(options, 0.0) or 0.0
+    lora = flag_option(options, "lora", None)
     budget = ThinkingBudget(options)
     if lora and not model.has_lora:
         raise DLLMError("no drafter LoRA is loaded (the model folder has no linear_spec_lora/)")

@@ -11,8 +11,7 @@ from typing import Callable, Iterator, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import DLLMError
-from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
+from .blocks import ThinkingBudget, block_length, causal_prefill, flag_option, refuse_unknown, threshold_option
 from .common import Stats, TokenSelector, evaluate_chunk, make_token_selector
 from .diffusion import StepState
 
@@ -82,15 +81,13 @@ def generate_mask_diffusion(
     """Yield one committed block at a time (its first token is the seed the previous causal commit predicted)."""
     options = dict(options or {})
     length = block_length(model, options)
-    threshold = options.pop("threshold", 0.9)
+    threshold = threshold_option(options, 0.9)
     on_step = options.pop("on_step", None)
     budget = ThinkingBudget(options)
     # causal_context=False is the LLaDA-style variant: prompt and commits encoded bidirectionally, no seed.
-    causal = options.pop("causal_context", True)
+    causal = flag_option(options, "causal_context", True)
     pattern = "causal" if causal else "bidirectional"
     refuse_unknown(options, "diffusion")
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise DLLMError(f"threshold must be in [0, 1] or None, got {threshold}")
     if causal:
         cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size)
         seed = [first]

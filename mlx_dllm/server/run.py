@@ -1,0 +1,35 @@
+"""Start the worker, build the app and serve it with uvicorn on a socket bound before anything loads."""
+
+import socket
+from typing import Callable
+
+from ..errors import DLLMError
+from .app import Settings, create_app
+from .metrics import Metrics
+from .worker import Loaded, Worker
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, or one line saying why not (a port in use is the usual reason)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as error:
+        raise DLLMError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
+def build(load: Callable[[], Loaded], settings: Settings, max_queue: int):
+    """(app, worker): the model is loaded, in the worker thread, when this returns."""
+    metrics = Metrics()
+    worker = Worker(load, max_queue, metrics.finished)
+    return create_app(worker, worker.start(), settings, metrics), worker
+
+
+def uvicorn_server(app, log_level: str = "info"):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))

@@ -1,0 +1,134 @@
+"""The one thread that owns the model: it loads it, then runs queued jobs one at a time, in order.
+
+Requests reach it through `submit`, which refuses at once when the queue is full. Each job streams its
+responses back to the event loop of the request that asked for it; a job whose client has gone (`cancel`)
+stops at its next chunk and frees the model for the next one.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from ..errors import DLLMError
+
+log = logging.getLogger("mlx_dllm.server")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    draft_model: Any = None
+    name: str = "mlx-dllm"
+
+
+@dataclass
+class Job:
+    """What one request asks `stream_generate` for: a prompt (text or ids) and its keyword arguments."""
+
+    prompt: Union[str, List[int]]
+    options: Dict[str, Any]
+
+
+@dataclass
+class Event:
+    kind: str  # "response", "error" (value: the exception) or "done"
+    value: Any = None
+
+
+@dataclass
+class Handle:
+    job: Job
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def send(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the request's loop is gone: nobody is listening
+            self.cancel()
+
+
+class Worker:
+    def __init__(self, load: Callable[[], Loaded], max_queue: int, on_finish: Callable = lambda *args: None):
+        self._load = load
+        self._jobs: "queue.Queue[Optional[Handle]]" = queue.Queue(maxsize=max_queue)
+        self._on_finish = on_finish
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
+        self.loaded: Optional[Loaded] = None
+        self._thread = threading.Thread(target=self._run, name="mlx-dllm-worker", daemon=True)
+
+    def start(self) -> Loaded:
+        """Load the model in the worker thread (MLX streams are per thread); raise its error here if it fails."""
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self.loaded
+
+    def stop(self) -> None:
+        try:
+            self._jobs.put_nowait(None)
+        except queue.Full:
+            pass
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize()
+
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Handle:
+        handle = Handle(job, loop)
+        try:
+            self._jobs.put_nowait(handle)
+        except queue.Full:
+            raise QueueFull from None
+        return handle
+
+    def _run(self) -> None:
+        try:
+            self.loaded = self._load()
+        except BaseException as error:  # noqa: B036 - handed to the main thread, which reports it
+            self._error = error
+            return
+        finally:
+            self._ready.set()
+        while (handle := self._jobs.get()) is not None:
+            if handle.cancelled.is_set():  # its client left while it waited
+                self._on_finish(None, None, True)
+            else:
+                self._serve(handle)
+
+    def _serve(self, handle: Handle) -> None:
+        from .. import stream_generate
+
+        last, error = None, None
+        try:
+            job = handle.job
+            responses = stream_generate(self.loaded.model, self.loaded.tokenizer, job.prompt,
+                                        draft_model=self.loaded.draft_model, **job.options)
+            try:
+                for last in responses:
+                    handle.send(Event("response", last))
+                    if handle.cancelled.is_set():
+                        break
+            finally:
+                responses.close()  # a stopped generator releases its caches now, not at garbage collection
+        except DLLMError as failure:
+            error = failure
+        except Exception as failure:  # the server keeps serving; the client gets a 500 without the traceback
+            log.exception("generation failed")
+            error = failure
+        handle.send(Event("error", error) if error is not None else Event("done"))
+        self._on_finish(last, error, handle.cancelled.is_set())
