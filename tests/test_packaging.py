@@ -28,6 +28,8 @@ def test_wheel_maps_convert_and_cli_into_the_package(tmp_path):
     assert "mlx_dllm/cli/__init__.py" in names and "mlx_dllm/cli/generate.py" in names
     assert not [name for name in names if name.split("/")[0] in ("convert", "cli")]
     assert "mlx_dllm/training/trainer.py" in names and "mlx_dllm/cli/train_drafter.py" in names
+    for init in (REPO / "mlx_dllm").rglob("__init__.py"):  # every subpackage is declared in pyproject.toml
+        assert init.relative_to(REPO).as_posix() in names, init
     shipped = REPO / "mlx_dllm" / "drafters"
     for file in shipped.glob("*/*"):  # the default model's drafter travels with the package
         assert f"mlx_dllm/drafters/{file.parent.name}/{file.name}" in names

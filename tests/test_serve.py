@@ -168,8 +168,9 @@ def test_oversize_and_broken_bodies_get_400_and_the_server_keeps_serving(tiny):
         big = json.dumps({"messages": [{"role": "user", "content": "w5 " * 1000}]}).encode()
         status, body = raw_post(url, big)
         assert status == 400 and "over the server's limit of 2000 bytes" in body["error"]["message"]
-        status, body = raw_post(url, b"{not json")
-        assert status == 400 and body["error"]["message"] == "the request body is not valid JSON"
+        for broken in (b"{not json", b"[" * 1900):
+            status, body = raw_post(url, broken)
+            assert status == 400 and body["error"]["message"] == "the request body is not valid JSON"
         status, body = raw_post(url, json.dumps({"messages": MESSAGES, "max_tokens": 3}).encode())
         assert status == 200 and body["usage"]["completion_tokens"] == 3
 
@@ -310,3 +311,14 @@ def test_serve_cli_refuses_a_port_in_use_and_warns_off_localhost(tiny, monkeypat
     assert "[WARNING] Listening on 0.0.0.0" in result.stderr and "set --api-key" in result.stderr
     assert served and served[0][0] == "0.0.0.0"
     assert_user_error(run("serve", "--model", folder / "missing", "--port", 0), "missing")
+
+
+def test_the_load_check_counts_what_it_sent(tiny):
+    from benchmarks.serve_load import load_check
+
+    folder, draft = tiny["dflash"]
+    with serving(folder, draft) as url:
+        result = load_check(url, ["w5 w6", "w7 w8 w9"], requests=6, concurrency=3, max_tokens=4, mode="dflash",
+                            api_key=None)
+    assert result["completed"] == 6 and result["failed"] == {} and result["tokens"] == 24
+    assert result["p50_latency_s"] <= result["p95_latency_s"] and result["mean_acceptance_length"] >= 1

@@ -52,7 +52,7 @@ async def read_json(request: Request, limit: int):
             raise DLLMError(f"the request body is over the server's limit of {limit} bytes (--max-body-bytes)")
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         raise DLLMError("the request body is not valid JSON") from None
 
 
