@@ -13,8 +13,8 @@ class Oracle:
         self.pattern, self.vocab_size = pattern, vocab_size
         self.expected_accepts = []
 
-    def __call__(self, draft, target, anchor, features, draft_cache, size):
-        self.propose_block(draft, target, anchor, features, draft_cache, size)
+    def __call__(self, draft, target, anchor, features, draft_cache, size, head):
+        self.propose_block(draft, target, anchor, features, draft_cache, size, head)
         anchor_index = draft_cache[0].offset - self.prompt_length  # context rows = tokens before the anchor
         correct = self.pattern[len(self.expected_accepts) % len(self.pattern)]
         self.expected_accepts.append(min(correct, size - 1) + 1)

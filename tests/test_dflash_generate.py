@@ -103,8 +103,8 @@ def test_sampled_dflash_follows_target_distribution(loaded, monkeypatch, broken)
     prompt, samples = PROMPTS[0], 600
     propose_block = dflash_strategy.propose_block
 
-    def propose_target_argmax(draft, target_adapter, anchor, features, draft_cache, size):
-        propose_block(draft, target_adapter, anchor, features, draft_cache, size)
+    def propose_target_argmax(draft, target_adapter, anchor, features, draft_cache, size, head):
+        propose_block(draft, target_adapter, anchor, features, draft_cache, size, head)
         return mx.argmax(target(mx.array([prompt + [anchor]]))[0, -1:], axis=-1)
 
     monkeypatch.setattr(dflash_strategy, "propose_block", propose_target_argmax)

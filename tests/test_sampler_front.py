@@ -324,9 +324,9 @@ def test_num_draft_tokens_is_the_block_minus_its_anchor(models, no_eos, monkeypa
     sizes = []
     real = dflash_strategy.propose_block
 
-    def recording(draft, target, anchor, features, draft_cache, size):
+    def recording(draft, target, anchor, features, draft_cache, size, head):
         sizes.append(size)
-        return real(draft, target, anchor, features, draft_cache, size)
+        return real(draft, target, anchor, features, draft_cache, size, head)
 
     monkeypatch.setattr(dflash_strategy, "propose_block", recording)
     _run(target, tokenizer, 20, draft_model=draft, num_draft_tokens=3)

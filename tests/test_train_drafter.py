@@ -323,6 +323,10 @@ def test_cached_features_train_exactly_as_computed_ones_and_run_the_target_once(
     trainer.train(cached)
     files = list((tmp_path / "cached.work" / "features").glob("*/*.safetensors"))
     assert len(forwards) == len(files) == cached.facts["sequences"] < computed_forwards
+    vocab = json.loads((tmp_path / "cached" / "config.json").read_text())["dflash_config"]["draft_vocab"]
+    train_records = data.split(data.read_records(prompts), cached.held_out)[0]
+    examples = trainer.load_examples(cached, *mlx_dllm.load(str(target)), train_records, tmp_path / "cached.work")
+    assert vocab == sorted({t for e in examples for t in e.ids[e.response_start :]})  # what the loss saw
     first = mx.load(str(tmp_path / "computed" / "model.safetensors"))
     second = mx.load(str(tmp_path / "cached" / "model.safetensors"))
     assert all(np.array_equal(np.array(first[name]), np.array(second[name])) for name in first)

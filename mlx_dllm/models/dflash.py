@@ -43,11 +43,14 @@ class ModelArgs(BaseModelArgs):
     block_size: Optional[int] = None
     mask_token_id: Optional[int] = None
     target_layer_ids: Optional[List[int]] = None
+    # The tokens the drafter may propose (sorted ids), or None for all: a drafter trained with
+    # `--loss-vocab seen` drafts with only those rows of the target's head (EAGLE-3's draft vocabulary).
+    draft_vocab: Optional[List[int]] = None
     dflash_config: Optional[Dict[str, Any]] = None
 
     def __post_init__(self):
         nested = self.dflash_config or {}
-        for key in ("target_layer_ids", "mask_token_id", "block_size"):
+        for key in ("target_layer_ids", "mask_token_id", "block_size", "draft_vocab"):
             if nested.get(key) is not None:
                 setattr(self, key, nested[key])
         if nested.get("causal") is not None:
@@ -57,6 +60,11 @@ class ModelArgs(BaseModelArgs):
             raise DLLMError(f"DFlash config is missing {', '.join(missing)}")
         if self.block_size < 2:
             raise DLLMError(f"DFlash block_size must be at least 2, got {self.block_size}")
+        if self.draft_vocab is not None:
+            vocab = self.draft_vocab
+            integers = isinstance(vocab, list) and all(type(t) is int and t >= 0 for t in vocab)
+            if not integers or not vocab or any(a >= b for a, b in zip(vocab, vocab[1:])):
+                raise DLLMError("DFlash config: draft_vocab must be a non-empty, increasing list of token ids")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.layer_types = self.layer_types or ["full_attention"] * self.num_hidden_layers
         if len(self.layer_types) != self.num_hidden_layers:

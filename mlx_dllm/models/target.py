@@ -101,6 +101,21 @@ class Target:
         """The module holding the LM head's rows: `lm_head`, or the tied embedding table."""
         return self._lm_head if self._lm_head is not None else self.embed_tokens
 
+    def head_rows(self, tokens: Sequence[int]):
+        """(weight [len(tokens), H], bias or None): the LM head's rows for `tokens`, dequantized, in the head's
+        compute dtype; `hidden @ weight.T (+ bias)` equals `lm_head(hidden)[..., tokens]`."""
+        module = self.head_module
+        index = mx.array(list(tokens), dtype=mx.int32)
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            biases = module.biases[index] if getattr(module, "biases", None) is not None else None
+            weight = mx.dequantize(module.weight[index], module.scales[index], biases, module.group_size,
+                                   module.bits, mode=getattr(module, "mode", "affine")).astype(module.scales.dtype)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            weight = module.weight[index]
+        else:
+            raise DLLMError(f"target '{self.family}': a head of type {type(module).__name__} has no rows to take")
+        return weight, module.bias[index] if "bias" in module else None
+
     def embed(self, ids: mx.array) -> mx.array:
         return self.embed_tokens(ids)
 

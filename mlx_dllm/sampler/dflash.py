@@ -48,13 +48,35 @@ def _accepted_prefix(draft_tokens: List[int], target_tokens: List[int]) -> int:
     return accepted
 
 
+class DraftHead:
+    """Turns the drafter's hidden states into proposals: the argmax of the target's head, or, for a drafter with
+    a `draft_vocab`, of those rows alone (a fraction of the head's cost, which for a small target exceeds the
+    drafter's layers). Proposals are verified either way, so the output is the target's."""
+
+    def __init__(self, draft: DFlashDraft, target: Target):
+        self.target, self.ids = target, None
+        vocab = draft.args.draft_vocab
+        if vocab is not None:
+            rows = target.head_module.weight.shape[0]
+            if vocab[-1] >= rows:
+                raise DLLMError(f"draft_vocab token {vocab[-1]} is outside the target's head ({rows} rows)")
+            self.ids = mx.array(vocab, dtype=mx.int32)
+            self.weight, self.bias = target.head_rows(vocab)
+
+    def __call__(self, hidden: mx.array) -> mx.array:
+        if self.ids is None:
+            return mx.argmax(self.target.lm_head(hidden), axis=-1)
+        logits = hidden @ self.weight.T
+        return self.ids[mx.argmax(logits if self.bias is None else logits + self.bias, axis=-1)]
+
+
 def propose_block(
-    draft: DFlashDraft, target: Target, anchor: int, features: mx.array, draft_cache, size: int
+    draft: DFlashDraft, target: Target, anchor: int, features: mx.array, draft_cache, size: int, head: DraftHead
 ) -> mx.array:
-    """One drafter forward over `[anchor, mask x (size-1)]`: the argmax proposals for positions 1..size-1."""
+    """One drafter forward over `[anchor, mask x (size-1)]`: the proposals for positions 1..size-1."""
     block = mx.array([[anchor] + [draft.args.mask_token_id] * (size - 1)])
     hidden = draft(target.embed(block), features, draft_cache, start=1)
-    return mx.argmax(target.lm_head(hidden)[0], axis=-1)
+    return head(hidden)[0]
 
 
 def generate_dflash(
@@ -75,10 +97,11 @@ def generate_dflash(
     block_size = block_size or trained
     if not 2 <= block_size <= trained:
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
-    yield from _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size)
+    head = DraftHead(draft_model, target)
+    yield from _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_size, prefill_step_size)
 
 
-def _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, prefill_step_size):
+def _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_size, prefill_step_size):
     """Prefill, then draft -> verify -> accept -> roll back, one round per yield."""
     cache = target.make_cache()
     draft_cache = draft_model.make_cache()
@@ -97,7 +120,7 @@ def _decode(target, draft_model, prompt, select, stats, max_tokens, block_size, 
     generated = [anchor]
 
     def draft(anchor: int, features: mx.array, size: int) -> mx.array:
-        return propose_block(draft_model, target, anchor, features, draft_cache, size)
+        return propose_block(draft_model, target, anchor, features, draft_cache, size, head)
 
     size = min(block_size, max_tokens - len(generated) + 1)
     proposal = draft(anchor, features, size) if size >= 2 else None

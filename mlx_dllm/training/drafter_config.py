@@ -53,8 +53,10 @@ def special_ids(tokenizer) -> set:
     return set(getattr(hf, "all_special_ids", []) or []) | {i for i, token in added.items() if token.special}
 
 
-def drafter_config(target_args, num_layers: int, block_size: int, layer_ids: List[int], mask_token_id: int) -> Dict:
-    """The target's width, heads and RoPE; `num_layers` decoder layers reading `layer_ids`."""
+def drafter_config(target_args, num_layers: int, block_size: int, layer_ids: List[int], mask_token_id: int,
+                   draft_vocab: Optional[List[int]] = None) -> Dict:
+    """The target's width, heads and RoPE; `num_layers` decoder layers reading `layer_ids`; `draft_vocab`, the
+    tokens it may propose (None: all)."""
     hidden = target_args.hidden_size
     heads = target_args.num_attention_heads
     config = {
@@ -75,4 +77,6 @@ def drafter_config(target_args, num_layers: int, block_size: int, layer_ids: Lis
         "block_size": block_size,
         "dflash_config": {"target_layer_ids": layer_ids, "mask_token_id": mask_token_id, "block_size": block_size},
     }
+    if draft_vocab is not None:
+        config["dflash_config"]["draft_vocab"] = list(draft_vocab)
     return config

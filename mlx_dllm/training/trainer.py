@@ -140,7 +140,9 @@ def train(config: TrainConfig) -> Path:
     vocab_rows = target.embed_tokens.weight.shape[0]
     used = {token for example in examples for token in example.ids}
     config.mask_token_id = choose_mask_token(tokenizer, vocab_rows, config.mask_token_id, used)
-    draft_config = drafter_config(model.args, config.num_layers, config.block_size, layer_ids, config.mask_token_id)
+    draft_vocab = seen_tokens(examples).tolist() if config.loss_vocab == "seen" else None
+    draft_config = drafter_config(model.args, config.num_layers, config.block_size, layer_ids, config.mask_token_id,
+                                  draft_vocab)
     features = TargetFeatures(target, work / "features" if config.cache_features else None, target_id(config.model))
     run = Run(config, target, examples, draft_config, features)
     if config.resume:
@@ -190,7 +192,8 @@ class Run:
                  features: Optional[TargetFeatures] = None):
         self.config, self.target, self.examples = config, target, examples
         self.features = features or TargetFeatures(target)
-        self.head = SeenVocabHead(target, seen_tokens(examples)) if config.loss_vocab == "seen" else target.lm_head
+        vocab = draft_config["dflash_config"].get("draft_vocab")
+        self.head = SeenVocabHead(target, np.array(vocab, dtype=np.int32)) if vocab else target.lm_head
         mx.random.seed(config.seed)
         self.draft = DFlashDraft(ModelArgs.from_dict(draft_config))  # float32 master weights, whatever the target
         if config.init == "target":
