@@ -201,6 +201,7 @@ def test_forty_concurrent_requests_from_eight_threads_all_complete_unmixed(tiny)
         metrics = json.loads(urllib.request.urlopen(url.replace("/v1", "/metrics")).read())
         assert metrics["modes"]["ar"]["requests"] == 20 and metrics["modes"]["dflash"]["requests"] == 20
         assert metrics["modes"]["dflash"]["acceptance_length"] >= 1 and metrics["queued"] == 0
+        assert metrics["modes"]["ar"]["cancelled"] == metrics["modes"]["dflash"]["cancelled"] == 0
 
 
 def slowed(monkeypatch, seconds=0.02):

@@ -102,21 +102,18 @@ def create_app(worker: Worker, loaded: Loaded, settings: Settings, metrics: Metr
             metrics.count("queue_full")
             return error_response(429, "the server's queue is full; retry later")
         gone = asyncio.ensure_future(wait_for_disconnect(request))
+        reply = Reply(loaded.name, chat)
         try:
-            first = await next_event(handle, gone)  # the generation's own checks run before its first response
-            if first is None or first.kind == "error":
-                handle.cancel()
-                return failure(first) if first is not None else error_response(400, "the client disconnected")
-            reply = Reply(loaded.name, chat)
-            if parsed.stream:
+            event = await next_event(handle, gone)  # the generation's own checks run before its first response
+            if parsed.stream and event is not None and event.kind == "response":
                 gone.cancel()  # from here the streaming response notices a disconnect itself
-                return StreamingResponse(stream(handle, first, reply, parsed.include_usage),
+                return StreamingResponse(stream(handle, event, reply, parsed.include_usage),
                                          media_type="text/event-stream")
-            text, event, last = "", first, None
+            text, last = "", None
             while event is not None and event.kind == "response":
                 text, last = text + event.value.text, event.value
                 event = await next_event(handle, gone)
-            if event is None:
+            if event is None:  # nobody reads this reply; the job stops at its next chunk
                 handle.cancel()
                 return error_response(400, "the client disconnected")
             return failure(event) if event.kind == "error" else JSONResponse(reply.whole(text, last))

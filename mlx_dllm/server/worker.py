@@ -130,5 +130,6 @@ class Worker:
         except Exception as failure:  # the server keeps serving; the client gets a 500 without the traceback
             log.exception("generation failed")
             error = failure
-        handle.send(Event("error", error) if error is not None else Event("done"))
+        # Counted before the client hears the end: its reply's own cleanup must not read as a cancel.
         self._on_finish(last, error, handle.cancelled.is_set())
+        handle.send(Event("error", error) if error is not None else Event("done"))
