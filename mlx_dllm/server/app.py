@@ -4,6 +4,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,6 +89,7 @@ def sse(body) -> str:
 
 def create_app(worker: Worker, loaded: Loaded, settings: Settings, metrics: Metrics) -> Starlette:
     end_think = end_of_thinking_id(loaded.tokenizer)
+    created = int(time.time())
 
     async def generate(request: Request, chat: bool):
         try:
@@ -148,7 +150,7 @@ def create_app(worker: Worker, loaded: Loaded, settings: Settings, metrics: Metr
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
-            {"id": loaded.name, "object": "model", "created": 0, "owned_by": "mlx-dllm"}]})
+            {"id": loaded.name, "object": "model", "created": created, "owned_by": "mlx-dllm"}]})
 
     async def health(request: Request):
         return JSONResponse({"status": "ok"})
