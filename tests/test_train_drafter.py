@@ -330,3 +330,20 @@ def test_cached_features_train_exactly_as_computed_ones_and_run_the_target_once(
     first = mx.load(str(tmp_path / "computed" / "model.safetensors"))
     second = mx.load(str(tmp_path / "cached" / "model.safetensors"))
     assert all(np.array_equal(np.array(first[name]), np.array(second[name])) for name in first)
+
+
+def test_a_failure_after_the_last_step_loses_no_training(counting, tmp_path, monkeypatch):
+    target, prompts = counting
+
+    def broken(*args):
+        raise RuntimeError("the evaluation broke")
+
+    monkeypatch.setattr(trainer, "measure_acceptance", broken)
+    with pytest.raises(RuntimeError):
+        trainer.train(config(target, prompts, tmp_path / "drafter", steps=4, save_every=3))
+    monkeypatch.undo()
+    steps = []
+    original = trainer.Run.train_step
+    monkeypatch.setattr(trainer.Run, "train_step", lambda self: steps.append(self.step) or original(self))
+    trainer.train(config(target, prompts, tmp_path / "drafter", steps=4, save_every=3, resume=True))
+    assert steps == [] and (tmp_path / "drafter" / "model.safetensors").exists()

@@ -287,7 +287,8 @@ class Run:
                     self.facts.setdefault("first_loss", round(last["loss"], 4))
                     bar.update(1)
                     bar.set_postfix_str(progress_text(last))
-                    if self.step % self.config.save_every == 0 and self.step < len(self.plan):
+                    # The last step too: an evaluation or write that fails after it loses no training (--resume).
+                    if self.step % self.config.save_every == 0 or self.step == len(self.plan):
                         checkpoints.save(work, self.draft, self.optimizer, self.step, options,
                                          seconds_before + time.perf_counter() - started)
             except (KeyboardInterrupt, SystemExit):
