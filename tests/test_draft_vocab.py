@@ -10,6 +10,7 @@ import pytest
 import mlx_dllm
 from mlx_dllm.benchmark.tiny import VOCAB, build_tiny
 from mlx_dllm.sampler import dflash as dflash_strategy
+from tests.test_models_hot_paths import _record_our_drafts
 
 
 @pytest.fixture(scope="module")
@@ -25,25 +26,12 @@ def with_vocab(draft, folder, vocab):
     return mlx_dllm.load(str(folder))[0]
 
 
-def proposals(monkeypatch):
-    seen = []
-    original = dflash_strategy.propose_block
-
-    def recording(*args):
-        block = original(*args)
-        seen.append(block.tolist())
-        return block
-
-    monkeypatch.setattr(dflash_strategy, "propose_block", recording)
-    return seen
-
-
 def test_the_whole_vocabulary_as_draft_vocab_changes_nothing(tiny, tmp_path, monkeypatch):
     target, draft = tiny
     model, tokenizer = mlx_dllm.load(str(target))
     runs = []
     for drafter in (mlx_dllm.load(str(draft))[0], with_vocab(draft, tmp_path / "all", list(range(VOCAB)))):
-        seen = proposals(monkeypatch)
+        seen = _record_our_drafts(monkeypatch)
         text = mlx_dllm.generate(model, tokenizer, "w5 w6 w7", max_tokens=24, draft_model=drafter)
         runs.append((text, seen))
         monkeypatch.undo()
@@ -59,7 +47,7 @@ def test_a_draft_vocab_proposes_only_its_tokens_and_output_equals_ar(tiny, tmp_p
                 for t in block]
     vocab = sorted(set(full_ids[::2]) | set(range(100, 140)))  # half of what AR says, and some it does not
     drafter = with_vocab(draft, tmp_path / "some", vocab)
-    seen = proposals(monkeypatch)
+    seen = _record_our_drafts(monkeypatch)
     assert mlx_dllm.generate(model, tokenizer, prompt, max_tokens=24, draft_model=drafter) == ar
     assert seen and all(token in vocab for block in seen for token in block)
     # Each proposal is the argmax of the full head's logits over the draft vocabulary's columns.
