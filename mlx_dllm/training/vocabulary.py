@@ -2,7 +2,7 @@
 
 The target's LM head (frozen, shared with the drafter) is most of a training step for small targets: SmolLM2's
 49,152 x 576 head costs 4x its drafter's two layers. Its responses use about 7,000 distinct tokens. The
-softmax over those rows alone (EAGLE-3's draft-vocabulary idea, applied to the loss only) is exact for every
+softmax over those rows alone (EAGLE-3's draft vocabulary) is exact for every
 label. The drafter then proposes only those tokens at inference too (`draft_vocab` in its config), drafting
 with those rows alone, so what it was trained on and what it is asked are the same.
 """
