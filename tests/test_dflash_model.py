@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_dllm import load
+from mlx_dllm.kernels import attention
 from mlx_dllm.models.cache import WindowKVCache
 from mlx_dllm.models.dflash import sliding_mask
 
@@ -98,9 +99,9 @@ def test_window_cache_rolls_back_past_its_window():
     for step, (new, rollback) in enumerate([(7, 2), (1, 0), (4, 3), (6, 5), (1, 1), (3, 0)]):
         keys = mx.array(rng.standard_normal((1, heads, new, dim)).astype(np.float32))
         queries = mx.array(rng.standard_normal((1, heads, new, dim)).astype(np.float32))
-        mask = cache.make_mask(new, window_size=window)
+        pattern = cache.causal_pattern()
         kept_keys, kept_values = cache.update_and_fetch(keys, keys * 2)
-        ours = mx.fast.scaled_dot_product_attention(queries, kept_keys, kept_values, scale=0.3, mask=mask)
+        ours = attention(queries, kept_keys, kept_values, 0.3, pattern)
 
         all_keys.append(keys)
         full = mx.concatenate(all_keys, axis=2)

@@ -12,7 +12,7 @@ from mlx_dllm import DLLMError
 from mlx_dllm.models.nemotron_diffusion import LoRA, Model, ModelArgs
 from mlx_dllm.sampler import linear_spec, quadratic_spec
 from mlx_dllm.sampler.common import Stats, make_token_selector
-from mlx_dllm.sampler.quadratic_spec import quadratic_mask
+from mlx_dllm.kernels import patterns
 
 YARN = {
     "rope_type": "yarn",
@@ -63,9 +63,12 @@ def _brute_force_mask(rows):
     return allowed
 
 
-@pytest.mark.parametrize("rows", [2, 3, 6])
-def test_quadratic_mask_matches_brute_force(rows):
-    np.testing.assert_array_equal(np.array(quadratic_mask(rows)), _brute_force_mask(rows))
+@pytest.mark.parametrize("rows, prefix", [(2, 0), (3, 5), (6, 1)])
+def test_quadratic_pattern_matches_brute_force(rows, prefix):
+    L = rows * (rows + 1)
+    seen = np.array(patterns.visible(patterns.quadratic(prefix, rows), L, prefix + L))
+    assert seen[:, :prefix].all()  # the cache is always visible
+    np.testing.assert_array_equal(seen[:, prefix:], _brute_force_mask(rows))
 
 
 def _cache_with(model, tokens):
@@ -82,8 +85,8 @@ def test_quadratic_forward_rows_equal_causal_verify_and_row_drafts(model):
     cache = _cache_with(model, PROMPT)
     committed = cache[0].offset
     layout = [t for d in draft for t in [d] + [mask_id] * rows]
-    full = mx.concatenate([mx.ones((len(layout), committed), dtype=mx.bool_), quadratic_mask(rows)], axis=1)
-    fused = model(mx.array([layout]), copy.deepcopy(cache), pattern=full, row_offsets=committed + mx.arange(rows))
+    pattern = patterns.quadratic(committed, rows)
+    fused = model(mx.array([layout]), copy.deepcopy(cache), pattern=pattern, row_offsets=committed + mx.arange(rows))
     fused = np.array(fused[0]).reshape(rows, rows + 1, -1)
     causal = np.array(model(mx.array([draft]), copy.deepcopy(cache))[0])
     for i in range(rows):

@@ -30,9 +30,10 @@ def test_wheel_maps_convert_and_cli_into_the_package(tmp_path):
     assert "mlx_dllm/training/trainer.py" in names and "mlx_dllm/cli/train_drafter.py" in names
     for init in (REPO / "mlx_dllm").rglob("__init__.py"):  # every subpackage is declared in pyproject.toml
         assert init.relative_to(REPO).as_posix() in names, init
-    shipped = REPO / "mlx_dllm" / "drafters"
-    for file in shipped.glob("*/*"):  # the default model's drafter travels with the package
-        assert f"mlx_dllm/drafters/{file.parent.name}/{file.name}" in names
+    data = [*(REPO / "mlx_dllm" / "drafters").glob("*/*"), *(REPO / "mlx_dllm" / "kernels").glob("*.metal")]
+    assert data, "the default model's drafter and the Metal kernel sources travel with the package"
+    for file in data:
+        assert file.relative_to(REPO).as_posix() in names, file
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "mlx-dllm = mlx_dllm.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

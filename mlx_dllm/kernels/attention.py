@@ -1,8 +1,12 @@
-"""The one attention entry point: custom Metal/CUDA block kernels plug in here later."""
+"""The one attention entry point of every model file: a pattern object instead of a mask, routed to the Metal
+block kernel where it is expected to win and to `mx.fast.scaled_dot_product_attention` everywhere else."""
 
-from typing import Optional, Union
+from typing import Optional
 
 import mlx.core as mx
+
+from . import metal, patterns, routing
+from .patterns import Pattern
 
 
 def attention(
@@ -10,7 +14,34 @@ def attention(
     keys: mx.array,
     values: mx.array,
     scale: float,
-    mask: Optional[Union[str, mx.array]] = None,
+    pattern: Pattern,
+    block_keys: Optional[mx.array] = None,
+    block_values: Optional[mx.array] = None,
 ) -> mx.array:
-    """queries [B, Hq, Tq, D]; keys/values [B, Hkv, Tk, D] (GQA is not pre-tiled)."""
+    """queries [B, Hq, Tq, D]; keys/values [B, Hkv, Tc, D] (GQA is not pre-tiled), then the optional block's own
+    [B, Hkv, Tb, D]: key columns are the Tc cache rows followed by the Tb block rows."""
+    if (block_keys is None) != (block_values is None):
+        raise ValueError("block_keys and block_values go together")
+    Tq = queries.shape[2]
+    Tk = keys.shape[2] + (0 if block_keys is None else block_keys.shape[2])
+    call = routing.Call(
+        backend=routing.current_backend(),
+        queries=Tq,
+        keys=Tk,
+        head_dim=queries.shape[-1],
+        gqa=queries.shape[1] // keys.shape[1],
+        dtype=queries.dtype,
+        pattern=pattern,
+    )
+    if routing.route(call) == routing.KERNEL:
+        return metal.block_attention(queries, keys, values, scale, pattern, block_keys, block_values)
+    if block_keys is not None:
+        keys = mx.concatenate([keys, block_keys], axis=2)
+        values = mx.concatenate([values, block_values], axis=2)
+    mask = patterns.mask(pattern, Tq, Tk)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def masked_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
+    """An explicit mask, for the one layout no pattern describes: training's anchor blocks, one per batch row."""
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)

@@ -4,6 +4,8 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
+from ..kernels import patterns
+
 
 class WindowKVCache(_BaseCache):
     """Sliding-window K/V in temporal order that can be trimmed by up to the rows of the last update.
@@ -33,19 +35,20 @@ class WindowKVCache(_BaseCache):
         return self.keys, self.values
 
     def make_mask(self, N: int, window_size=None, return_array: bool = False):
+        """mlx-lm's mask protocol: its sliding target layers (the verify of a DFlash target) ask for this."""
         kept = self._kept_before_update()
         window = window_size or self.window
         if N == 1 and kept < window and not return_array:
             return None
         return create_causal_mask(N, kept, window_size=window)
 
+    def causal_pattern(self):
+        """The attention pattern of the next update's rows (ask before `update_and_fetch`): causal within the
+        window, over the rows kept before them and themselves."""
+        return patterns.window(self.window, causal=True, query_start=self._kept_before_update())
+
     def keys_and_values(self):
         return self.keys, self.values
-
-    def key_positions(self) -> mx.array:
-        """Absolute positions of the rows `update_and_fetch` last returned."""
-        stored = 0 if self.keys is None else self.keys.shape[2]
-        return mx.arange(self.offset - stored, self.offset)
 
     @property
     def state(self):

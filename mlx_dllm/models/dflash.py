@@ -16,7 +16,7 @@ from mlx_lm.models.qwen3 import MLP  # the drafter's SwiGLU MLP is Qwen3's
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..errors import DLLMError
-from ..kernels import attention
+from ..kernels import attention, masked_attention, patterns
 from .cache import WindowKVCache
 
 DRAFT_ARCHITECTURES = ("DFlashDraftModel", "MuseGlimmerAssistantModel")
@@ -149,10 +149,11 @@ class Attention(nn.Module):
         keys, values = cache.update_and_fetch(
             mx.concatenate([context_keys, block_keys], axis=2), mx.concatenate([context_values, block_values], axis=2)
         )
-        mask = None
-        if self.window is not None:
-            mask = sliding_mask(mx.arange(start + S, start + S + L), cache.key_positions(), self.window, self.causal)
-        out = attention(queries, keys, values, self.scale, mask)
+        pattern = patterns.bidirectional()
+        if self.window is not None:  # the keys are the cache's rows at positions offset - stored .. offset - 1
+            key_start = cache.offset - keys.shape[2]
+            pattern = patterns.window(self.window, self.causal, query_start=start + S, key_start=key_start)
+        out = attention(queries, keys, values, self.scale, pattern)
         cache.trim(L)
         return self._output(out)
 
@@ -172,7 +173,7 @@ class Attention(nn.Module):
         mask = visible[:, None, :]  # [J, 1 (query), N + B]
         if self.window is not None:
             mask = mask & sliding_mask(query_positions, key_positions, self.window, self.causal)
-        return self._output(attention(queries, keys, values, self.scale, mask[:, None]))
+        return self._output(masked_attention(queries, keys, values, self.scale, mask[:, None]))
 
     def make_cache(self):
         if self.window is None:

@@ -20,7 +20,7 @@ from mlx_lm.models.rope_utils import ProportionalRoPE
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from ..errors import DLLMError
-from ..kernels import attention
+from ..kernels import attention, patterns
 from .cache import WindowKVCache
 
 # 16x the released 256: one canvas is one forward whose float32 logits are canvas x vocab (4 GiB at 262k).
@@ -158,26 +158,20 @@ class Attention(nn.Module):
         keys = self.rope(self.k_norm(raw_keys).transpose(0, 2, 1, 3), offset)
         values = rms_norm_no_scale(values, self.eps).transpose(0, 2, 1, 3)
         if write_cache:  # encoder: causal (and windowed on sliding layers), appends to the cache
-            mask = cache.make_mask(L, window_size=self.window, return_array=False)
+            pattern = patterns.causal(cache.offset) if self.window is None else cache.causal_pattern()
             keys, values = cache.update_and_fetch(keys, values)
-            out = attention(queries, keys, values, scale=1.0, mask=mask)
+            out = attention(queries, keys, values, 1.0, pattern)
         elif self.window is None:  # denoiser: the canvas sees the cached prefix and all of itself
             # Write-then-trim: the canvas lands in the preallocated buffer (no copy of the cache), then is forgotten.
             keys, values = cache.update_and_fetch(keys, values)
-            out = attention(queries, keys, values, scale=1.0)
+            out = attention(queries, keys, values, 1.0, patterns.bidirectional())
             cache.trim(L)
-        else:  # a sliding layer sees the last window-1 committed rows: a bounded copy, the cache untouched
-            keys, values = self.window_prefix_and(cache, keys, values)
-            out = attention(queries, keys, values, scale=1.0)
+        elif cache.offset == 0:
+            out = attention(queries, keys, values, 1.0, patterns.bidirectional())
+        else:  # a sliding layer sees the last window-1 committed rows, read in place, then the canvas
+            past_keys, past_values = (part[..., -(self.window - 1) :, :] for part in cache.keys_and_values())
+            out = attention(queries, past_keys, past_values, 1.0, patterns.bidirectional(), keys, values)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-    def window_prefix_and(self, cache, keys: mx.array, values: mx.array):
-        """The last window-1 committed K/V of a sliding layer, followed by the canvas's."""
-        if cache.offset == 0:
-            return keys, values
-        past_keys, past_values = cache.keys_and_values()
-        past_keys, past_values = past_keys[..., -(self.window - 1) :, :], past_values[..., -(self.window - 1) :, :]
-        return mx.concatenate([past_keys, keys], axis=2), mx.concatenate([past_values, values], axis=2)
 
     def make_cache(self):
         return KVCache() if self.window is None else WindowKVCache(self.window)

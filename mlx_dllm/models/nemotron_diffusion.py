@@ -21,10 +21,17 @@ from mlx_lm.models.ministral3 import MLP, _get_llama_4_attn_scale
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..errors import DLLMError
-from ..kernels import attention
+from ..kernels import attention, patterns
 from .dtypes import compute_dtype
 
-Pattern = Union[str, mx.array]  # "causal", "bidirectional", or a boolean [L, cache + L] mask
+Pattern = Union[str, patterns.Pattern]  # "causal", "bidirectional", or a kernels pattern (the quadratic layout)
+
+
+def attention_pattern(pattern: Pattern, queries: int, keys: int) -> patterns.Pattern:
+    """The kernels pattern of `queries` new rows over `keys` (the cache, then themselves)."""
+    if isinstance(pattern, patterns.Pattern):
+        return pattern
+    return patterns.bidirectional() if pattern == "bidirectional" else patterns.causal(keys - queries)
 
 
 @dataclass
@@ -113,8 +120,8 @@ class Attention(nn.Module):
         # Write-then-trim (mlx-lm's idiom): the block lands in the cache's preallocated buffer, so attention
         # reads a slice of it instead of a concatenated copy of the whole cache; trim then forgets the block.
         k, v = cache.update_and_fetch(k, v)
-        mask = None if isinstance(pattern, str) and pattern == "bidirectional" else pattern
-        out = attention(q, k, v, self.scale, mask).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        out = attention(q, k, v, self.scale, attention_pattern(pattern, L, k.shape[2]))
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         if not write_cache:
             cache.trim(L)
         projected = self.o_proj(out)
@@ -177,8 +184,6 @@ class Model(nn.Module):
         """Logits for `inputs` [1, L] (final-normed hidden states with `head=False`, to apply the head to
         chosen rows only). The default (causal, writing) is mlx-lm's AR call."""
         cache = cache if cache is not None else self.make_cache()
-        if isinstance(pattern, str) and pattern == "causal":
-            pattern = "causal" if inputs.shape[1] > 1 else None
         h = self.encoder.embed_tokens(inputs)
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, layer_cache, pattern, write_cache, row_offsets, lora)

@@ -12,6 +12,7 @@ from typing import Iterator, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels import patterns
 from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
 from .common import Stats, TokenSelector
 
@@ -21,17 +22,6 @@ from .common import Stats, TokenSelector
 # in bf16 and 8-bit on both, so a forward costs about one AR step and yields ~2.9 tokens; 5 rows gain <20% in
 # bf16 but lose 20% in 8-bit, 8 rows (72 tokens) are 2-4x compute-bound everywhere, 32 rows 30-60x.
 DEFAULT_ROWS = 4
-
-
-def quadratic_mask(rows: int) -> mx.array:
-    """Boolean [L, L] attention among the layout's L = rows*(rows+1) tokens (the cache is always visible)."""
-    width = rows + 1
-    index = mx.arange(rows * width)
-    row, col = index // width, index % width
-    query_row, key_row = row[:, None], row[None, :]
-    sees_drafts = (col[None, :] == 0) & (key_row <= query_row)  # d_0 .. d_row
-    sees_own_row = (col[:, None] != 0) & (key_row == query_row)  # masks: their whole row, bidirectionally
-    return sees_drafts | sees_own_row
 
 
 def keep_draft_kv(cache: List, committed: int, rows: int, accepted: int) -> None:
@@ -49,14 +39,14 @@ def propose(model: nn.Module, hidden: mx.array, position: int) -> mx.array:
     return mx.argmax(model.diffusion_head(hidden), axis=-1).astype(mx.int32)
 
 
-def layout_forward(model: nn.Module, cache: List, draft: mx.array, layout_mask: mx.array, select: TokenSelector):
+def layout_forward(model: nn.Module, cache: List, draft: mx.array, select: TokenSelector):
     """Queue one layout forward over `draft` (on device); returns the cache length before it, its hidden rows
-    and the verify tokens."""
+    and the verify tokens. The pattern is two integers: the attention kernel computes who sees whom."""
     rows, committed = draft.shape[0], cache[0].offset
     masks = mx.full((rows, rows), model.args.mask_token_id, dtype=mx.int32)
     layout = mx.concatenate([draft[:, None], masks], axis=1).reshape(1, -1)
-    mask = mx.concatenate([mx.ones((layout_mask.shape[0], committed), dtype=mx.bool_), layout_mask], axis=1)
-    hidden = model(layout, cache, pattern=mask, row_offsets=committed + mx.arange(rows), head=False)[0]
+    pattern = patterns.quadratic(prefix=committed, rows=rows)
+    hidden = model(layout, cache, pattern=pattern, row_offsets=committed + mx.arange(rows), head=False)[0]
     hidden = hidden.reshape(rows, rows + 1, -1)
     verified = select(model.diffusion_head(hidden[:, 0]), drafts=draft[1:])  # row i: the AR token after d_i
     mx.async_eval(draft, verified)
@@ -86,9 +76,8 @@ def generate_quadratic_spec(
     masks = model(mx.array([[mask_id] * rows]), cache, pattern="bidirectional", write_cache=False, head=False)[0]
     stats.draft_forwards += 1
     draft = mx.concatenate([mx.array([first], dtype=mx.int32), propose(model, masks[1:], cache[0].offset + 1)])
-    layout_mask = quadratic_mask(rows)
     produced = 1
-    step = layout_forward(model, cache, draft, layout_mask, select) if produced < max_tokens else None
+    step = layout_forward(model, cache, draft, select) if produced < max_tokens else None
     yield [first]  # d_0 is the prefill's AR token: already certain
     while step is not None:
         committed, hidden, verified = step
@@ -109,5 +98,5 @@ def generate_quadratic_spec(
         emitted = drafted[1:accepted] + [bonus]
         select.commit(emitted)
         produced += len(emitted)
-        step = layout_forward(model, cache, draft, layout_mask, select) if produced < max_tokens else None
+        step = layout_forward(model, cache, draft, select) if produced < max_tokens else None
         yield emitted

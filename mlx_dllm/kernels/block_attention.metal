@@ -1,0 +1,136 @@
+// Block attention: the query rows of one KV head's whole GQA group, over the cache's keys and the block's own,
+// with the visibility pattern computed here from a few integers (never a [Tq, Tk] mask).
+//
+// One threadgroup per (batch, KV head, row tile); simdgroup s owns ROWS query rows (row r = g * Tq + i: GQA
+// head g, query i) and its 32 lanes split the head dimension. The threadgroup loads KEYS keys and values at a
+// time into threadgroup memory, so the cache is read once per tile of rows, not once per query row; each row
+// keeps an online softmax in fp32 registers.
+//
+// Template: T (dtype), D (head dim, a multiple of 32), KIND (0 bidirectional, 1 causal, 2 causal window,
+// 3 bidirectional window, 4 quadratic layout), ROWS (rows per simdgroup), KEYS (keys per tile).
+// params: Tq, Tc (cache keys), Tb (block keys), G (GQA group), Hkv, a, b, c where
+//   causal: key j is visible to query i iff j <= a + i;
+//   windows: query position a + i, key position c + j, window b;
+//   quadratic: a cache keys seen by all, then `c` rows of c + 1 tokens ([d_i, masks]).
+// Inputs are read through their strides: the cache is a slice of a larger buffer, and is never copied.
+
+constexpr int LANE_ELEMS = D / 32;
+const int Tq = params[0], Tc = params[1], Tb = params[2], G = params[3], Hkv = params[4];
+const int pa = params[5], pb = params[6], pc = params[7];
+const int Tk = Tc + Tb;
+const int R = G * Tq;  // query rows of this KV head's group
+
+const uint lane = thread_index_in_simdgroup;
+const uint simd = simdgroup_index_in_threadgroup;
+const uint tid = thread_position_in_threadgroup.x;
+const uint threads = threads_per_threadgroup.x;
+const int batch = threadgroup_position_in_grid.y / Hkv;
+const int kv_head = threadgroup_position_in_grid.y % Hkv;
+const int first_row = (threadgroup_position_in_grid.z * (threads / 32) + simd) * ROWS;
+
+threadgroup T key_tile[KEYS * D];
+threadgroup T value_tile[KEYS * D];
+
+float q[ROWS][LANE_ELEMS];
+float acc[ROWS][LANE_ELEMS];
+float row_max[ROWS];
+float row_sum[ROWS];
+int row_query[ROWS];
+for (int u = 0; u < ROWS; ++u) {
+  const int r = first_row + u;
+  row_query[u] = r < R ? r % Tq : -1;  // -1: a padding row (its lanes still join every barrier)
+  row_max[u] = -INFINITY;
+  row_sum[u] = 0.0f;
+  const int head = kv_head * G + (r < R ? r / Tq : 0);
+  const int64_t base =
+      batch * queries_strides[0] + head * queries_strides[1] + (r < R ? r % Tq : 0) * queries_strides[2];
+  for (int e = 0; e < LANE_ELEMS; ++e) {
+    q[u][e] = r < R ? float(queries[base + (lane + 32 * e) * queries_strides[3]]) * scale : 0.0f;
+    acc[u][e] = 0.0f;
+  }
+}
+
+// Keys no row can see are never loaded.
+int key_begin = 0, key_end = Tk;
+if (KIND == 1) {
+  key_end = min(Tk, pa + Tq);
+} else if (KIND == 2 || KIND == 3) {
+  key_begin = max(0, pa - pc - pb);
+  key_end = min(Tk, pa + Tq - pc + pb + 1);
+}
+
+for (int start = key_begin; start < key_end; start += KEYS) {
+  for (uint index = tid; index < uint(KEYS * D); index += threads) {
+    const int j = start + int(index) / D, d = int(index) % D;
+    T key = T(0), value = T(0);
+    if (j < Tc) {
+      key = keys[batch * keys_strides[0] + kv_head * keys_strides[1] + j * keys_strides[2] + d * keys_strides[3]];
+      value = values[batch * values_strides[0] + kv_head * values_strides[1] + j * values_strides[2] +
+                     d * values_strides[3]];
+    } else if (j < key_end) {
+      const int jb = j - Tc;
+      key = block_keys[batch * block_keys_strides[0] + kv_head * block_keys_strides[1] +
+                       jb * block_keys_strides[2] + d * block_keys_strides[3]];
+      value = block_values[batch * block_values_strides[0] + kv_head * block_values_strides[1] +
+                           jb * block_values_strides[2] + d * block_values_strides[3]];
+    }
+    key_tile[index] = key;
+    value_tile[index] = value;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  const int tile_end = min(KEYS, key_end - start);
+  for (int u = 0; u < ROWS; ++u) {
+    const int i = row_query[u];
+    if (i < 0) {
+      continue;  // uniform across the simdgroup: every lane shares the row
+    }
+    for (int t = 0; t < tile_end; ++t) {
+      const int j = start + t;
+      bool visible = true;
+      if (KIND == 1) {
+        visible = j <= pa + i;
+      } else if (KIND == 2) {
+        const int distance = (pa + i) - (pc + j);
+        visible = distance >= 0 && distance < pb;
+      } else if (KIND == 3) {
+        visible = abs((pa + i) - (pc + j)) <= pb;
+      } else if (KIND == 4) {
+        const int width = pc + 1;
+        const int jj = j - pa;
+        visible = jj < 0 || (jj % width == 0 && jj / width <= i / width) ||
+                  (i % width != 0 && jj / width == i / width);
+      }
+      if (!visible) {
+        continue;
+      }
+      float partial = 0.0f;
+      for (int e = 0; e < LANE_ELEMS; ++e) {
+        partial += q[u][e] * float(key_tile[t * D + lane + 32 * e]);
+      }
+      const float score = simd_sum(partial);
+      const float new_max = max(row_max[u], score);
+      const float rescale = metal::exp(row_max[u] - new_max);
+      const float weight = metal::exp(score - new_max);
+      row_sum[u] = row_sum[u] * rescale + weight;
+      for (int e = 0; e < LANE_ELEMS; ++e) {
+        acc[u][e] = acc[u][e] * rescale + weight * float(value_tile[t * D + lane + 32 * e]);
+      }
+      row_max[u] = new_max;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+for (int u = 0; u < ROWS; ++u) {
+  const int r = first_row + u;
+  if (r >= R) {
+    continue;
+  }
+  const int head = kv_head * G + r / Tq;
+  const int64_t base = ((int64_t(batch) * Hkv * G + head) * Tq + r % Tq) * D;
+  const float inverse = row_sum[u] > 0.0f ? 1.0f / row_sum[u] : 0.0f;
+  for (int e = 0; e < LANE_ELEMS; ++e) {
+    out[base + lane + 32 * e] = T(acc[u][e] * inverse);
+  }
+}

@@ -1,0 +1,86 @@
+"""Who sees whom in attention, as a few integers instead of a [Tq, Tk] mask.
+
+Queries are the Tq rows of the current block; keys are the Tk = cache + block columns, in that order. The Metal
+kernel evaluates `visible` itself; every other backend gets `mask(pattern, Tq, Tk)`, the equivalent boolean
+array (or MLX's "causal" string, or None), for `mx.fast.scaled_dot_product_attention`.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import mlx.core as mx
+
+BIDIRECTIONAL, CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL_WINDOW, QUADRATIC = range(5)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """kind, and the integers the kind reads (the kernel's params a, b, c):
+
+    - bidirectional: every key.
+    - causal(offset): query i sees key j iff j <= offset + i (offset = Tk - Tq is MLX's "causal").
+    - window(...): query position query_start + i, key position key_start + j; causal: 0 <= distance < window,
+      bidirectional: |distance| <= window.
+    - quadratic(prefix, rows): `prefix` cache keys seen by all, then a layout of `rows` rows of rows + 1 tokens
+      [d_i, masks]: d tokens see d_0..d_row, masks see d_0..d_row and their whole row.
+    """
+
+    kind: int
+    a: int = 0
+    b: int = 0
+    c: int = 0
+
+    def __post_init__(self):
+        if self.kind not in range(5):
+            raise ValueError(f"unknown attention pattern kind {self.kind}")
+
+
+def bidirectional() -> Pattern:
+    return Pattern(BIDIRECTIONAL)
+
+
+def causal(offset: int) -> Pattern:
+    return Pattern(CAUSAL, a=offset)
+
+
+def window(size: int, causal: bool, query_start: int, key_start: int = 0) -> Pattern:
+    if size < 1:
+        raise ValueError(f"a sliding window needs a size of at least 1, not {size}")
+    return Pattern(CAUSAL_WINDOW if causal else BIDIRECTIONAL_WINDOW, a=query_start, b=size, c=key_start)
+
+
+def quadratic(prefix: int, rows: int) -> Pattern:
+    if rows < 1:
+        raise ValueError(f"the quadratic layout needs at least 1 row, not {rows}")
+    return Pattern(QUADRATIC, a=prefix, c=rows)
+
+
+def queries_of(pattern: Pattern) -> Optional[int]:
+    """The query count a pattern fixes (the quadratic layout's rows * (rows + 1)), else None."""
+    return pattern.c * (pattern.c + 1) if pattern.kind == QUADRATIC else None
+
+
+def visible(pattern: Pattern, Tq: int, Tk: int) -> mx.array:
+    """Boolean [Tq, Tk]: the rule the kernel applies, as an array."""
+    i, j = mx.arange(Tq)[:, None], mx.arange(Tk)[None, :]
+    kind, a, b, c = pattern.kind, pattern.a, pattern.b, pattern.c
+    if kind == BIDIRECTIONAL:
+        return mx.ones((Tq, Tk), dtype=mx.bool_)
+    if kind == CAUSAL:
+        return j <= a + i
+    if kind in (CAUSAL_WINDOW, BIDIRECTIONAL_WINDOW):
+        distance = (a + i) - (c + j)
+        return (distance >= 0) & (distance < b) if kind == CAUSAL_WINDOW else mx.abs(distance) <= b
+    width, layout_key = c + 1, j - a
+    same_row = layout_key // width == i // width
+    sees_drafts = (layout_key % width == 0) & (layout_key // width <= i // width)
+    return (layout_key < 0) | sees_drafts | ((i % width != 0) & same_row)
+
+
+def mask(pattern: Pattern, Tq: int, Tk: int) -> Union[None, str, mx.array]:
+    """What `mx.fast.scaled_dot_product_attention` takes for the pattern: None, "causal" or a boolean array."""
+    if pattern.kind == BIDIRECTIONAL:
+        return None
+    if pattern.kind == CAUSAL and pattern.a == Tk - Tq:
+        return "causal"
+    return visible(pattern, Tq, Tk)
