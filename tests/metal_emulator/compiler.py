@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from .errors import EmulatorError, KernelCompileError
@@ -109,3 +110,13 @@ def kernel_executable(name: str, unit: str, sanitizer, cache: Path) -> Path:
     finally:
         source_file.unlink(missing_ok=True)
     return executable
+
+
+def unavailable_reason():
+    """Why the emulator cannot run here, or None. On macOS the real Metal backend runs kernels."""
+    if sys.platform == "darwin":
+        return "on macOS the real Metal backend runs the kernels; the emulator is for Linux"
+    name = os.environ.get("METAL_EMULATOR_CXX", "g++")
+    if shutil.which(name) is None:
+        return f"`{name}` is not installed: the Metal emulator compiles kernels with it"
+    return None

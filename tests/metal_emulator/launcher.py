@@ -62,7 +62,10 @@ def _excerpt(report: str, start: str, limit: int = 40) -> str:
 
 def _asan_buffer(stderr: str) -> str:
     """Which kernel buffer an ASan report is about, from the addresses the runtime printed."""
-    blocks = {int(a, 16): f"{kind} `{name}`" for kind, name, a in re.findall(r"metal-emulator-buffer (\w+) (\w+) (0x[0-9a-f]+)", stderr)}
+    blocks = {
+        int(a, 16): f"{kind} `{name}`"
+        for kind, name, a in re.findall(r"metal-emulator-buffer (\w+) (\w+) (0x[0-9a-f]+)", stderr)
+    }
     region = re.search(r"region \[(0x[0-9a-f]+),", stderr)
     if region and int(region.group(1), 16) in blocks:
         return f" (next to {blocks[int(region.group(1), 16)]})"

@@ -164,7 +164,5 @@ def write_kernel_source(
     template_args = template_text(template) if template else ""
     if template:
         instance = function_name + template_args
-        footer += (
-            f'\ntemplate [[host_name("{function_name}")]] [[kernel]] decltype({instance}) {instance};\n'
-        )
+        footer += f'\ntemplate [[host_name("{function_name}")]] [[kernel]] decltype({instance}) {instance};\n'
     return KernelSource(function_name, template_args, header, signature, source, footer, tuple(params))

@@ -2,7 +2,7 @@
 
 Two rewrites keep Metal text valid C++ without changing line numbers: each
 `threadgroup T name[N];` declaration becomes a reference into the group's
-shared (poisoned) memory, and half literals (1.0h) become _Float16 literals.
+shared (poisoned) memory, and half literals (1.0h) become ((half)1.0f).
 #line directives make compiler errors, sanitizer reports and deadlock messages
 point at "<name>.source" lines of the kernel body."""
 
@@ -33,7 +33,7 @@ def _half_literal(match: re.Match) -> str:
     number, exponent = match.group(1), match.group(2) or ""
     if "." not in number and not exponent:
         number += ".0"
-    return f"{number}{exponent}f16"
+    return f"((half){number}{exponent}f)"
 
 
 def rewrite_body(text: str) -> str:
