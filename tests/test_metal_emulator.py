@@ -4,6 +4,7 @@ the text MLX prints, and the bugs it exists to catch (a missing barrier, writes 
 of bounds, uninitialised threadgroup memory) must fail every run."""
 
 import importlib.util
+import math
 
 import mlx.core as mx
 import pytest
@@ -385,3 +386,60 @@ def test_shim_types_behave_as_metal(metal_emulator):
         inputs=[mx.zeros((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(6,)], output_dtypes=[mx.float32]
     )
     assert out[0].tolist() == [65504.0, -65504.0, 1.0, 20.0, 1.5, 1.0]
+
+
+SIMD_FUNCTIONS_SOURCE = """
+    uint i = thread_position_in_grid.x;
+    float v = x[i];
+    device float* o = out + i * 7;
+    o[0] = simd_shuffle_xor(v, 5);
+    o[1] = simd_shuffle_down(v, 3);
+    o[2] = simd_broadcast(v, 2);
+    o[3] = simd_prefix_exclusive_sum(v);
+    o[4] = quad_sum(v);
+    o[5] = simd_max(v);
+    o[6] = simd_shuffle_up(v, 1);
+"""
+
+
+def simd_expected(n_threads: int) -> list:
+    """What each lane gets on a 32-wide simdgroup; None where the source lane is absent."""
+    rows = []
+    for i in range(n_threads):
+        base, lane = i // 32 * 32, i % 32
+        live = min(32, n_threads - base)
+
+        def lane_value(j):
+            return float(base + j) if j < live else None
+
+        quad = range(lane // 4 * 4, lane // 4 * 4 + 4)
+        rows.append(
+            [
+                lane_value(lane ^ 5),
+                lane_value(lane + 3) if lane + 3 < 32 else float(i),
+                lane_value(2),
+                float(sum(base + j for j in range(lane))),
+                float(sum(base + j for j in quad if j < live)),
+                float(base + live - 1),
+                lane_value(lane - 1) if lane >= 1 else float(i),
+            ]
+        )
+    return rows
+
+
+def test_simd_functions_on_a_partial_simdgroup(metal_emulator):
+    kernel = mx.fast.metal_kernel(
+        name="simd_fns", input_names=["x"], output_names=["out"], source=SIMD_FUNCTIONS_SOURCE
+    )
+    n = 48  # the second simdgroup has 16 live lanes
+    out = kernel(
+        inputs=[mx.arange(n, dtype=mx.float32)],
+        grid=(n, 1, 1),
+        threadgroup=(n, 1, 1),
+        output_shapes=[(n, 7)],
+        output_dtypes=[mx.float32],
+    )[0].tolist()
+    for thread, (got, want) in enumerate(zip(out, simd_expected(n))):
+        # An absent lane's value is undefined on the GPU; the emulator gives NaN.
+        matches = [math.isnan(g) if w is None else g == w for g, w in zip(got, want)]
+        assert all(matches), (thread, got, want)

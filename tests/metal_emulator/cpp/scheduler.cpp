@@ -108,7 +108,8 @@ unsigned char* g_arena = nullptr;
 std::vector<TgEntry> g_tg_entries;
 std::size_t g_tg_cursor = 0, g_tg_bytes = 0;
 
-// Fresh per group, freed after it, so TSan links no two groups.
+// TSan sync objects for barriers and simd calls, fresh per group so TSan links
+// no two groups.
 unsigned char* g_sync = nullptr;
 
 bool same_site(const Site& a, const Site& b) {
@@ -288,7 +289,8 @@ void scheduler_run_group(const ThreadIds* threads, unsigned count, void* const* 
     new (&g_simdgroups[s]) Simdgroup;
     g_simdgroups[s].live = std::min(kSimdWidth, g_count - s * kSimdWidth);
   }
-  g_sync = static_cast<unsigned char*>(std::malloc(kSyncSlots * (1 + g_simdgroup_count)));
+  // Never freed: a reused address would carry one group's releases into the next.
+  if (under_tsan()) g_sync = static_cast<unsigned char*>(std::malloc(kSyncSlots * (1 + g_simdgroup_count)));
   for (unsigned i = 0; i < g_count; ++i) {
     g_lanes[i]->ids = &threads[i];
     g_lanes[i]->state = State::Runnable;
@@ -297,7 +299,6 @@ void scheduler_run_group(const ThreadIds* threads, unsigned count, void* const* 
   tsan_release(&g_main_wake);  // what the main thread set up for this group
   g_lanes[g_reverse ? g_count - 1 : 0]->wake.post();
   g_main_wake.wait();
-  std::free(g_sync);  // TSan drops the sync objects with the memory
 }
 
 void scheduler_stop() {
