@@ -8,6 +8,7 @@ import math
 
 import mlx.core as mx
 import pytest
+from mlx import nn
 
 from tests.metal_emulator.mlx_reference import mlx_generated_source
 from tests.metal_emulator.signature import InputInfo, write_kernel_source
@@ -443,3 +444,88 @@ def test_simd_functions_on_a_partial_simdgroup(metal_emulator):
         # An absent lane's value is undefined on the GPU; the emulator gives NaN.
         matches = [math.isnan(g) if w is None else g == w for g, w in zip(got, want)]
         assert all(matches), (thread, got, want)
+
+
+def test_reverse_groups_exposes_a_group_that_reads_another_groups_output(metal_emulator):
+    body = """
+        uint g = threadgroup_position_in_grid.x;
+        uint i = thread_index_in_threadgroup;
+        if (g == 0) out[i] = x[i];
+        if (g == 1) out[32 + i] = out[i] * 2;  // a race on the GPU: groups run in any order
+    """
+    kernel = mx.fast.metal_kernel(name="cross_group", input_names=["x"], output_names=["out"], source=body)
+
+    def run():
+        x = mx.arange(32, dtype=mx.float32)
+        return kernel(
+            inputs=[x], grid=(64, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(64,)], output_dtypes=[mx.float32]
+        )[0]
+
+    assert mx.array_equal(run()[32:], 2 * mx.arange(32, dtype=mx.float32)).item()
+    with metal_emulator.options(reverse_groups=True):
+        assert mx.isnan(run()[32:]).all().item()
+
+
+def test_argument_errors_are_mlxs_own(metal_emulator):
+    from tests.metal_emulator.mlx_reference import _MLX_METAL_KERNEL
+
+    arguments = dict(name="args", input_names=["x", "y"], output_names=["out"], source="out[0] = x[0];")
+    calls = [
+        dict(inputs=[mx.zeros((2,))], output_shapes=[(1,)], output_dtypes=[mx.float32]),
+        dict(inputs=[mx.zeros((2,)), 1], output_shapes=[(1,), (1,)], output_dtypes=[mx.float32]),
+        dict(inputs=[mx.zeros((2,)), 1], output_shapes=[(1,)], output_dtypes=[mx.float32], template=[("T", 1.5)]),
+    ]
+    for call in calls:
+        call = dict(call, grid=(1, 1, 1), threadgroup=(1, 1, 1))
+        with pytest.raises(ValueError) as theirs:
+            _MLX_METAL_KERNEL(**arguments)(**call)
+        with pytest.raises(ValueError) as ours:
+            metal_emulator.metal_kernel(**arguments)(**call)
+        assert str(ours.value).strip() == str(theirs.value).strip()
+    with pytest.raises(ValueError, match="at least one output"):
+        metal_emulator.metal_kernel(name="none", input_names=[], output_names=[], source="")
+
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint32, mx.int64, mx.uint8, mx.bool_]
+
+
+def test_every_dtype_goes_through_buffers_and_arithmetic(metal_emulator):
+    names = [f"in{k}" for k in range(len(DTYPES))]
+    body = "uint i = thread_position_in_grid.x;\n" + "".join(
+        f"out{k}[i] = in{k}[i] + 3;\n" for k in range(len(DTYPES) - 1)
+    )
+    body += f"out{len(DTYPES) - 1}[i] = !in{len(DTYPES) - 1}[i];\n"
+    kernel = mx.fast.metal_kernel(
+        name="dtypes", input_names=names, output_names=[f"out{k}" for k in range(len(DTYPES))], source=body
+    )
+    base = mx.arange(10) * 7 % 11
+    inputs = [(base % 2 == 0) if d == mx.bool_ else base.astype(d) for d in DTYPES]
+    outputs = kernel(
+        inputs=inputs,
+        grid=(10, 1, 1),
+        threadgroup=(4, 1, 1),
+        output_shapes=[(10,)] * len(DTYPES),
+        output_dtypes=DTYPES,
+    )
+    for dtype, x, y in zip(DTYPES, inputs, outputs):
+        expected = mx.logical_not(x) if dtype == mx.bool_ else (x + 3).astype(dtype)
+        assert y.dtype == dtype and mx.array_equal(y, expected).item(), dtype
+
+
+def test_mlx_lm_norm_add_norm_kernels_match_ops_and_each_other(metal_emulator):
+    # Two simdgroups per row: simd_sum, threadgroup memory and a barrier in a header function.
+    module = fresh_module("mlx_lm.kernels.norm_add_norm")
+    keys = iter(mx.random.split(mx.random.key(8), 6))
+    D = 512
+    branch, stream = (mx.random.normal((3, D), key=next(keys)) for _ in range(2))
+    alpha, beta, post_w = (mx.random.uniform(0.5, 1.5, (D,), key=next(keys)) for _ in range(3))
+    norm = nn.RMSNorm(D, eps=1e-5)
+    norm.weight = mx.random.uniform(0.5, 1.5, (D,), key=next(keys))
+    new_stream, normed = module.norm_add_norm(
+        branch, stream, alpha=alpha, beta=beta, post_weight=post_w, post_eps=1e-6, next_norm=norm
+    )
+    expected_stream = alpha * stream + beta * rms_norm_ops(post_w * branch, 1e-6)
+    assert max_error(new_stream, expected_stream) <= 1e-5
+    assert max_error(normed, rms_norm_ops(expected_stream, 1e-5) * norm.weight) <= 1e-5
+    # mlx-lm: "for a stream from norm_add_norm, the values are equal to its normed sum".
+    assert mx.array_equal(module.pre_norm(new_stream, norm, dtype=mx.float32), normed).item()

@@ -105,14 +105,15 @@ class EmulatedKernel:
         for dtype in [a.dtype for a in arrays] + list(output_dtypes):
             if dtype in UNSUPPORTED:
                 raise EmulatorError(f"metal_kernel `{self.name}`: the emulator does not support {dtype}")
-        group = tuple(min(t, g) for t, g in zip(threadgroup, grid))
-        if math.prod(group) > MAX_THREADS_PER_THREADGROUP:
+        # MLX checks the threadgroup as given, then clips it to the grid.
+        if math.prod(threadgroup) > MAX_THREADS_PER_THREADGROUP:
             raise ValueError(
-                f"Thread group size ({math.prod(group)}) is greater than  the maximum allowed threads per "
+                f"Thread group size ({math.prod(threadgroup)}) is greater than  the maximum allowed threads per "
                 f"threadgroup ({MAX_THREADS_PER_THREADGROUP})."
             )
         if min(threadgroup) <= 0:
             raise ValueError(f"[metal_kernel] threadgroup sizes must be positive, got {threadgroup}")
+        group = tuple(min(t, g) for t, g in zip(threadgroup, grid))
         buffers = self._buffers(arrays, kernel, shapes, output_dtypes, init_value)
         config = settings.current()
         dispatch = launcher.Dispatch(grid, group, needs_threads(kernel), config.reverse_threads, config.reverse_groups)
