@@ -301,11 +301,20 @@ def test_a_write_past_an_output_is_caught_by_its_canary(metal_emulator):
         copy_kernel("uint i = thread_position_in_grid.x; out[i + 1] = x[i];")
 
 
-def test_a_read_past_an_input_is_caught_by_address_sanitizer(metal_emulator):
-    with metal_emulator.options(sanitizer="address"), pytest.raises(metal_emulator.KernelMemoryError) as error:
-        copy_kernel("uint i = thread_position_in_grid.x;\nout[i] = x[i + 1];")
+@pytest.mark.parametrize("sanitizer", [None, "address"])
+def test_a_read_past_an_input_is_caught(metal_emulator, sanitizer):
+    # Plain runs fault on the guard page after the input (and rerun under ASan for the line).
+    with metal_emulator.options(sanitizer=sanitizer), pytest.raises(metal_emulator.KernelMemoryError) as error:
+        copy_kernel("uint i = thread_position_in_grid.x;\nout[i] = x[i + 4];")
     message = str(error.value)
     assert "heap-buffer-overflow" in message and "input `x`" in message and "copy.source:2" in message
+    if sanitizer is None:
+        assert "read past the end of input `x`: byte 0 after its 160 bytes" in message
+
+
+def test_a_write_into_an_input_is_caught(metal_emulator):
+    with pytest.raises(metal_emulator.KernelMemoryError, match="wrote into input `x`, which is const"):
+        copy_kernel("uint i = thread_position_in_grid.x;\n((device float*)x)[i] = 0;\nout[i] = x[i];")
 
 
 def test_uninitialised_threadgroup_memory_reads_as_nan(metal_emulator):

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import EmulatorError, KernelCompileError
 
 CPP_DIR = Path(__file__).with_name("cpp")
-RUNTIME_SOURCES = ("runtime_main.cpp", "scheduler.cpp")
+RUNTIME_SOURCES = ("runtime_main.cpp", "scheduler.cpp", "guard_pages.cpp")
 KERNEL_FLAGS = (
     "-std=c++20",
     "-O1",

@@ -142,13 +142,16 @@ class EmulatedKernel:
         executable = compiler.kernel_executable(self.name, unit, config.sanitizer, cache)
         try:
             return launcher.run(executable, self.name, dispatch, buffers, config.timeout)
-        except KernelMemoryError as crash:
+        except KernelMemoryError as fault:
             if config.sanitizer is not None:
                 raise
-            # A plain crash says little: rerun under ASan for the access and the body line.
+            # Rerun under ASan for the access and the body line.
             checked = compiler.kernel_executable(self.name, unit, "address", cache)
-            launcher.run(checked, self.name, dispatch, buffers, config.timeout)
-            raise crash
+            try:
+                launcher.run(checked, self.name, dispatch, buffers, config.timeout)
+            except KernelMemoryError as report:
+                raise KernelMemoryError(f"{fault}\nRerun with AddressSanitizer: {report}") from None
+            raise fault
 
 
 def metal_kernel(

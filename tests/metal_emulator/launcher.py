@@ -34,7 +34,7 @@ _SANITIZER_ENV = {
     "ASAN_OPTIONS": "detect_leaks=0:exitcode=65:abort_on_error=0",
     "TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0:history_size=4",
 }
-_RACE, _ASAN = 66, 65
+_RACE, _ASAN, _FAULT = 66, 65, 4  # TSan, ASan, the runtime's fault handler
 _SHADOW_CLASH = "unexpected memory mapping"
 
 
@@ -84,6 +84,8 @@ def _failure(name: str, result: subprocess.CompletedProcess) -> Exception:
     if result.returncode == _ASAN:
         excerpt = _excerpt(re.sub(r"metal-emulator-buffer .*\n", "", stderr), "ERROR: AddressSanitizer")
         return KernelMemoryError(f"metal_kernel `{name}`: invalid memory access{_asan_buffer(stderr)}:\n{excerpt}")
+    if ours and result.returncode == _FAULT:
+        return KernelMemoryError(f"metal_kernel `{name}`: " + "\n".join(ours))
     if ours:
         return KernelRunError(f"metal_kernel `{name}`: " + "\n".join(ours))
     if result.returncode < 0:

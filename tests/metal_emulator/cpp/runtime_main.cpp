@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "guard_pages.h"
 #include "sanitizer_hooks.h"
 #include "scheduler.h"
 
@@ -69,20 +70,26 @@ Job read_job(const char* path) {
   return job;
 }
 
-// Inputs get exactly their bytes, so ASan sees a read one past the end.
+// Plain builds put every buffer before a guard page; sanitizer builds use
+// malloc, where ASan gives inputs exactly their bytes.
 void lay_out(Job& job, const std::vector<unsigned char>& data) {
+  bool guarded = !emu::under_asan() && !emu::under_tsan();
+  if (guarded) emu::install_fault_handler();
   for (Buffer& b : job.buffers) {
     if (b.data_offset + b.nbytes > data.size()) emu::die("buffer %s is outside the data file", b.name.c_str());
     std::size_t front = b.output ? kFrontCanary : 0, back = b.output ? kBackCanary : 0;
-    b.block = static_cast<unsigned char*>(std::malloc(front + b.nbytes + back + (b.nbytes == 0)));
+    std::size_t total = front + b.nbytes + back;
+    const char* kind = b.output ? "output" : "input";
+    b.block = guarded ? emu::guarded_block(front, b.nbytes, back, kind, b.name.c_str())
+                      : static_cast<unsigned char*>(std::malloc(total + (total == 0)));
     b.data = b.block + front;
     std::memcpy(b.data, data.data() + b.data_offset, b.nbytes);
     for (std::size_t i = 0; i < front; ++i) b.block[i] = canary_byte(i);
     for (std::size_t i = 0; i < back; ++i) b.data[b.nbytes + i] = canary_byte(i);
+    if (guarded && !b.output) emu::make_read_only(b.block);
     // Lets the Python side name the buffer an ASan report is about.
     if (emu::under_asan())
-      std::fprintf(stderr, "metal-emulator-buffer %s %s %p\n", b.output ? "output" : "input", b.name.c_str(),
-                   static_cast<void*>(b.block));
+      std::fprintf(stderr, "metal-emulator-buffer %s %s %p\n", kind, b.name.c_str(), static_cast<void*>(b.block));
   }
 }
 
