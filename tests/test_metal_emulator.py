@@ -538,3 +538,24 @@ def test_mlx_lm_norm_add_norm_kernels_match_ops_and_each_other(metal_emulator):
     assert max_error(normed, rms_norm_ops(expected_stream, 1e-5) * norm.weight) <= 1e-5
     # mlx-lm: "for a stream from norm_add_norm, the values are equal to its normed sum".
     assert mx.array_equal(module.pre_norm(new_stream, norm, dtype=mx.float32), normed).item()
+
+
+def test_returned_lanes_drop_out_of_barriers_and_simd_sums(metal_emulator):
+    body = """
+        uint i = thread_index_in_threadgroup;
+        if (i % 2 == 1 || i >= 40) return;  // the odd lanes, and all of the last simdgroup past 40
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out[thread_position_in_grid.x] = simd_sum(x[thread_position_in_grid.x]);
+    """
+    kernel = mx.fast.metal_kernel(name="early_return", input_names=["x"], output_names=["out"], source=body)
+    out = kernel(
+        inputs=[mx.arange(64, dtype=mx.float32)],
+        grid=(64, 1, 1),
+        threadgroup=(64, 1, 1),
+        output_shapes=[(64,)],
+        output_dtypes=[mx.float32],
+        init_value=-1,
+    )[0].tolist()
+    assert out[0:32:2] == [float(sum(range(0, 32, 2)))] * 16
+    assert out[32:40:2] == [float(sum(range(32, 40, 2)))] * 4
+    assert out[1::2] == [-1.0] * 32 and out[40:] == [-1.0] * 24

@@ -59,7 +59,6 @@ struct Lane {
   State state = State::Done;
   Site site{};
   const char* op = "";
-  unsigned simd_generation = 0;
   const ThreadIds* ids = nullptr;
   Wake wake;
   pthread_t os_thread{};
@@ -68,7 +67,6 @@ struct Lane {
 struct Simdgroup {
   unsigned live = 0, arrived = 0, generation = 0;
   uint32_t arrived_mask = 0, result_mask[2] = {0, 0};
-  unsigned size = 0;
   Site site{};
   const char* op = "";
   // Double-buffered: a lane that runs ahead writes the other buffer while
@@ -108,8 +106,8 @@ unsigned char* g_arena = nullptr;
 std::vector<TgEntry> g_tg_entries;
 std::size_t g_tg_cursor = 0, g_tg_bytes = 0;
 
-// TSan sync objects for barriers and simd calls, fresh per group so TSan links
-// no two groups.
+// TSan sync objects for barriers and simd calls, fresh per group so that they
+// link no two groups.
 unsigned char* g_sync = nullptr;
 
 bool same_site(const Site& a, const Site& b) {
@@ -339,7 +337,6 @@ SimdLanes simd_exchange(const void* value, unsigned size, const char* op, Site s
   if (sg.arrived == 0) {
     sg.site = site;
     sg.op = op;
-    sg.size = size;
     std::memset(sg.slots[buffer], 0xFF, sizeof sg.slots[buffer]);  // absent lanes read as NaN
   } else if (!same_site(site, sg.site) || std::strcmp(op, sg.op) != 0) {
     die("lanes of simdgroup %u called simd functions at different places: %s (%s) and %s (%s, lane %u); "
