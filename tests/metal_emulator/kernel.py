@@ -57,6 +57,19 @@ def _dims(value, what: str) -> tuple:
     return tuple(int(n) for n in value)
 
 
+def _group(grid: tuple, threadgroup: tuple) -> tuple:
+    """The threadgroup MLX dispatches: checked as given, then clipped to the grid."""
+    threads = math.prod(threadgroup)
+    if threads > MAX_THREADS_PER_THREADGROUP:
+        raise ValueError(
+            f"Thread group size ({threads}) is greater than  the maximum allowed threads per "
+            f"threadgroup ({MAX_THREADS_PER_THREADGROUP})."
+        )
+    if min(threadgroup) <= 0:
+        raise ValueError(f"[metal_kernel] threadgroup sizes must be positive, got {threadgroup}")
+    return tuple(min(t, g) for t, g in zip(threadgroup, grid))
+
+
 class EmulatedKernel:
     """What metal_kernel returns: call it as MLX's kernel object."""
 
@@ -88,37 +101,33 @@ class EmulatedKernel:
         _check_stream(stream)
         arrays = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
         shapes = [tuple(int(n) for n in shape) for shape in output_shapes]
-        grid, threadgroup = _dims(grid, "grid"), _dims(threadgroup, "threadgroup")
-        kernel = write_kernel_source(
-            self.name,
-            self.header,
-            self.source,
-            self.input_names,
-            [InputInfo(a.dtype, a.ndim, a.size) for a in arrays],
-            self.output_names,
-            list(output_dtypes),
-            _template_args(template),
-            self.atomic_outputs,
-        )
+        kernel = self._kernel_source(arrays, list(output_dtypes), _template_args(template))
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{kernel.text()}\n```", flush=True)
         for dtype in [a.dtype for a in arrays] + list(output_dtypes):
             if dtype in UNSUPPORTED:
                 raise EmulatorError(f"metal_kernel `{self.name}`: the emulator does not support {dtype}")
-        # MLX checks the threadgroup as given, then clips it to the grid.
-        if math.prod(threadgroup) > MAX_THREADS_PER_THREADGROUP:
-            raise ValueError(
-                f"Thread group size ({math.prod(threadgroup)}) is greater than  the maximum allowed threads per "
-                f"threadgroup ({MAX_THREADS_PER_THREADGROUP})."
-            )
-        if min(threadgroup) <= 0:
-            raise ValueError(f"[metal_kernel] threadgroup sizes must be positive, got {threadgroup}")
-        group = tuple(min(t, g) for t, g in zip(threadgroup, grid))
+        grid = _dims(grid, "grid")
+        group = _group(grid, _dims(threadgroup, "threadgroup"))
         buffers = self._buffers(arrays, kernel, shapes, output_dtypes, init_value)
         config = settings.current()
         dispatch = launcher.Dispatch(grid, group, needs_threads(kernel), config.reverse_threads, config.reverse_groups)
         produced = self._run(translation_unit(self.name, kernel), dispatch, buffers, config)
         return [from_bytes(data, shape, dtype) for data, shape, dtype in zip(produced, shapes, output_dtypes)]
+
+    def _kernel_source(self, arrays, output_dtypes, template):
+        inputs = [InputInfo(a.dtype, a.ndim, a.size) for a in arrays]
+        return write_kernel_source(
+            self.name,
+            self.header,
+            self.source,
+            self.input_names,
+            inputs,
+            self.output_names,
+            output_dtypes,
+            template,
+            self.atomic_outputs,
+        )
 
     def _buffers(self, arrays, kernel, shapes, output_dtypes, init_value) -> list:
         layouts = [input_layout(a, self.ensure_row_contiguous) for a in arrays]
