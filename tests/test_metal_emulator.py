@@ -559,3 +559,55 @@ def test_returned_lanes_drop_out_of_barriers_and_simd_sums(metal_emulator):
     assert out[0:32:2] == [float(sum(range(0, 32, 2)))] * 16
     assert out[32:40:2] == [float(sum(range(32, 40, 2)))] * 4
     assert out[1::2] == [-1.0] * 32 and out[40:] == [-1.0] * 24
+
+
+# Attention for one query row per simdgroup: each lane takes every 32nd key with an online
+# softmax, then the lanes combine with simd_max / simd_sum (the sdpa_vector pattern).
+ATTENTION_SOURCE = """
+    uint row = threadgroup_position_in_grid.y;
+    uint lane = thread_index_in_simdgroup;
+    const device T* q_row = q + row * D;
+    float m = -metal::numeric_limits<float>::infinity(), l = 0.0f, acc[D];
+    for (int d = 0; d < D; ++d) acc[d] = 0.0f;
+    for (int n = lane; n < N; n += 32) {
+        const device T* k_row = k + (row * N + n) * D;
+        const device T* v_row = v + (row * N + n) * D;
+        float s = 0.0f;
+        for (int d = 0; d < D; ++d) s += float(q_row[d]) * float(k_row[d]);
+        s *= scale;
+        float m_new = metal::max(m, s), correction = metal::fast::exp(m - m_new), p = metal::fast::exp(s - m_new);
+        l = l * correction + p;
+        for (int d = 0; d < D; ++d) acc[d] = acc[d] * correction + p * float(v_row[d]);
+        m = m_new;
+    }
+    float m_all = simd_max(m);
+    float factor = metal::fast::exp(m - m_all);
+    float l_all = simd_sum(l * factor);
+    for (int d = 0; d < D; ++d) {
+        float o_d = simd_sum(acc[d] * factor);
+        if (lane == 0) out[row * D + d] = static_cast<T>(o_d / l_all);
+    }
+"""
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_an_attention_kernel_matches_scaled_dot_product_attention(metal_emulator, dtype):
+    rows, keys, D, scale = 3, 45, 16, 16**-0.5  # 45 keys: lanes past 13 get one key fewer
+    kernel = mx.fast.metal_kernel(
+        name="row_attention", input_names=["q", "k", "v", "scale"], output_names=["out"], source=ATTENTION_SOURCE
+    )
+    q, k, v = (
+        mx.random.normal(shape, key=mx.random.key(9 + i)).astype(dtype)
+        for i, shape in enumerate([(rows, D), (rows, keys, D), (rows, keys, D)])
+    )
+    out = kernel(
+        inputs=[q, k, v, scale],
+        template=[("T", dtype), ("D", D), ("N", keys)],
+        grid=(32, rows, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(rows, D)],
+        output_dtypes=[dtype],
+    )[0]
+    f32 = [x.astype(mx.float32)[:, None, None] if x.ndim == 2 else x.astype(mx.float32)[:, None] for x in (q, k, v)]
+    expected = mx.fast.scaled_dot_product_attention(*f32, scale=scale).reshape(rows, D)
+    assert out.dtype == dtype and within_rounding(out, expected.astype(dtype), dtype)
