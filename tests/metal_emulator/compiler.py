@@ -25,6 +25,7 @@ KERNEL_FLAGS = (
     "-Wno-attributes",  # [[kernel]], [[buffer(0)]], ...
     "-Wno-unknown-pragmas",
     "-fsingle-precision-constant",  # 2.0 is a float in Metal
+    "-fexcess-precision=fast",  # round every half operation (g++ 13 defaults to float intermediates)
     "-ffp-contract=off",
     "-fno-strict-aliasing",
     "-fvisibility=hidden",
