@@ -71,7 +71,9 @@ def run_exp(kernel, a):
 
 def test_docs_exp_kernel_matches_mx_exp_with_a_partial_last_threadgroup(metal_emulator):
     kernel = mx.fast.metal_kernel(name="myexp", input_names=["inp"], output_names=["out"], source=DOCS_EXP_SOURCE)
-    a = mx.random.normal(shape=(5, 77), key=mx.random.key(0)).astype(mx.float16)  # 385 = 256 + 129 threads
+    # 385 = 256 + 129 threads. The body has no bounds check: a full last group would write past
+    # `out`, and the canary would say so.
+    a = mx.random.normal(shape=(5, 77), key=mx.random.key(0)).astype(mx.float16)
     b = run_exp(kernel, a)
     assert b.dtype == mx.float16 and b.shape == a.shape
     assert mx.allclose(b, mx.exp(a)).item()
@@ -171,6 +173,14 @@ def test_generated_source_is_what_mlx_prints(case):
         kernel_args.get("atomic_outputs", False),
     ).text()
     assert ours == mlx_generated_source(kernel_args, call_args)
+
+
+def test_verbose_prints_what_mlx_prints(metal_emulator, capsys):
+    kernel_args, call_args = SIGNATURE_CASES["docs"]
+    call_args = dict(call_args, grid=(64, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(4, 16)])
+    mx.fast.metal_kernel(**kernel_args)(**call_args, verbose=True)
+    printed = capsys.readouterr().out
+    assert printed == f"Generated source code for `myexp`:\n```\n{mlx_generated_source(kernel_args, call_args)}\n```\n"
 
 
 def fresh_module(name: str):
