@@ -400,12 +400,13 @@ def test_shim_types_behave_as_metal(metal_emulator):
         out[3] = dot(float4(1.0f, 2, 3, 4), float4(half4(2.0h)));
         out[4] = metal::precise::rsqrt(4.0f) + metal::fast::exp(0.0f);
         out[5] = float(half(1.0h) + half(0.0004h));
+        out[6] = float(popcount(0xF0u) + clz(1u) + ctz(8u) + max3(1, 7, 3));
     """
     kernel = mx.fast.metal_kernel(name="types", input_names=["x"], output_names=["out"], source=body)
     out = kernel(
-        inputs=[mx.zeros((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(6,)], output_dtypes=[mx.float32]
+        inputs=[mx.zeros((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(7,)], output_dtypes=[mx.float32]
     )
-    assert out[0].tolist() == [65504.0, -65504.0, 1.0, 20.0, 1.5, 1.0]
+    assert out[0].tolist() == [65504.0, -65504.0, 1.0, 20.0, 1.5, 1.0, 4 + 31 + 3 + 7]
 
 
 SIMD_FUNCTIONS_SOURCE = """

@@ -107,6 +107,39 @@ constexpr vec<T, N> abs(vec<T, N> v) {
   return v;
 }
 
+template <class T>
+constexpr T min3(T a, T b, T c) {
+  return min(min(a, b), c);
+}
+template <class T>
+constexpr T max3(T a, T b, T c) {
+  return max(max(a, b), c);
+}
+template <class T>
+constexpr T fmin3(T a, T b, T c) {
+  return min3(a, b, c);
+}
+template <class T>
+constexpr T fmax3(T a, T b, T c) {
+  return max3(a, b, c);
+}
+
+// Integer bit functions (MSL: popcount, clz, ctz) on the value's own width.
+template <class T>
+constexpr T popcount(T x) {
+  return T(__builtin_popcountll(static_cast<unsigned long long>(std::make_unsigned_t<T>(x))));
+}
+template <class T>
+constexpr T clz(T x) {
+  auto u = static_cast<unsigned long long>(std::make_unsigned_t<T>(x));
+  return T(u == 0 ? 8 * sizeof(T) : __builtin_clzll(u) - 8 * (sizeof(unsigned long long) - sizeof(T)));
+}
+template <class T>
+constexpr T ctz(T x) {
+  auto u = static_cast<unsigned long long>(std::make_unsigned_t<T>(x));
+  return T(u == 0 ? 8 * sizeof(T) : __builtin_ctzll(u));
+}
+
 inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
 inline half fma(half a, half b, half c) { return half(std::fma(float(a), float(b), float(c))); }
 inline bfloat fma(bfloat a, bfloat b, bfloat c) { return bfloat(std::fma(float(a), float(b), float(c))); }
