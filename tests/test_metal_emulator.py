@@ -148,7 +148,7 @@ SIGNATURE_CASES = {
             input_names=["x"],
             output_names=["y", "z"],
             source="y[0] = helper(x[0]) + x_shape[0]; z[0] = 0;",
-            header="inline float helper(float v) { return v; }\n",
+            header="#include <metal_stdlib>\nusing namespace metal;\ninline float helper(float v) { return v; }\n",
         ),
         dict(inputs=[mx.zeros((9,))], output_dtypes=[mx.float32, mx.bool_]),
     ),
@@ -402,7 +402,8 @@ def test_shim_types_behave_as_metal(metal_emulator):
         out[5] = float(half(1.0h) + half(0.0004h));
         out[6] = float(popcount(0xF0u) + clz(1u) + ctz(8u) + max3(1, 7, 3));
     """
-    kernel = mx.fast.metal_kernel(name="types", input_names=["x"], output_names=["out"], source=body)
+    header = "#include <metal_stdlib>\nusing namespace metal;\n"  # as Metal sources often start
+    kernel = mx.fast.metal_kernel(name="types", input_names=["x"], output_names=["out"], source=body, header=header)
     out = kernel(
         inputs=[mx.zeros((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(7,)], output_dtypes=[mx.float32]
     )

@@ -54,8 +54,8 @@ def compiler() -> str:
 def _identity(cxx: str) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256(version.encode())
-    for path in sorted(CPP_DIR.iterdir()):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(p for p in CPP_DIR.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(CPP_DIR)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -121,7 +121,8 @@ def kernel_executable(name: str, unit: str, sanitizer, cache: Path) -> Path:
     source_file = executable.with_name(f"{executable.name}.{os.getpid()}.cpp")
     source_file.write_text(unit)
     shim = _precompiled_shim(cxx, flags, cache)
-    command = [cxx, *flags, f"-I{shim}", f"-I{CPP_DIR}", str(source_file), *map(str, objects)]
+    includes = [f"-I{shim}", f"-I{CPP_DIR}", f"-I{CPP_DIR / 'metal_headers'}"]  # the last: #include <metal_stdlib>
+    command = [cxx, *flags, *includes, str(source_file), *map(str, objects)]
     try:
         _build(command, executable, lambda stderr: _compile_error(name, stderr, source_file))
     finally:
