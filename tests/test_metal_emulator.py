@@ -374,21 +374,22 @@ def test_atomic_outputs_with_init_value(metal_emulator):
     kernel = mx.fast.metal_kernel(
         name="histogram",
         input_names=["x"],
-        output_names=["counts"],
+        output_names=["counts", "odd"],
         source="uint i = thread_position_in_grid.x;\n"
-        "atomic_fetch_add_explicit(&counts[x[i] % 4], 1.0f, memory_order_relaxed);",
+        "atomic_fetch_add_explicit(&counts[x[i] % 4], 1.0f, memory_order_relaxed);\n"
+        "if (x[i] % 2) atomic_fetch_add_explicit(&odd[0], 1, memory_order_relaxed);",
         atomic_outputs=True,
     )
     x = mx.arange(50, dtype=mx.uint32)
-    counts = kernel(
+    counts, odd = kernel(
         inputs=[x],
         grid=(50, 1, 1),
         threadgroup=(16, 1, 1),
-        output_shapes=[(4,)],
-        output_dtypes=[mx.float32],
+        output_shapes=[(4,), (1,)],
+        output_dtypes=[mx.float32, mx.int32],
         init_value=2,
-    )[0]
-    assert counts.tolist() == [15.0, 15.0, 14.0, 14.0]
+    )
+    assert counts.tolist() == [15.0, 15.0, 14.0, 14.0] and odd.tolist() == [27]
 
 
 def test_shim_types_behave_as_metal(metal_emulator):
