@@ -34,3 +34,22 @@ def mlx_checkpoints(hf_checkpoints, tmp_path_factory):
         name: {role: convert(checkpoint[role], root / name / role) for role in ("target", "draft")}
         for name, checkpoint in hf_checkpoints.items()
     }
+
+
+@pytest.fixture
+def metal_emulator(monkeypatch, request):
+    """mx.fast.metal_kernel runs on the CPU Metal emulator (tests/metal_emulator) during the test.
+
+    Yields the emulator module (for `options(sanitizer=...)` and its error types). Kernels built
+    before the test (at import time) keep the real metal_kernel; build them inside the test."""
+    import mlx.core as mx
+
+    from tests import metal_emulator as emulator
+
+    reason = emulator.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if request.config.cache is not None:
+        emulator.set_cache_dir(request.config.cache.mkdir("metal_emulator"))
+    monkeypatch.setattr(mx.fast, "metal_kernel", emulator.metal_kernel)
+    yield emulator
