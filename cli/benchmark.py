@@ -34,6 +34,9 @@ def split_modes(ctx, param, value):
 @click.option("--project", type=click.Choice([*CHIPS, "all"]), help="Print a roofline projection for an Apple chip.")
 @click.option("--forward-cost", is_flag=True, help="Print the cost of 1..64-token forwards over a 256-token cache.")
 @click.option(
+    "--kernels", is_flag=True, help="Time the Metal attention kernel against MLX's with the equivalent mask (a Mac)."
+)
+@click.option(
     "--blas",
     "blas_choice",
     type=click.Choice(blas.CHOICES),

@@ -26,9 +26,14 @@ class Options:
     plot: Optional[Path]
     project: Optional[str]
     forward_cost: bool
+    kernels: bool = False
 
 
 def check_options(options: Options) -> None:
+    if options.kernels:
+        if options.model or options.tiny or options.draft_model or options.modes or options.forward_cost:
+            raise DLLMError("--kernels times the attention kernels alone: it takes no model, modes or --forward-cost")
+        return
     if (options.model is None) == (options.tiny is None):
         raise DLLMError("give --model (a checkpoint) or --tiny FAMILY (a tiny random one), exactly one")
     if options.tiny is not None and options.draft_model is not None:
@@ -105,6 +110,10 @@ def run(options: Options) -> None:
     check_options(options)
     env = environment(str(mx.default_device()))
     announce(env)
+    if options.kernels:
+        from .kernels import run_kernel_benchmark
+
+        return click.echo(report.json_line(run_kernel_benchmark(env)))
     with loaded_models(options) as (model, tokenizer, draft):
         if options.forward_cost:
             return run_forward_cost(options, model, env)

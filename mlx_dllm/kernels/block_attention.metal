@@ -6,17 +6,21 @@
 // time into threadgroup memory, so the cache is read once per tile of rows, not once per query row; each row
 // keeps an online softmax in fp32 registers.
 //
-// Template: T (dtype), D (head dim, a multiple of 32), KIND (0 bidirectional, 1 causal, 2 causal window,
-// 3 bidirectional window, 4 quadratic layout), ROWS (rows per simdgroup), KEYS (keys per tile).
-// params: Tq, Tc (cache keys), Tb (block keys), G (GQA group), Hkv, a, b, c where
+// Long caches split their keys over `splits` threadgroups per row tile (SPLIT): each writes its unnormalised
+// sums, maxima and running totals, and block_attention_reduce.metal combines them.
+//
+// Template: T (dtype), D (head dim; lane l holds elements l, l + 32, ...), KIND (0 bidirectional, 1 causal, 2 causal window,
+// 3 bidirectional window, 4 quadratic layout), ROWS (rows per simdgroup), KEYS (keys per tile), SPLIT.
+// params: Tq, Tc (cache keys), Tb (block keys), G (GQA group), Hkv, a, b, c, splits, where
 //   causal: key j is visible to query i iff j <= a + i;
 //   windows: query position a + i, key position c + j, window b;
 //   quadratic: a cache keys seen by all, then `c` rows of c + 1 tokens ([d_i, masks]).
 // Inputs are read through their strides: the cache is a slice of a larger buffer, and is never copied.
 
-constexpr int LANE_ELEMS = D / 32;
+constexpr int LANE_ELEMS = (D + 31) / 32;
 const int Tq = params[0], Tc = params[1], Tb = params[2], G = params[3], Hkv = params[4];
 const int pa = params[5], pb = params[6], pc = params[7];
+const int splits = params[8];
 const int Tk = Tc + Tb;
 const int R = G * Tq;  // query rows of this KV head's group
 
@@ -26,7 +30,8 @@ const uint tid = thread_position_in_threadgroup.x;
 const uint threads = threads_per_threadgroup.x;
 const int batch = threadgroup_position_in_grid.y / Hkv;
 const int kv_head = threadgroup_position_in_grid.y % Hkv;
-const int first_row = (threadgroup_position_in_grid.z * (threads / 32) + simd) * ROWS;
+const int split = threadgroup_position_in_grid.z % splits;
+const int first_row = ((threadgroup_position_in_grid.z / splits) * (threads / 32) + simd) * ROWS;
 
 threadgroup T key_tile[KEYS * D];
 threadgroup T value_tile[KEYS * D];
@@ -45,7 +50,8 @@ for (int u = 0; u < ROWS; ++u) {
   const int64_t base =
       batch * queries_strides[0] + head * queries_strides[1] + (r < R ? r % Tq : 0) * queries_strides[2];
   for (int e = 0; e < LANE_ELEMS; ++e) {
-    q[u][e] = r < R ? float(queries[base + (lane + 32 * e) * queries_strides[3]]) * scale : 0.0f;
+    const int d = lane + 32 * e;
+    q[u][e] = r < R && d < D ? float(queries[base + d * queries_strides[3]]) * scale : 0.0f;
     acc[u][e] = 0.0f;
   }
 }
@@ -57,6 +63,11 @@ if (KIND == 1) {
 } else if (KIND == 2 || KIND == 3) {
   key_begin = max(0, pa - pc - pb);
   key_end = min(Tk, pa + Tq - pc + pb + 1);
+}
+if (SPLIT) {  // this threadgroup's share of the keys, in whole tiles
+  const int share = ((key_end - key_begin + splits - 1) / splits + KEYS - 1) / KEYS * KEYS;
+  key_begin = key_begin + split * share;
+  key_end = min(key_end, key_begin + share);
 }
 
 for (int start = key_begin; start < key_end; start += KEYS) {
@@ -106,7 +117,8 @@ for (int start = key_begin; start < key_end; start += KEYS) {
       }
       float partial = 0.0f;
       for (int e = 0; e < LANE_ELEMS; ++e) {
-        partial += q[u][e] * float(key_tile[t * D + lane + 32 * e]);
+        const int d = lane + 32 * e;
+        partial += d < D ? q[u][e] * float(key_tile[t * D + d]) : 0.0f;
       }
       const float score = simd_sum(partial);
       const float new_max = max(row_max[u], score);
@@ -114,7 +126,8 @@ for (int start = key_begin; start < key_end; start += KEYS) {
       const float weight = metal::exp(score - new_max);
       row_sum[u] = row_sum[u] * rescale + weight;
       for (int e = 0; e < LANE_ELEMS; ++e) {
-        acc[u][e] = acc[u][e] * rescale + weight * float(value_tile[t * D + lane + 32 * e]);
+        const int d = lane + 32 * e;
+        acc[u][e] = acc[u][e] * rescale + (d < D ? weight * float(value_tile[t * D + d]) : 0.0f);
       }
       row_max[u] = new_max;
     }
@@ -128,9 +141,24 @@ for (int u = 0; u < ROWS; ++u) {
     continue;
   }
   const int head = kv_head * G + r / Tq;
-  const int64_t base = ((int64_t(batch) * Hkv * G + head) * Tq + r % Tq) * D;
-  const float inverse = row_sum[u] > 0.0f ? 1.0f / row_sum[u] : 0.0f;
-  for (int e = 0; e < LANE_ELEMS; ++e) {
-    out[base + lane + 32 * e] = T(acc[u][e] * inverse);
+  const int64_t row = (int64_t(batch) * Hkv * G + head) * Tq + r % Tq;
+  if (SPLIT) {
+    const int64_t at = int64_t(split) * threadgroups_per_grid.y * G * Tq + row;
+    for (int e = 0; e < LANE_ELEMS; ++e) {
+      if (lane + 32 * e < D) {
+        partial_sums[at * D + lane + 32 * e] = acc[u][e];
+      }
+    }
+    if (lane == 0) {
+      partial_max[at] = row_max[u];
+      partial_total[at] = row_sum[u];
+    }
+  } else {
+    const float inverse = row_sum[u] > 0.0f ? 1.0f / row_sum[u] : 0.0f;
+    for (int e = 0; e < LANE_ELEMS; ++e) {
+      if (lane + 32 * e < D) {
+        out[row * D + lane + 32 * e] = T(acc[u][e] * inverse);
+      }
+    }
   }
 }

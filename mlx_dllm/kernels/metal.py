@@ -1,5 +1,5 @@
-"""Launching `block_attention.metal` through `mx.fast.metal_kernel` (looked up at call time, so a test can put
-the CPU emulator in its place)."""
+"""Launching `block_attention.metal` (and, for split keys, `block_attention_reduce.metal`) through
+`mx.fast.metal_kernel`, looked up at call time so that a test can put the CPU emulator in its place."""
 
 import math
 from functools import lru_cache
@@ -10,32 +10,51 @@ import mlx.core as mx
 
 from .patterns import Pattern
 
-SOURCE = Path(__file__).with_name("block_attention.metal")
+FOLDER = Path(__file__).parent
 INPUTS = ["queries", "keys", "values", "block_keys", "block_values", "params", "scale"]
+PARTIALS = ["partial_sums", "partial_max", "partial_total"]
 THREADGROUP_BYTES = 16384  # the K and V tiles together: half of Apple's 32 KiB per threadgroup
-MAX_ROWS_PER_SIMDGROUP = 4
+MAX_SIMDGROUPS, MAX_ROWS_PER_SIMDGROUP = 16, 8  # 512 threads; a 16-query verify with GQA 8 in one threadgroup
+# Split the keys when one pass would leave the GPU mostly idle: few threadgroups over a long cache. A guess
+# until a Mac measures it (`mlx-dllm benchmark --kernels`).
+SPLIT_FROM_KEYS, KEYS_PER_SPLIT, MAX_SPLITS, FEW_THREADGROUPS = 1024, 512, 32, 64
 
 
 @lru_cache(maxsize=None)
-def source() -> str:
-    return SOURCE.read_text()
+def source(name: str) -> str:
+    return (FOLDER / name).read_text()
 
 
-def kernel():
-    # Not cached here: MLX caches compiled kernels by name and source itself.
+def attention_kernel():
+    # Not cached here: MLX caches compiled kernels by name and source itself (and a test may swap the backend).
     return mx.fast.metal_kernel(
         name="mlx_dllm_block_attention",
         input_names=INPUTS,
-        output_names=["out"],
-        source=source(),
+        output_names=["out", *PARTIALS],
+        source=source("block_attention.metal"),
         ensure_row_contiguous=False,  # the cache is read in place, through its strides
     )
 
 
+def reduce_kernel():
+    return mx.fast.metal_kernel(
+        name="mlx_dllm_block_attention_reduce",
+        input_names=[*PARTIALS, "params"],
+        output_names=["out"],
+        source=source("block_attention_reduce.metal"),
+    )
+
+
+def splits_for(keys: int, threadgroups: int) -> int:
+    if keys < SPLIT_FROM_KEYS or threadgroups >= FEW_THREADGROUPS:
+        return 1
+    return min(MAX_SPLITS, math.ceil(keys / KEYS_PER_SPLIT))
+
+
 def layout(rows: int):
     """(simdgroups per threadgroup, rows per simdgroup, row tiles) for `rows` query rows of one KV head."""
-    per_simdgroup = min(MAX_ROWS_PER_SIMDGROUP, math.ceil(rows / 32))
-    simdgroups = min(32, math.ceil(rows / per_simdgroup))
+    per_simdgroup = min(MAX_ROWS_PER_SIMDGROUP, math.ceil(rows / MAX_SIMDGROUPS))
+    simdgroups = min(MAX_SIMDGROUPS, math.ceil(rows / per_simdgroup))
     return simdgroups, per_simdgroup, math.ceil(rows / (simdgroups * per_simdgroup))
 
 
@@ -60,10 +79,11 @@ def block_attention(
         block_keys, block_values = keys, values
     gqa = Hq // Hkv
     simdgroups, per_simdgroup, tiles = layout(gqa * Tq)
-    params = mx.array([Tq, Tc, Tb, gqa, Hkv, pattern.a, pattern.b, pattern.c], dtype=mx.int32)
-    dtype = queries.dtype
-    threads = 32 * simdgroups
-    return kernel()(
+    splits = splits_for(Tc + Tb, B * Hkv * tiles)
+    params = mx.array([Tq, Tc, Tb, gqa, Hkv, pattern.a, pattern.b, pattern.c, splits], dtype=mx.int32)
+    dtype, threads, rows = queries.dtype, 32 * simdgroups, B * Hq * Tq
+    split_shapes = [(splits, rows, D), (splits, rows), (splits, rows)] if splits > 1 else [(1,)] * 3
+    outputs = attention_kernel()(
         inputs=[queries, keys, values, block_keys, block_values, params, mx.array(scale, dtype=mx.float32)],
         template=[
             ("T", dtype),
@@ -71,9 +91,20 @@ def block_attention(
             ("KIND", pattern.kind),
             ("ROWS", per_simdgroup),
             ("KEYS", keys_per_tile(D, dtype)),
+            ("SPLIT", splits > 1),
         ],
-        grid=(threads, B * Hkv, tiles),
+        grid=(threads, B * Hkv, tiles * splits),
         threadgroup=(threads, 1, 1),
+        output_shapes=[queries.shape if splits == 1 else (1,), *split_shapes],
+        output_dtypes=[dtype] + [mx.float32] * 3,
+    )
+    if splits == 1:
+        return outputs[0]
+    return reduce_kernel()(
+        inputs=[*outputs[1:], mx.array([splits, rows], dtype=mx.int32)],
+        template=[("T", dtype), ("D", D)],
+        grid=(D, rows, 1),
+        threadgroup=(D, 1, 1),
         output_shapes=[queries.shape],
         output_dtypes=[dtype],
     )[0]
