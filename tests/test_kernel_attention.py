@@ -122,3 +122,21 @@ def test_the_entry_point_routes_a_verify_to_the_kernel(metal_route, monkeypatch)
     ours = attention(q, k, v, 0.125, pattern)
     assert launched == [pattern]
     np.testing.assert_allclose(np.array(ours), np.array(reference(q, k, v, None, None, 0.125, pattern)), atol=2e-5)
+
+
+def test_mlx_dllm_kernels_0_keeps_every_call_on_mlx(metal_route, monkeypatch):
+    monkeypatch.setenv("MLX_DLLM_KERNELS", "0")
+    monkeypatch.setattr(metal, "block_attention", lambda *args: pytest.fail("the kernel ran"))
+    q, k, v, _, _ = inputs(1, 8, 2, 16, 100, 0, 64, mx.float32, seed=4)
+    attention(q, k, v, 0.125, patterns.causal(84))
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_the_kernel_is_race_free_and_in_bounds(metal_emulator, monkeypatch, sanitizer):
+    """ThreadSanitizer (a missing barrier) and AddressSanitizer (a read or write out of bounds), on threadgroups
+    that load several tiles of keys, with and without split keys."""
+    with metal_emulator.options(sanitizer=sanitizer):
+        check(1, 4, 2, 6, 74, 6, 32, mx.float32, patterns.quadratic(prefix=74, rows=2))  # 3 tiles of 32 keys
+        monkeypatch.setattr(metal, "SPLIT_FROM_KEYS", 1)
+        monkeypatch.setattr(metal, "KEYS_PER_SPLIT", 64)
+        check(1, 2, 1, 3, 157, 0, 64, mx.float16, patterns.causal(154))  # 3 splits of 2 tiles

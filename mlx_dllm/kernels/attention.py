@@ -33,7 +33,7 @@ def attention(
         dtype=queries.dtype,
         pattern=pattern,
     )
-    if routing.route(call) == routing.KERNEL:
+    if routing.kernels_enabled() and routing.route(call) == routing.KERNEL:
         return metal.block_attention(queries, keys, values, scale, pattern, block_keys, block_values)
     if block_keys is not None:
         keys = mx.concatenate([keys, block_keys], axis=2)

@@ -7,6 +7,7 @@ backend, goes to `mx.fast.scaled_dot_product_attention`. No speed claim stands u
 (`benchmarks/kernel_attention.py`).
 """
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -53,6 +54,11 @@ def route(call: Call) -> str:
     if mlx_mask is None or isinstance(mlx_mask, str):
         return SDPA if mlx_vector_path(call) or call.queries > 64 else KERNEL
     return KERNEL  # MLX would read a materialised mask
+
+
+def kernels_enabled() -> bool:
+    """MLX_DLLM_KERNELS=0 sends every call to MLX's attention: the way out if a Metal compiler rejects the kernel."""
+    return os.environ.get("MLX_DLLM_KERNELS", "1") != "0"
 
 
 def current_backend() -> str:
