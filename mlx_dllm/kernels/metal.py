@@ -25,9 +25,10 @@ def source(name: str) -> str:
     return (FOLDER / name).read_text()
 
 
-def attention_kernel():
-    # Not cached here: MLX caches compiled kernels by name and source itself (and a test may swap the backend).
-    return mx.fast.metal_kernel(
+@lru_cache(maxsize=None)
+def attention_kernel(factory):
+    """The kernel object, built once per `factory` (mx.fast.metal_kernel, or the emulator a test swaps in)."""
+    return factory(
         name="mlx_dllm_block_attention",
         input_names=INPUTS,
         output_names=["out", *PARTIALS],
@@ -36,8 +37,9 @@ def attention_kernel():
     )
 
 
-def reduce_kernel():
-    return mx.fast.metal_kernel(
+@lru_cache(maxsize=None)
+def reduce_kernel(factory):
+    return factory(
         name="mlx_dllm_block_attention_reduce",
         input_names=[*PARTIALS, "params"],
         output_names=["out"],
@@ -83,7 +85,7 @@ def block_attention(
     params = mx.array([Tq, Tc, Tb, gqa, Hkv, pattern.a, pattern.b, pattern.c, splits], dtype=mx.int32)
     dtype, threads, rows = queries.dtype, 32 * simdgroups, B * Hq * Tq
     split_shapes = [(splits, rows, D), (splits, rows), (splits, rows)] if splits > 1 else [(1,)] * 3
-    outputs = attention_kernel()(
+    outputs = attention_kernel(mx.fast.metal_kernel)(
         inputs=[queries, keys, values, block_keys, block_values, params, mx.array(scale, dtype=mx.float32)],
         template=[
             ("T", dtype),
@@ -100,7 +102,7 @@ def block_attention(
     )
     if splits == 1:
         return outputs[0]
-    return reduce_kernel()(
+    return reduce_kernel(mx.fast.metal_kernel)(
         inputs=[*outputs[1:], mx.array([splits, rows], dtype=mx.int32)],
         template=[("T", dtype), ("D", D)],
         grid=(D, rows, 1),
