@@ -9,8 +9,9 @@
 // Long caches split their keys over `splits` threadgroups per row tile (SPLIT): each writes its unnormalised
 // sums, maxima and running totals, and block_attention_reduce.metal combines them.
 //
-// Template: T (dtype), D (head dim; lane l holds elements l, l + 32, ...), KIND (0 bidirectional, 1 causal, 2 causal window,
-// 3 bidirectional window, 4 quadratic layout), ROWS (rows per simdgroup), KEYS (keys per tile), SPLIT.
+// Template: T (dtype), D (head dim; lane l holds elements l, l + 32, ...), KIND (0 bidirectional, 1 causal,
+// 2 causal window, 3 bidirectional window, 4 quadratic layout), ROWS (rows per simdgroup), KEYS (keys per tile),
+// SPLIT.
 // params: Tq, Tc (cache keys), Tb (block keys), G (GQA group), Hkv, a, b, c, splits, where
 //   causal: key j is visible to query i iff j <= a + i;
 //   windows: query position a + i, key position c + j, window b;
