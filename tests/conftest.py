@@ -49,7 +49,8 @@ def metal_emulator(monkeypatch, request):
     reason = emulator.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    if request.config.cache is not None:
-        emulator.set_cache_dir(request.config.cache.mkdir("metal_emulator"))
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    if cache is not None:
+        emulator.set_cache_dir(cache.mkdir("metal_emulator"))
     monkeypatch.setattr(mx.fast, "metal_kernel", emulator.metal_kernel)
     yield emulator

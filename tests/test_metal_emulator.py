@@ -624,3 +624,23 @@ def test_an_attention_kernel_matches_scaled_dot_product_attention(metal_emulator
     f32 = [x.astype(mx.float32)[:, None, None] if x.ndim == 2 else x.astype(mx.float32)[:, None] for x in (q, k, v)]
     expected = mx.fast.scaled_dot_product_attention(*f32, scale=scale).reshape(rows, D)
     assert out.dtype == dtype and within_rounding(out, expected.astype(dtype), dtype)
+
+
+def test_a_full_1024_thread_group_with_a_tree_reduction(metal_emulator):
+    body = """
+        threadgroup float buf[1024];
+        uint l = thread_index_in_threadgroup;
+        buf[l] = x[thread_position_in_grid.x];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint s = threads_per_threadgroup.x / 2; s > 0; s >>= 1) {
+            if (l < s) buf[l] += buf[l + s];
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+        if (l == 0) out[threadgroup_position_in_grid.x] = buf[0];
+    """
+    kernel = mx.fast.metal_kernel(name="tree_sum", input_names=["x"], output_names=["out"], source=body)
+    x = mx.arange(2048, dtype=mx.float32) % 97
+    out = kernel(
+        inputs=[x], grid=(2048, 1, 1), threadgroup=(1024, 1, 1), output_shapes=[(2,)], output_dtypes=[mx.float32]
+    )
+    assert out[0].tolist() == x.reshape(2, 1024).sum(axis=1).tolist()
