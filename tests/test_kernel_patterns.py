@@ -43,7 +43,6 @@ def test_mask_names_what_mlx_can_name():
     assert patterns.mask(patterns.bidirectional(), 4, 10) is None
     assert patterns.mask(patterns.causal(6), 4, 10) == "causal"
     assert isinstance(patterns.mask(patterns.causal(5), 4, 10), mx.array)
-    assert patterns.queries_of(patterns.quadratic(prefix=7, rows=4)) == 20
 
 
 def test_patterns_refuse_impossible_integers():

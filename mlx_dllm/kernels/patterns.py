@@ -6,7 +6,7 @@ array (or MLX's "causal" string, or None), for `mx.fast.scaled_dot_product_atten
 """
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import mlx.core as mx
 
@@ -53,11 +53,6 @@ def quadratic(prefix: int, rows: int) -> Pattern:
     if rows < 1:
         raise ValueError(f"the quadratic layout needs at least 1 row, not {rows}")
     return Pattern(QUADRATIC, a=prefix, c=rows)
-
-
-def queries_of(pattern: Pattern) -> Optional[int]:
-    """The query count a pattern fixes (the quadratic layout's rows * (rows + 1)), else None."""
-    return pattern.c * (pattern.c + 1) if pattern.kind == QUADRATIC else None
 
 
 def visible(pattern: Pattern, Tq: int, Tk: int) -> mx.array:
