@@ -18,11 +18,14 @@ def layer_list(text):
 @click.option("--model", required=True, help="The target: an mlx-lm model folder or hub repo id.")
 @click.option("--data", required=True, help="JSONL of prompts (the target answers them) or prompt/response pairs.")
 @click.option("--out", required=True, help="New folder for the drafter (its work folder OUT.work sits beside it).")
-@click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per block: the anchor + proposals.")
-@click.option("--num-layers", type=int, default=1, show_default=True, help="Drafter decoder layers.")
+@click.option("--block-size", type=int, default=None,
+              help="Tokens per block: the anchor + proposals (default 16, or the --init drafter's).")
+@click.option("--num-layers", type=int, default=None,
+              help="Drafter decoder layers (default 1, or the --init drafter's).")
 @click.option("--target-layers", default=None, help="Target layers to read, e.g. 1,8,14,20,27 (default: 5 spread).")
-@click.option("--init", type=click.Choice(["target", "random"]), default="target", show_default=True,
-              help="target: start from the target's layers after the last one read; random: from scratch.")
+@click.option("--init", default="target", show_default=True,
+              help="target: start from the target's layers after the last one read; random: from scratch; a "
+                   "DFlash drafter folder or hub repo: continue from it (its layers, target layers and mask token).")
 @click.option("--anchors", type=int, default=64, show_default=True, help="Random anchor blocks per sequence.")
 @click.option("--loss", type=click.Choice(["decay", "dpace"]), default="decay", show_default=True,
               help="decay: CE weighted exp(-(k-1)/gamma); dpace: D-PACE's accepted-length weights.")

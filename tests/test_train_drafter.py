@@ -347,3 +347,97 @@ def test_a_failure_after_the_last_step_loses_no_training(counting, tmp_path, mon
     monkeypatch.setattr(trainer.Run, "train_step", lambda self: steps.append(self.step) or original(self))
     trainer.train(config(target, prompts, tmp_path / "drafter", steps=4, save_every=3, resume=True))
     assert steps == [] and (tmp_path / "drafter" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(counting, tmp_path_factory):
+    """A 2-layer drafter of the counting target, and a 4-bit copy of it."""
+    target, prompts = counting
+    root = tmp_path_factory.mktemp("trained")
+    settings = config(target, prompts, root / "drafter", steps=30, num_layers=2, eval_prompts=0, loss_vocab="seen",
+                      target_layers=[0, 2])
+    trainer.train(settings)
+    result = run("convert", "--hf-path", root / "drafter", "--mlx-path", root / "drafter-4bit", "-q",
+                 "--q-group-size", 32)
+    assert result.exit_code == 0, result.output
+    return root / "drafter", root / "drafter-4bit", settings.facts
+
+
+def drafter_weights(folder: Path) -> dict:
+    from mlx_lm.utils import dequantize_model
+
+    draft, _ = mlx_dllm.load(str(folder))
+    return dict(tree_flatten(dequantize_model(draft).parameters()))
+
+
+@pytest.mark.parametrize("source", ["float32", "4-bit"])
+def test_init_folder_starts_from_that_drafter_and_keeps_its_architecture(counting, trained, tmp_path, monkeypatch,
+                                                                         source):
+    """With the training loop skipped, the drafter written is the --init one: its weights (dequantized when it is
+    quantized), its layers, target layers and mask token. The block size may change; the vocabulary grows."""
+    target, _ = counting
+    folder = trained[0] if source == "float32" else trained[1]
+    pairs = tmp_path / "pairs.jsonl"
+    responses = [f"w{i + 1} w{i + 2} w{i + 3}" for i in range(2, 8)] + ["w3 </s>"]  # </s>: not a counting token
+    pairs.write_text("\n".join(json.dumps({"prompt": "w2", "response": response}) for response in responses))
+    monkeypatch.setattr(trainer.Run, "loop", lambda self, work: None)
+    settings = config(target, pairs, tmp_path / "continued", steps=1, num_layers=None, block_size=6,
+                      init=str(folder), eval_prompts=0, held_out=0.0, loss_vocab="seen")
+    trainer.train(settings)
+    written = mx.load(str(tmp_path / "continued" / "model.safetensors"))
+    expected = drafter_weights(folder)
+    assert written.keys() == expected.keys()
+    assert all(written[name].dtype == mx.float32 and mx.array_equal(written[name], expected[name]) for name in written)
+    before = json.loads((trained[0] / "config.json").read_text())
+    after = json.loads((tmp_path / "continued" / "config.json").read_text())
+    assert "quantization" not in after and after["num_hidden_layers"] == 2 and after["block_size"] == 6
+    seen = {i + k for i in range(3, 9) for k in range(3)} | {1}
+    old_vocab = before["dflash_config"]["draft_vocab"]
+    assert 1 not in old_vocab and len(old_vocab) > len(seen)  # the union below is neither side alone
+    assert after["dflash_config"] == {**before["dflash_config"], "block_size": 6,
+                                      "draft_vocab": sorted(set(old_vocab) | seen)}
+    assert "the drafter" in (tmp_path / "continued" / "README.md").read_text()
+
+
+def test_a_drafter_continued_with_init_starts_where_it_stopped(counting, trained, tmp_path):
+    target, prompts = counting
+    settings = config(target, prompts, tmp_path / "continued", steps=3, num_layers=None, init=str(trained[0]),
+                      eval_prompts=0, loss_vocab="seen", seed=1)
+    trainer.train(settings)
+    # from scratch the first loss is the untrained one; continued, it is already near the first run's last
+    assert settings.facts["first_loss"] < 0.5 * trained[2]["first_loss"]
+    assert settings.facts["first_loss"] < 2 * trained[2]["final_loss"]
+
+
+def write_narrow_drafter(folder: Path) -> Path:
+    """A drafter for a target of hidden size 32: not one the counting target (64) can continue."""
+    draft = small_drafter()
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(draft.parameters())))
+    config = dict(architectures=["DFlashDraftModel"], model_type="qwen3", hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, head_dim=8, rope_theta=10000.0,
+                  layer_types=["full_attention", "sliding_attention"], sliding_window=5, vocab_size=VOCAB,
+                  dflash_config=dict(block_size=6, mask_token_id=0, target_layer_ids=[0, 2]))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "init, options, message",
+    [
+        ("target", [], "is not a DFlash drafter"),
+        ("trained", ["--num-layers", 3], "--num-layers 3 differs from the --init drafter's 2"),
+        ("trained", ["--target-layers", "0,1"], "--target-layers [0, 1] differs"),
+        ("narrow", [], "built for another target: its hidden size is 32, the target's is 64"),
+        ("missing", [], "does not exist"),
+    ],
+)
+def test_bad_init_is_one_line_and_writes_nothing(counting, trained, tmp_path, init, options, message):
+    target, prompts = counting
+    folders = {"target": target, "trained": trained[0], "missing": tmp_path / "nowhere"}
+    folder = write_narrow_drafter(tmp_path / "narrow") if init == "narrow" else folders[init]
+    before = {path.name for path in tmp_path.iterdir()}
+    arguments = ["train-drafter", "--model", target, "--data", prompts, "--out", tmp_path / "drafter", "--steps", 2,
+                 "--init", folder, *options]
+    assert_user_error(run(*arguments), message)
+    assert_nothing_new(tmp_path, before)

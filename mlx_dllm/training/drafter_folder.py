@@ -32,6 +32,9 @@ mlx-dllm generate --model {target} --draft-model <this folder> -p "..."
 """
 
 
+STARTS = {"target": "the target's layers after the last one read", "random": "random weights"}
+
+
 def card_rows(config, draft_config: Dict) -> str:
     facts = config.facts
     rows = {
@@ -39,6 +42,7 @@ def card_rows(config, draft_config: Dict) -> str:
         f"({facts.get('held_out_prompts', 0)} prompts held out)",
         "drafter": f"{draft_config['num_hidden_layers']} layers, hidden {draft_config['hidden_size']}, "
         f"block {config.block_size}, mask token {config.mask_token_id}",
+        "start": STARTS.get(config.init, f"the drafter {config.init} (--init)"),
         "objective": config.loss if config.loss == "dpace" else f"decay (gamma {config.loss_decay or 'default'})",
         "steps": f"{facts.get('steps')} (batch {config.batch_tokens} tokens, {config.anchors} anchors per sequence, "
         f"lr {config.lr}, seed {config.seed})",

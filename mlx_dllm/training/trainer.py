@@ -27,6 +27,7 @@ from .features import TargetFeatures
 from .drafter_config import check_target_layers, choose_mask_token, default_target_layers, drafter_config
 from .objective import LOSSES, Objective, accepted_lengths, block_loss, default_gamma
 from .vocabulary import LOSS_VOCABS, SeenVocabHead, seen_tokens
+from .warm_start import adopt_architecture, read_initial_drafter
 
 
 @dataclass
@@ -34,8 +35,8 @@ class TrainConfig:
     model: str
     data: str
     out: str
-    block_size: int = 16
-    num_layers: int = 1
+    block_size: Optional[int] = None  # DEFAULT_BLOCK_SIZE, or the --init drafter's
+    num_layers: Optional[int] = None  # DEFAULT_NUM_LAYERS, or the --init drafter's
     target_layers: Optional[List[int]] = None
     anchors: int = 64
     loss: str = "decay"
@@ -54,7 +55,7 @@ class TrainConfig:
     max_response_tokens: int = 256
     generation_batch: int = 32
     mask_token_id: Optional[int] = None
-    init: str = "target"
+    init: str = "target"  # one of INITS, or a drafter folder to continue from
     loss_vocab: str = "all"
     cache_features: bool = False
     eval_prompts: int = 8
@@ -65,6 +66,8 @@ class TrainConfig:
 
 
 INITS = ("target", "random")
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_NUM_LAYERS = 1
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 RESUME_KEYS = (  # a resumed run must agree with its checkpoint on everything that shapes the result
     "model", "data", "block_size", "num_layers", "target_layers", "anchors", "loss", "loss_decay", "dpace_alpha",
@@ -75,9 +78,10 @@ RESUME_KEYS = (  # a resumed run must agree with its checkpoint on everything th
 
 def check_options(config: TrainConfig) -> None:
     """Ranges first: nothing reaches MLX, and nothing is written, before these pass."""
-    if config.block_size < 2:
+    if config.block_size is not None and config.block_size < 2:
         raise DLLMError(f"--block-size must be at least 2 (one anchor and one proposal), got {config.block_size}")
-    positive = {"--num-layers": config.num_layers, "--anchors": config.anchors, "--batch-tokens": config.batch_tokens,
+    positive = {"--num-layers": 1 if config.num_layers is None else config.num_layers, "--anchors": config.anchors,
+                "--batch-tokens": config.batch_tokens,
                 "--save-every": config.save_every, "--max-response-tokens": config.max_response_tokens,
                 "--generation-batch": config.generation_batch}
     for name, value in positive.items():
@@ -87,8 +91,8 @@ def check_options(config: TrainConfig) -> None:
         raise DLLMError(f"--steps must be at least 1, got {config.steps}")
     if not config.epochs > 0:
         raise DLLMError(f"--epochs must be positive, got {config.epochs}")
-    if config.init not in INITS:
-        raise DLLMError(f"--init must be one of {', '.join(INITS)}, got {config.init}")
+    if not config.init:
+        raise DLLMError(f"--init takes {', '.join(INITS)} or a drafter folder")
     if config.loss_vocab not in LOSS_VOCABS:
         raise DLLMError(f"--loss-vocab must be one of {', '.join(LOSS_VOCABS)}, got {config.loss_vocab}")
     if config.loss not in LOSSES:
@@ -128,6 +132,12 @@ def train(config: TrainConfig) -> Path:
     model, tokenizer = loading.load(config.model)
     if isinstance(model, DFlashDraft) or not hasattr(model, "layers"):
         raise DLLMError(f"{config.model} is not an autoregressive target")
+    initial = None
+    if config.init not in INITS:
+        initial = read_initial_drafter(config.init, model.args)
+        adopt_architecture(config, initial)
+    config.block_size = config.block_size or DEFAULT_BLOCK_SIZE
+    config.num_layers = config.num_layers or DEFAULT_NUM_LAYERS
     num_layers = len(model.layers)
     layer_ids = check_target_layers(config.target_layers or default_target_layers(num_layers), num_layers)
     config.target_layers = layer_ids
@@ -141,10 +151,13 @@ def train(config: TrainConfig) -> Path:
     used = {token for example in examples for token in example.ids}
     config.mask_token_id = choose_mask_token(tokenizer, vocab_rows, config.mask_token_id, used)
     draft_vocab = seen_tokens(examples).tolist() if config.loss_vocab == "seen" else None
-    draft_config = drafter_config(model.args, config.num_layers, config.block_size, layer_ids, config.mask_token_id,
-                                  draft_vocab)
+    if initial is not None:
+        draft_config = initial.draft_config(config.block_size, initial.draft_vocab(draft_vocab))
+    else:
+        draft_config = drafter_config(model.args, config.num_layers, config.block_size, layer_ids,
+                                      config.mask_token_id, draft_vocab)
     features = TargetFeatures(target, work / "features" if config.cache_features else None, target_id(config.model))
-    run = Run(config, target, examples, draft_config, features)
+    run = Run(config, target, examples, draft_config, features, initial.weights if initial else None)
     if config.resume:
         run.restore(work)
     start = time.perf_counter()
@@ -189,16 +202,19 @@ class Run:
     """The drafter, its optimizer and the fixed plan of which sequences each step trains on."""
 
     def __init__(self, config: TrainConfig, target: Target, examples: Sequence[data.Example], draft_config: Dict,
-                 features: Optional[TargetFeatures] = None):
+                 features: Optional[TargetFeatures] = None, initial_weights: Optional[List] = None):
         self.config, self.target, self.examples = config, target, examples
         self.features = features or TargetFeatures(target)
         vocab = draft_config["dflash_config"].get("draft_vocab")
         self.head = SeenVocabHead(target, np.array(vocab, dtype=np.int32)) if vocab else target.lm_head
         mx.random.seed(config.seed)
         self.draft = DFlashDraft(ModelArgs.from_dict(draft_config))  # float32 master weights, whatever the target
-        if config.init == "target":
-            initialize_from_target(self.draft, target)
-        start_attention_sharp(self.draft)
+        if initial_weights is not None:  # --init FOLDER
+            self.draft.load_weights(initial_weights, strict=True)
+        else:
+            if config.init == "target":
+                initialize_from_target(self.draft, target)
+            start_attention_sharp(self.draft)
         mx.eval(self.draft.parameters())
         self.plan = step_plan(examples, config)
         total = len(self.plan)
