@@ -60,4 +60,24 @@ def main():
     """Diffusion language models on Apple silicon with MLX."""
 
 
-__all__ = ["main"]
+# Commands whose speed on a Linux CPU is fp32 matmuls: the console script re-runs them with OpenBLAS preloaded
+# when it is installed, as `benchmark` does with its --blas option (which it handles itself).
+PRELOADS_OPENBLAS = ("generate", "serve", "train-drafter")
+
+
+def entry():
+    """The `mlx-dllm` console script. Only a real process re-execs (in-process callers of `main`, such as click's
+    test runner, never do); MLX_DLLM_BLAS_PRELOADED=1 in the environment keeps the BLAS as it is."""
+    args = sys.argv[1:]
+    if args and args[0] in PRELOADS_OPENBLAS and not {"-h", "--help"} & set(args):
+        from mlx_dllm.benchmark import blas
+
+        try:
+            blas.ensure_blas("auto")
+        except KeyboardInterrupt:  # during MLX's import, before the group's own handling
+            click.echo("Aborted!", err=True)
+            sys.exit(INTERRUPTED)
+    main(prog_name="mlx-dllm")
+
+
+__all__ = ["entry", "main"]

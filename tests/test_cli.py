@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -277,8 +278,48 @@ def test_ctrl_c_while_generating(converted, monkeypatch):
 def test_the_cli_imports_no_mlx_until_a_command_runs():
     """What makes Ctrl-C during imports land in click's handling: the entry point itself imports almost nothing."""
     import subprocess
-    import sys
 
     heavy = ("mlx.core", "mlx_lm", "transformers")
     probe = f"import sys, mlx_dllm.cli, mlx_dllm; print([m for m in {heavy} if m in sys.modules])"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+@pytest.mark.parametrize("argv, preloads", [
+    (["generate", "-p", "hi"], True), (["serve"], True), (["train-drafter", "--model", "m"], True),
+    (["convert", "--hf-path", "x"], False), (["generate", "--help"], False), ([], False),
+])
+def test_console_script_preloads_openblas_for_the_matmul_commands(monkeypatch, argv, preloads):
+    import mlx_dllm.cli as cli
+    from mlx_dllm.benchmark import blas
+
+    calls = []
+    monkeypatch.setattr(blas, "ensure_blas", lambda choice: calls.append(("blas", choice)))
+    monkeypatch.setattr(cli, "main", lambda **options: calls.append(("main", options)))
+    monkeypatch.setattr(sys, "argv", ["mlx-dllm", *argv])
+    cli.entry()
+    assert calls == [("blas", "auto")] * preloads + [("main", {"prog_name": "mlx-dllm"})]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+def test_generate_reruns_itself_with_openblas_preloaded(converted, tmp_path):
+    """A real process: the one that generates has OpenBLAS mapped, though nothing preloaded it from outside."""
+    import subprocess
+
+    from mlx_dllm.benchmark import blas
+
+    if blas.find_openblas() is None:
+        pytest.skip(f"no OpenBLAS here ({blas.FIX})")
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('BLAS:', 'libopenblas' in open('/proc/self/maps').read(), file=sys.stderr))\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", blas.REEXEC_GUARD)}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), environment.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "mlx_dllm.cli", "generate", "--model", converted["target"], "-p", "hi",
+               "-m", "2"]
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "BLAS: True"
+    environment[blas.REEXEC_GUARD] = "1"  # the opt-out: the BLAS stays as it is
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0 and result.stderr.strip().splitlines()[-1] == "BLAS: False", result.stderr

@@ -35,7 +35,7 @@ def test_wheel_maps_convert_and_cli_into_the_package(tmp_path):
     for file in data:
         assert file.relative_to(REPO).as_posix() in names, file
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
-    assert "mlx-dllm = mlx_dllm.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "mlx-dllm = mlx_dllm.cli:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_installed_package_imports_convert_and_cli(tmp_path):
