@@ -247,6 +247,15 @@ def test_a_full_queue_answers_429(tiny, monkeypatch):
     folder, draft = tiny["dflash"]
     prompt = long_prompt(folder, 40)
     slowed(monkeypatch, 0.05)
+    running = threading.Event()
+    slow = mlx_dllm.stream_generate
+
+    def signalling(*args, **kwargs):
+        for response in slow(*args, **kwargs):
+            running.set()
+            yield response
+
+    monkeypatch.setattr(mlx_dllm, "stream_generate", signalling)
     with serving(folder, draft, max_queue=1) as url:
         api = client(url)
 
@@ -258,9 +267,11 @@ def test_a_full_queue_answers_429(tiny, monkeypatch):
                 return error.response.json()["error"]["type"]
 
         with ThreadPoolExecutor(4) as pool:
-            outcomes = list(pool.map(ask, range(4)))
-        # One runs, one waits; the others arrive while both places are taken.
-        assert outcomes.count(40) >= 2 and "rate_limit_error" in outcomes
+            first = pool.submit(ask, 0)
+            assert running.wait(60)  # the first is generating (about 2 s of it left), not still queued
+            outcomes = [*pool.map(ask, range(3)), first.result()]
+        # One runs, one waits; the other two arrive while both places are taken.
+        assert outcomes.count(40) == 2 and outcomes.count("rate_limit_error") == 2, outcomes
 
 
 def test_a_failing_generation_is_a_500_without_its_traceback(tiny, monkeypatch):
