@@ -20,8 +20,7 @@ QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
 @dataclass(frozen=True)
 class InitialDrafter:
-    folder: str
-    config: Dict  # the folder's config, less its quantization
+    config: Dict  # the folder's config.json
     args: object  # the drafter's parsed ModelArgs
     weights: List[Tuple[str, mx.array]]
 
@@ -47,25 +46,21 @@ def read_initial_drafter(folder: str, target_args) -> InitialDrafter:
     from mlx_lm.utils import dequantize_model
 
     from .. import loading
-    from ..models.dflash import Model as DFlashDraft
 
     path = loading.resolve(folder)
     config = loading.read_config(path)
     if not loading.is_dflash_config(config):
         raise DLLMError(f"--init {folder} is not a DFlash drafter (give target, random or a drafter folder)")
-    draft, _ = loading.load(str(path))
-    if not isinstance(draft, DFlashDraft):
-        raise DLLMError(f"--init {folder} is not a DFlash drafter (give target, random or a drafter folder)")
+    draft, _ = loading.load(str(path))  # a DFlash config always builds our drafter
     theirs = {"hidden size": draft.args.hidden_size, "vocabulary": config.get("vocab_size", target_args.vocab_size)}
     ours = {"hidden size": target_args.hidden_size, "vocabulary": target_args.vocab_size}
     for what, value in theirs.items():
         if value != ours[what]:
             raise DLLMError(f"--init {folder} was built for another target: its {what} is {value}, "
                             f"the target's is {ours[what]}")
-    if "quantization" in config:
-        dequantize_model(draft)
+    dequantize_model(draft)  # a no-op when it is not quantized
     weights = [(name, value.astype(mx.float32)) for name, value in tree_flatten(draft.parameters())]
-    return InitialDrafter(folder, config, draft.args, weights)
+    return InitialDrafter(config, draft.args, weights)
 
 
 def adopt_architecture(config, initial: InitialDrafter) -> None:
