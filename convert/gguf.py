@@ -277,16 +277,41 @@ def build_model(weights: Dict[str, mx.array], config: Dict) -> Tuple[nn.Module, 
     return model, modules
 
 
-def save_tokenizer(file: Path, destination: Path) -> None:
-    """transformers' GGUF tokenizer conversion (vocabulary, merges, special tokens, chat template), saved as
-    tokenizer.json + tokenizer_config.json."""
-    from transformers import AutoTokenizer
+SPECIAL_TOKEN_IDS = {  # tokenizer setting -> GGUF key
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 
+
+def save_tokenizer(metadata: Dict, file: Path, folder: Path) -> None:
+    """The file's tokenizer (vocabulary, merges, special tokens, chat template) as tokenizer.json +
+    tokenizer_config.json in `folder`, which already holds the config.json that picks the tokenizer class.
+
+    transformers converts the vocabulary, fed with the metadata `gguf` read: its own GGUF reader imports torch,
+    which a user's install does not have."""
+    from transformers import AutoTokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    groups = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocabulary, settings = groups["tokenizer"], groups["tokenizer_config"]
+    if vocabulary.get("tokenizer_type") == "llama":
+        settings.setdefault("add_bos_token", True)  # llama.cpp adds BOS to a sentencepiece vocabulary by default
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, trust_remote_code=False)
+        for name, key in SPECIAL_TOKEN_IDS.items():
+            token_id = metadata.get(f"tokenizer.ggml.{key}")
+            settings[name] = None if token_id is None else vocabulary["tokens"][token_id]
+        backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], vocabulary)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(folder), tokenizer_object=backend, trust_remote_code=False, **settings, **extra
+        )
     except Exception as error:
         raise DLLMError(f"cannot rebuild the tokenizer of {file.name}: {str(error).splitlines()[0]}") from error
-    tokenizer.save_pretrained(str(destination))
+    tokenizer.save_pretrained(str(folder))
 
 
 def convert_gguf(
@@ -322,7 +347,7 @@ def convert_gguf(
         save_model(staging, model, donate_model=True)
         check_finite_files(weight_files(staging), dtype)
         write_config(config, staging / "config.json", keep_vision_config=False)
-        save_tokenizer(file, staging)
+        save_tokenizer(metadata, file, staging)
 
 
 

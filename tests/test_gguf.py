@@ -2,6 +2,8 @@
 GGUF loading (tokenizer ids, float32 logits, greedy text)."""
 
 import os
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -229,3 +231,13 @@ def test_rows_that_heads_cannot_split_are_one_error():
 
     with pytest.raises(DLLMError, match="6 rows, which 4 heads cannot split"):
         unpermute_rows(mx.zeros((6, 8)), 4)
+
+
+@pytest.mark.parametrize("arch", sorted(WRITERS))
+def test_conversion_works_without_torch(files, tmp_path, arch):
+    """torch is a test dependency only: a user's install has none (sys.modules None makes find_spec say so too)."""
+    out = tmp_path / "out"
+    script = "import sys; sys.modules['torch'] = None; import mlx_dllm; mlx_dllm.convert(sys.argv[1], sys.argv[2])"
+    result = subprocess.run([sys.executable, "-c", script, files[arch][0], out], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (out / "tokenizer.json").read_text() == (files[arch][1] / "tokenizer.json").read_text()
