@@ -30,6 +30,9 @@ def split_modes(ctx, param, value):
 @click.option("--num-prompts", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--max-tokens", "-m", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Interleaved repeats.")
+@click.option(
+    "--block-size", type=click.IntRange(2), help="DFlash: tokens per draft block, 2 up to the drafter's (default)."
+)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write tokens/s and acceptance to a PNG.")
 @click.option("--project", type=click.Choice([*CHIPS, "all"]), help="Print a roofline projection for an Apple chip.")
 @click.option("--forward-cost", is_flag=True, help="Print the cost of 1..64-token forwards over a 256-token cache.")

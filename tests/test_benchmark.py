@@ -72,6 +72,23 @@ def test_benchmark_runs_each_tiny_family(family, methods):
     assert all(record["methods"][m]["identical_output"] is True for m in lossless)
 
 
+def test_benchmark_block_size_reaches_every_dflash_run(monkeypatch):
+    from mlx_dllm.sampler import dflash
+
+    blocks, real = [], dflash._decode
+
+    def spy(*args):
+        blocks.append(args[7])  # _decode(target, draft, head, prompt, select, stats, max_tokens, block_size, ...)
+        return real(*args)
+
+    monkeypatch.setattr(dflash, "_decode", spy)
+    result = benchmark("--tiny", "dflash", "--block-size", "3", *QUICK)
+    assert result.exit_code == 0, result.output
+    [record] = json_lines(result.output)
+    assert record["block_size"] == 3 and record["outputs_match"] is True
+    assert len(blocks) >= 3 and set(blocks) == {3}  # warm-up, measured and instrumented runs
+
+
 def test_benchmark_restores_the_forward_methods_it_times():
     import mlx.nn as nn
 
@@ -88,8 +105,8 @@ def test_benchmark_restores_the_forward_methods_it_times():
 def test_benchmark_reports_a_forced_mismatch(monkeypatch):
     real = runner.mode_runner
 
-    def corrupted(mode):
-        run = real(mode)
+    def corrupted(mode, block_size=None):
+        run = real(mode, block_size)
         if mode != "quadratic-spec":
             return run
 
@@ -149,6 +166,9 @@ def test_benchmark_forward_cost_curve():
         (["--tiny", "dflash", "--prompts", "no-such-set", *QUICK], "--prompts no-such-set: not a built-in set"),
         (["--tiny", "dflash", "--plot", "picture.jpg"], "--plot writes a PNG"),
         (["--tiny", "nemotron", "--forward-cost", "--modes", "ar"], "--forward-cost measures forwards alone"),
+        (["--tiny", "nemotron", "--block-size", "4", *QUICK], "--block-size is DFlash's"),
+        (["--tiny", "dflash", "--block-size", "1", *QUICK], "Invalid value for '--block-size'"),
+        (["--tiny", "dflash", "--block-size", "9", *QUICK], "between 2 and the drafter's trained 8, got 9"),
     ],
 )
 def test_benchmark_bad_flags_are_one_error_line(args, message):

@@ -1,6 +1,6 @@
 """A roofline projection for Apple GPUs, labelled as such: not a measurement."""
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from mlx.utils import tree_flatten
 
@@ -20,16 +20,17 @@ def forward_seconds(nbytes: int, params: int, tokens: int, chip: str) -> float:
     return max(nbytes / bandwidth, 2 * params * tokens / flops)
 
 
-def block_tokens(model, draft) -> int:
-    """The block one step drafts or denoises: the drafter's, the model's, or DiffusionGemma's canvas."""
-    block = getattr(getattr(draft, "args", None), "block_size", None)
+def block_tokens(model, draft, block_size: Optional[int] = None) -> int:
+    """The block one step drafts or denoises: the one asked for, the drafter's, the model's, or DiffusionGemma's
+    canvas."""
+    block = block_size or getattr(getattr(draft, "args", None), "block_size", None)
     block = block or getattr(getattr(model, "args", None), "block_size", None)
     return block or getattr(model, "canvas_length", 1)
 
 
-def cycle_forwards(mode: str, model, draft) -> List[Tuple[object, int]]:
+def cycle_forwards(mode: str, model, draft, block_size: Optional[int] = None) -> List[Tuple[object, int]]:
     """(module, tokens) of the forwards one decoding step of `mode` runs."""
-    block = block_tokens(model, draft)
+    block = block_tokens(model, draft, block_size)
     if mode == "dflash":
         return [(model, block), (draft, block)]
     if mode == "linear-spec":
@@ -41,13 +42,14 @@ def cycle_forwards(mode: str, model, draft) -> List[Tuple[object, int]]:
     return [(model, 1)]
 
 
-def project(chip: str, model, draft, tokens_per_step: Dict[str, float]) -> Dict[str, float]:
+def project(
+    chip: str, model, draft, tokens_per_step: Dict[str, float], block_size: Optional[int] = None
+) -> Dict[str, float]:
     """Projected speedup over AR per mode: tokens per step x t(AR forward) / t(step)."""
     ar = forward_seconds(*weights(model), 1, chip)
     speedups = {}
     for mode, tokens in tokens_per_step.items():
-        step = sum(
-            forward_seconds(*weights(module), count, chip) for module, count in cycle_forwards(mode, model, draft)
-        )
+        forwards = cycle_forwards(mode, model, draft, block_size)
+        step = sum(forward_seconds(*weights(module), count, chip) for module, count in forwards)
         speedups[mode] = (tokens or 1.0) * ar / step
     return speedups

@@ -33,12 +33,14 @@ def run_mlx_lm(model, tokenizer, prompt: List[int], max_tokens: int, draft=None)
     return Sample(tokens, last.generation_tps, last.prompt_tps, last.peak_memory, 1.0, None, [1] * (len(tokens) - 1))
 
 
-def mode_runner(mode: str) -> Callable:
+def mode_runner(mode: str, block_size: Optional[int] = None) -> Callable:
+    """One of our modes; `block_size` is DFlash's (None: the drafter's trained block)."""
+
     def run(model, tokenizer, prompt: List[int], max_tokens: int, draft=None) -> Sample:
         from ..sampler import stream_generate
 
-        draft_model = draft if mode == "dflash" else None
-        responses = list(stream_generate(model, tokenizer, prompt, max_tokens, mode=mode, draft_model=draft_model))
+        dflash = {"draft_model": draft, "block_size": block_size} if mode == "dflash" else {}
+        responses = list(stream_generate(model, tokenizer, prompt, max_tokens, mode=mode, **dflash))
         last = responses[-1]
         steps = [len(r.tokens) for r in responses[1:] if r.tokens]  # the first holds the prefill's token
         tokens = [t for r in responses for t in r.tokens]
@@ -55,8 +57,8 @@ def mode_runner(mode: str) -> Callable:
     return run
 
 
-def runners(methods: List[str]) -> Dict[str, Callable]:
-    return {m: run_mlx_lm if m == MLX_LM else mode_runner(m) for m in methods}
+def runners(methods: List[str], block_size: Optional[int] = None) -> Dict[str, Callable]:
+    return {m: run_mlx_lm if m == MLX_LM else mode_runner(m, block_size) for m in methods}
 
 
 def rotated(methods: List[str], repeat: int) -> List[str]:
@@ -72,10 +74,11 @@ def first_divergence(tokens: List[int], reference: List[int]) -> Optional[int]:
 
 
 def run_all(
-    model, tokenizer, draft, prompts: List[List[int]], methods: List[str], max_tokens: int, repeats: int, progress=None
+    model, tokenizer, draft, prompts: List[List[int]], run: Dict[str, Callable], max_tokens: int, repeats: int,
+    progress=None,
 ):
-    """Samples per method (over repeats and prompts) and the lossless modes' divergences from the reference."""
-    run = runners(methods)
+    """Samples per method of `run` (over repeats and prompts) and the lossless modes' divergences from the reference."""
+    methods = list(run)
     for method in methods:  # warm-up: compile paths and fill allocator pools outside the measurement
         run[method](model, tokenizer, prompts[0], min(max_tokens, 8), draft)
     reference = MLX_LM if MLX_LM in methods else ("ar" if "ar" in methods else None)

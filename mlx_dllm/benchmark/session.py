@@ -27,9 +27,12 @@ class Options:
     project: Optional[str]
     forward_cost: bool
     kernels: bool = False
+    block_size: Optional[int] = None  # DFlash's block (None: the drafter's trained one)
 
 
 def check_options(options: Options) -> None:
+    if options.block_size is not None and options.draft_model is None and options.tiny != "dflash":
+        raise DLLMError("--block-size is DFlash's: it needs --draft-model or --tiny dflash")
     if options.kernels:
         if options.model or options.tiny or options.draft_model or options.modes or options.forward_cost:
             raise DLLMError("--kernels times the attention kernels alone: it takes no model, modes or --forward-cost")
@@ -38,8 +41,8 @@ def check_options(options: Options) -> None:
         raise DLLMError("give --model (a checkpoint) or --tiny FAMILY (a tiny random one), exactly one")
     if options.tiny is not None and options.draft_model is not None:
         raise DLLMError("--tiny dflash builds its own drafter: --draft-model goes with --model")
-    if options.forward_cost and (options.modes or options.plot or options.project):
-        raise DLLMError("--forward-cost measures forwards alone: it takes no --modes, --plot or --project")
+    if options.forward_cost and (options.modes or options.plot or options.project or options.block_size):
+        raise DLLMError("--forward-cost measures forwards alone: no --modes, --plot, --project or --block-size")
     if options.plot is not None:
         from .plot import check_plot_path
 
@@ -121,8 +124,9 @@ def run(options: Options) -> None:
         texts = prompts.read_prompts(options.prompts, options.num_prompts)
         vocab = tiny.VOCAB if options.tiny else 0
         ids = [prompts.encode(tokenizer, text, vocab) for text in texts]
-        samples, mismatches = measure(model, tokenizer, draft, ids, methods, options)
-        shares = outside_shares(model, tokenizer, draft, ids[0], methods, options.max_tokens)
+        run_method = runner.runners(methods, options.block_size)
+        samples, mismatches = measure(model, tokenizer, draft, ids, run_method, options)
+        shares = outside_shares(model, tokenizer, draft, ids[0], run_method, options.max_tokens)
     table = report.summarize(samples, mismatches, shares)
     click.echo("\n" + "\n".join(report.table_lines(table)))
     click.echo(
@@ -149,40 +153,41 @@ def run(options: Options) -> None:
         "mismatches": mismatches,
         **env,
     }
+    if draft is not None:
+        record["block_size"] = roofline.block_tokens(model, draft, options.block_size)
     if options.project:
-        record["projection"] = projection(options.project, model, draft, table)
+        record["projection"] = projection(options.project, model, draft, table, options.block_size)
     if options.plot is not None:
         from .plot import write_plot
 
         title = f"{model_label(options)} - {env['device']}, BLAS {env['blas']}"
-        write_plot(options.plot, table, samples, title, roofline.block_tokens(model, draft))
+        write_plot(options.plot, table, samples, title, roofline.block_tokens(model, draft, options.block_size))
         click.echo(f"Plot: {options.plot}")
     click.echo(report.json_line(record))
 
 
-def measure(model, tokenizer, draft, ids, methods, options: Options):
+def measure(model, tokenizer, draft, ids, run_method, options: Options):
     from tqdm import tqdm
 
     with tqdm(total=options.repeats * len(ids), desc="prompts", unit="prompt", leave=False) as bar:
         return runner.run_all(
-            model, tokenizer, draft, ids, methods, options.max_tokens, options.repeats, progress=bar.update
+            model, tokenizer, draft, ids, run_method, options.max_tokens, options.repeats, progress=bar.update
         )
 
 
-def outside_shares(model, tokenizer, draft, prompt, methods, max_tokens: int) -> dict:
+def outside_shares(model, tokenizer, draft, prompt, run_method, max_tokens: int) -> dict:
     """Per method, the share of wall time outside forwards, from one instrumented run on the first prompt."""
-    run = runner.runners(methods)
     return {
-        m: overhead.outside_share(lambda: run[m](model, tokenizer, prompt, max_tokens, draft), model, draft)
-        for m in methods
+        m: overhead.outside_share(lambda: run(model, tokenizer, prompt, max_tokens, draft), model, draft)
+        for m, run in run_method.items()
     }
 
 
-def projection(chips: str, model, draft, table: dict) -> dict:
+def projection(chips: str, model, draft, table: dict, block_size: Optional[int]) -> dict:
     """Print and return the roofline projection (speedup over AR per mode) for one chip or all."""
     tokens = {m: row["tokens_per_forward"] for m, row in table.items() if m != runner.MLX_LM}
     names = list(roofline.CHIPS) if chips == "all" else [chips]
-    result = {chip: roofline.project(chip, model, draft, tokens) for chip in names}
+    result = {chip: roofline.project(chip, model, draft, tokens, block_size) for chip in names}
     click.echo("PROJECTION (roofline, not a measurement): speedup over AR from the measured tokens per step,")
     click.echo("  t_forward = max(weight bytes / bandwidth, 2 x params x tokens / peak FLOPs)")
     for chip, speedups in result.items():
