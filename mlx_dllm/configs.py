@@ -121,3 +121,89 @@ def _flat_rope_fields(config: Dict, parameters: Dict) -> Dict:
     if rope_type != "default" and config.get("rope_scaling") is None:
         fields["rope_scaling"] = {k: v for k, v in parameters.items() if k != "rope_theta"}
     return fields
+
+
+def target_fields(config: Dict, accepted: Iterable[str]) -> Dict:
+    """The fields an mlx-lm target family requires that a transformers config omits or stores elsewhere, as an
+    override of `config` (a nested `text_config` comes back whole). `accepted` names the family's ModelArgs fields:
+    legacy RoPE copies go only to families that read them (Gemma 4 reads `rope_parameters`, and transformers
+    cannot read back the flat `proportional` `rope_scaling` a copy would write)."""
+    accepted = set(accepted)
+    fields = {key: value for key, value in rope_fields(config).items() if key in accepted}
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return {**fields, **_text_fields({**config, **fields})}
+    filled = _text_fields(text)
+    if filled:
+        fields["text_config"] = {**text, **filled}
+    if "vocab_size" in accepted and "vocab_size" not in config and "vocab_size" in text:
+        fields["vocab_size"] = text["vocab_size"]  # mlx-lm's gemma4 imposes its own default on the text config
+    return fields
+
+
+def _text_fields(config: Dict) -> Dict:
+    fill = FAMILY_FIELDS.get(config.get("model_type"))
+    return fill(config) if fill else {}
+
+
+def _gated_delta_fields(config: Dict) -> Dict:
+    """Qwen3.5 and Qwen3-Next: transformers saves `layer_types` but not the `full_attention_interval` it came from,
+    which is all mlx-lm reads (default 4); a pattern that is not every n-th layer cannot be built there."""
+    layer_types = config.get("layer_types")
+    if not isinstance(layer_types, list) or "full_attention_interval" in config:
+        return {}
+    interval = layer_types.index("full_attention") + 1 if "full_attention" in layer_types else len(layer_types) + 1
+    periodic = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(len(layer_types))]
+    if layer_types != periodic:
+        family = config.get("model_type")
+        raise DLLMError(f"config.json: mlx-lm's {family} needs attention every n-th layer, not {layer_types}")
+    return {"full_attention_interval": interval}
+
+
+def _qwen3_next_fields(config: Dict) -> Dict:
+    # Transformers 5 keeps both under `rope_parameters` (defaults 10000 and 0.25); mlx-lm requires them top level.
+    parameters = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    fields = _gated_delta_fields(config)
+    if config.get("rope_theta") is None:
+        fields["rope_theta"] = parameters.get("rope_theta", 10000.0)
+    if config.get("partial_rotary_factor") is None:
+        fields["partial_rotary_factor"] = parameters.get("partial_rotary_factor", 0.25)
+    return fields
+
+
+def _lfm2_fields(config: Dict) -> Dict:
+    # transformers' LFM2 feed-forward works at hidden_size, which mlx-lm requires as `block_dim`.
+    return {} if "block_dim" in config else {"block_dim": config.get("hidden_size")}
+
+
+def _gemma4_fields(config: Dict) -> Dict:
+    """transformers 5 folds `global_head_dim` (and, with K = V, `num_global_key_value_heads`) into `per_layer_config`
+    overrides of the global layers; mlx-lm reads the two fields (default 512 and None)."""
+    per_layer = config.get("per_layer_config")
+    layer_types = config.get("layer_types")
+    if not isinstance(per_layer, dict) or not isinstance(layer_types, list) or "global_head_dim" in config:
+        return {}
+    overrides = [per_layer.get(str(i), per_layer.get(i)) or {} for i in range(len(layer_types))]
+    global_layers = [override for override, kind in zip(overrides, layer_types) if kind == "full_attention"] or [{}]
+    override = global_layers[0]
+    readable = {"head_dim", "num_key_value_heads"} if config.get("attention_k_eq_v") else {"head_dim"}
+    if sum(map(bool, overrides)) != sum(map(bool, global_layers)) or any(o != override for o in global_layers):
+        raise DLLMError("config.json: mlx-lm's gemma4 needs one override for every global layer and none for others")
+    if not set(override) <= readable:
+        raise DLLMError(f"config.json: mlx-lm's gemma4 cannot override {sorted(set(override) - readable)} per layer")
+    fields = {"global_head_dim": override.get("head_dim", config.get("head_dim"))}
+    if "num_key_value_heads" in override:
+        fields["num_global_key_value_heads"] = override["num_key_value_heads"]
+    return fields
+
+
+# model_type (of the config or its text_config) -> the fields mlx-lm requires for it.
+FAMILY_FIELDS = {
+    "qwen3_5": _gated_delta_fields,
+    "qwen3_5_text": _gated_delta_fields,
+    "qwen3_5_moe": _gated_delta_fields,
+    "qwen3_5_moe_text": _gated_delta_fields,
+    "qwen3_next": _qwen3_next_fields,
+    "lfm2": _lfm2_fields,
+    "gemma4_text": _gemma4_fields,
+}

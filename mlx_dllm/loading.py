@@ -1,10 +1,12 @@
 """Local folder or hub repo -> (model, tokenizer). Never runs code shipped with a checkpoint."""
 
+import inspect
 import os
 import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
@@ -16,7 +18,7 @@ from .checkpoint_files import (
     evaluate_finite,
     read_weights,
 )
-from .configs import check_ids, check_layer_count, check_sizes, read_json, rope_fields
+from .configs import check_ids, check_layer_count, check_sizes, read_json, target_fields
 from .errors import DLLMError
 from .models import dflash, diffusion_gemma, nemotron_diffusion
 
@@ -94,8 +96,9 @@ def check_architecture(config: Dict) -> None:
         raise DLLMError(f"unknown DFlash architecture {architectures[0]}")
 
 
-# Families mlx-lm lacks a file for but whose architecture it has under another name.
-TARGET_REMAPPING = {"ministral": "llama"}
+# Families mlx-lm lacks a file for but whose architecture it has under another name (transformers 5 saves the
+# text-only Qwen3.5 checkpoints as `*_text`; mlx-lm's files read both layouts).
+TARGET_REMAPPING = {"ministral": "llama", "qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
 
 
 # Architectures implemented here rather than in mlx-lm.
@@ -116,9 +119,38 @@ def own_module(config: Dict):
     return OWN_MODEL_TYPES.get(config.get("model_type"))
 
 
+EXPERT_WEIGHT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fuse_experts(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """One tensor per expert (`experts.3.up_proj.weight`) -> transformers' fused `experts.gate_up_proj` and
+    `experts.down_proj`, the layout mlx-lm's qwen3_5_moe reads."""
+    experts: Dict[str, Dict[str, Dict[int, mx.array]]] = {}
+    for name in [name for name in weights if EXPERT_WEIGHT.match(name)]:
+        prefix, index, kind = EXPERT_WEIGHT.match(name).groups()
+        experts.setdefault(prefix, {}).setdefault(kind, {})[int(index)] = weights.pop(name)
+    for prefix, kinds in experts.items():
+        stacked = {kind: mx.stack([tensors[i] for i in sorted(tensors)]) for kind, tensors in kinds.items()}
+        weights[f"{prefix}.gate_up_proj"] = mx.concatenate([stacked["gate"], stacked["up"]], axis=-2)
+        weights[f"{prefix}.down_proj"] = stacked["down"]
+    return weights
+
+
+# transformers 5 saves a text-only Qwen3.5 MoE (`qwen3_5_moe_text`) with one tensor per expert, the conditional
+# generation checkpoints fused; mlx-lm reads the fused layout only.
+WEIGHT_LAYOUTS = {"qwen3_5_moe_text": fuse_experts}
+
+
 def _target_classes(config: Dict):
     model_type = TARGET_REMAPPING.get(config["model_type"], config["model_type"])
-    return _get_classes({**config, "model_type": model_type})
+    model_class, args_class = _get_classes({**config, "model_type": model_type})
+    layout = WEIGHT_LAYOUTS.get(config["model_type"])
+    if layout is None:
+        return model_class, args_class
+    # mlx-lm's class itself, reading our layout first; module and name stay mlx-lm's (the family is read from them).
+    sanitize = lambda self, weights: model_class.sanitize(self, layout(weights))  # noqa: E731
+    namespace = {"sanitize": sanitize, "__module__": model_class.__module__, "__qualname__": model_class.__qualname__}
+    return type(model_class.__name__, (model_class,), namespace), args_class
 
 
 def check_target_architecture(config: Dict) -> None:
@@ -143,8 +175,11 @@ def build_model(path: Path, config: Dict, lazy: bool = False) -> Tuple[nn.Module
         get_classes = _target_classes
     check_layer_count(config, read_weights(path))  # one-line errors before mlx-lm reads them
     # Our own models read their decoding defaults (e.g. DiffusionGemma's denoising knobs) from their args;
-    # mlx-lm targets get the RoPE fields their families read, from transformers 5's `rope_parameters`.
-    extra = {"generation_config": read_generation_config(path)} if module is not None else rope_fields(config)
+    # mlx-lm targets get the fields their families read that transformers 5 omits or stores elsewhere.
+    if module is not None:
+        extra = {"generation_config": read_generation_config(path)}
+    else:
+        extra = target_fields(config, inspect.signature(_target_classes(config)[1]).parameters)
     try:
         return load_model(path, lazy=lazy, model_config=extra, get_model_classes=get_classes)
     except DLLMError:

@@ -54,3 +54,25 @@ def metal_emulator(monkeypatch, request):
         emulator.set_cache_dir(cache.mkdir("metal_emulator"))
     monkeypatch.setattr(mx.fast, "metal_kernel", emulator.metal_kernel)
     yield emulator
+
+
+@pytest.fixture(scope="session")
+def hybrid_checkpoints(tmp_path_factory):
+    """name -> {"target": Path, "draft": Path, "target_model": torch model}: tiny hybrid (and Gemma 4) targets built by
+    the transformers classes with a DFlash drafter reading layers 0, 2 and 4 (the last), both converted by us."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from mlx_dllm import convert
+    from tests.reference import harness, hybrid
+
+    root = tmp_path_factory.mktemp("hybrid")
+    checkpoints = {}
+    for name, build in hybrid.HYBRID_TARGETS.items():
+        target = build(root / name / "hf-target")
+        harness.build_draft(hybrid.text_config(target.config), root / name / "hf-draft", target_layer_ids=[0, 2, 4])
+        checkpoints[name] = {
+            "target": convert(root / name / "hf-target", root / name / "target"),
+            "draft": convert(root / name / "hf-draft", root / name / "draft"),
+            "target_model": target,
+        }
+    return checkpoints

@@ -17,6 +17,8 @@ class Oracle:
         self.propose_block(draft, target, anchor, features, draft_cache, size, head)
         anchor_index = draft_cache[0].offset - self.prompt_length  # context rows = tokens before the anchor
         correct = self.pattern[len(self.expected_accepts) % len(self.pattern)]
-        self.expected_accepts.append(min(correct, size - 1) + 1)
+        # A round commits at most what max_tokens (the reference's length) leaves: the last one may be cut.
+        remaining = len(self.reference) - anchor_index - 1
+        self.expected_accepts.append(min(correct + 1, size, remaining))
         truth = self.reference[anchor_index + 1 : anchor_index + size]
         return mx.array([t if j < correct else (t + 1) % self.vocab_size for j, t in enumerate(truth)])

@@ -140,11 +140,25 @@ def test_hidden_size_mismatch_is_refused():
 
 
 def test_family_without_rollback_names_what_is_missing():
-    from mlx_lm.models.cache import ArraysCache
+    from mlx_lm.models.cache import ArraysCache, ChunkedKVCache
 
     model = make_target("qwen3")
+    model.make_cache = lambda: [ChunkedKVCache(8) for _ in range(LAYERS)]
+    with pytest.raises(DLLMError, match="layer 0 uses ChunkedKVCache, which has no token rollback"):
+        Target(model, [0])
     model.make_cache = lambda: [ArraysCache(2) for _ in range(LAYERS)]
-    with pytest.raises(DLLMError, match="layer 0 uses ArraysCache, which has no token rollback"):
+    with pytest.raises(DLLMError, match="4 recurrent caches but 0 convolution mixers"):
+        Target(model, [0])
+
+
+def test_recurrence_without_a_replay_is_refused_by_name():
+    """Mamba (v1) runs its own selective scan: its state cannot be restored to the accepted prefix."""
+    from mlx_lm.models import mamba
+
+    args = dict(model_type="mamba", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, state_size=8)
+    model = mamba.Model(mamba.ModelArgs(**args, num_hidden_layers=2, conv_kernel=4, use_bias=False,
+                                        use_conv_bias=True, time_step_rank=4))
+    with pytest.raises(DLLMError, match="target 'mamba' is not supported: its recurrent layer MambaBlock keeps"):
         Target(model, [0])
 
 

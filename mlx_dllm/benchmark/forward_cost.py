@@ -6,17 +6,15 @@ from typing import Callable, Dict, List
 
 import mlx.core as mx
 
+from ..models.rollback import speculative_cache
+
 CACHE_TOKENS = 256
 NEW_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 WARMUP_TRIALS = 2
 
 
 def make_cache(model) -> List:
-    if hasattr(model, "make_cache"):
-        return model.make_cache()
-    from mlx_lm.models.cache import make_prompt_cache
-
-    return make_prompt_cache(model)
+    return speculative_cache(model)
 
 
 def causal_forward(model) -> Callable:
@@ -42,10 +40,10 @@ def forward_cost(model, vocab: int, trials: int) -> Dict[int, float]:
     for trial in range(WARMUP_TRIALS + trials):
         for n in NEW_TOKENS:
             start = time.perf_counter()
+            cache.mark()
             mx.eval(forward(inputs[n], cache))
             elapsed = time.perf_counter() - start
-            for layer_cache in cache:
-                layer_cache.trim(n)
+            cache.keep(0)
             if trial >= WARMUP_TRIALS:
                 times[n].append(1e3 * elapsed)
     return {n: statistics.median(v) for n, v in times.items()}

@@ -5,6 +5,7 @@ and its lm_head reads the drafter's output positions 1..B-1. Target layer output
 `fc` + `hidden_norm`, give every layer extra K/V rows placed before the block's own K/V.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -46,11 +47,17 @@ class ModelArgs(BaseModelArgs):
     # The tokens the drafter may propose (sorted ids), or None for all: a drafter trained with
     # `--loss-vocab seen` drafts with only those rows of the target's head (EAGLE-3's draft vocabulary).
     draft_vocab: Optional[List[int]] = None
+    # Read as z-lab's reference reads them (top level or `dflash_config`): the block's embeddings are scaled
+    # before the first layer; the drafter's logits are multiplied, then soft-capped (Gemma-style).
+    input_embedding_scale: float = 1.0
+    output_multiplier: float = 1.0
+    final_logit_softcapping: Optional[float] = None
     dflash_config: Optional[Dict[str, Any]] = None
 
     def __post_init__(self):
         nested = self.dflash_config or {}
-        for key in ("target_layer_ids", "mask_token_id", "block_size", "draft_vocab"):
+        for key in ("target_layer_ids", "mask_token_id", "block_size", "draft_vocab", "input_embedding_scale",
+                    "output_multiplier", "final_logit_softcapping"):
             if nested.get(key) is not None:
                 setattr(self, key, nested[key])
         if nested.get("causal") is not None:
@@ -65,6 +72,11 @@ class ModelArgs(BaseModelArgs):
             integers = isinstance(vocab, list) and all(type(t) is int and t >= 0 for t in vocab)
             if not integers or not vocab or any(a >= b for a, b in zip(vocab, vocab[1:])):
                 raise DLLMError("DFlash config: draft_vocab must be a non-empty, increasing list of token ids")
+        for key in ("input_embedding_scale", "output_multiplier", "final_logit_softcapping"):
+            value = getattr(self, key)
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if value is not None and not (number and (key != "final_logit_softcapping" or value > 0)):
+                raise DLLMError(f"DFlash config: {key} must be a finite number (a cap > 0), got {value!r}")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.layer_types = self.layer_types or ["full_attention"] * self.num_hidden_layers
         if len(self.layer_types) != self.num_hidden_layers:
@@ -219,7 +231,8 @@ class Model(nn.Module):
         Returns the final-normed hidden states of block positions `start..B-1`.
         """
         context = self.hidden_norm(self.fc(target_features))
-        h = block_embeddings
+        scale = self.args.input_embedding_scale
+        h = block_embeddings if scale == 1.0 else block_embeddings * scale
         caches = [cache] * len(self.layers) if isinstance(cache, AnchorBlocks) else cache
         for layer, layer_cache in zip(self.layers, caches):
             h = layer(h, context, layer_cache)
@@ -227,6 +240,13 @@ class Model(nn.Module):
 
     def make_cache(self) -> List:
         return [layer.self_attn.make_cache() for layer in self.layers]
+
+    def logits(self, head_logits: mx.array) -> mx.array:
+        """The drafter's logits from the target head's output on its hidden states (z-lab's `compute_logits`)."""
+        if self.args.output_multiplier != 1.0:
+            head_logits = head_logits * self.args.output_multiplier
+        cap = self.args.final_logit_softcapping
+        return head_logits if not cap else mx.tanh(head_logits / cap) * cap
 
     @staticmethod
     def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:

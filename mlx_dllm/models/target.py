@@ -1,15 +1,14 @@
-"""Adapter over mlx-lm autoregressive models: layer-output capture, embed/lm_head, cache rollback."""
+"""Adapter over mlx-lm autoregressive models: layer-output capture, embed/lm_head, caches that roll back."""
 
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from ..errors import DLLMError
-from .cache import WindowKVCache
+from .rollback import SpeculativeCache, speculative_cache
 
 
 class _RecordingLayer:
@@ -46,14 +45,26 @@ def recording_layers(layers: List, layer_ids: Sequence[int], outputs: Dict[int, 
                 layers[layer_id] = layer
 
 
+# Where mlx-lm families keep the backbone, its embedding table and its final norm (nemotron_h: `backbone`,
+# `embeddings`, `norm_f`; lfm2 names its final norm `embedding_norm`).
+BACKBONE_PATHS = ("model", "language_model.model", "language_model", "backbone")
+EMBEDDING_NAMES = ("embed_tokens", "embeddings")
+FINAL_NORM_NAMES = ("norm", "norm_f", "embedding_norm")
+
+
 def _find_backbone(model: nn.Module) -> Optional[nn.Module]:
-    for path in ("model", "language_model.model", "language_model"):
+    for path in BACKBONE_PATHS:
         module = model
         for name in path.split("."):
             module = getattr(module, name, None) if isinstance(module, nn.Module) else None
-        if isinstance(module, nn.Module) and hasattr(module, "embed_tokens"):
+        if isinstance(module, nn.Module) and _child(module, EMBEDDING_NAMES) is not None:
             return module
     return None
+
+
+def _child(module: nn.Module, names) -> Optional[nn.Module]:
+    found = [module[name] for name in names if isinstance(module.get(name), nn.Module)]
+    return found[0] if found else None
 
 
 class Target:
@@ -71,24 +82,29 @@ class Target:
         layers = getattr(model, "layers", None)
         missing = []
         if backbone is None:
-            missing.append("an `embed_tokens` table under `model`")
+            missing.append("an embedding table (`embed_tokens` or `embeddings`) under its backbone")
         if not isinstance(layers, list) or not layers:
             missing.append("a `layers` list")
         if missing:
             raise DLLMError(f"target family '{self.family}' is not supported: it lacks {' and '.join(missing)}")
-        self.embed_tokens = backbone.embed_tokens
+        self.embed_tokens = _child(backbone, EMBEDDING_NAMES)
+        # Gemma-style targets scale their embeddings inside the forward; the drafter's block must see the same.
+        self.embed_scale = getattr(backbone, "embed_scale", None)
         self.layers = layers
         # The list the backbone loops over (qwen3_moe's `model.layers` is a fresh slice of it).
         self._running_layers = backbone.layers if isinstance(getattr(backbone, "layers", None), list) else layers
+        language_model = getattr(model, "language_model", None)
         self._lm_head = getattr(model, "lm_head", None)
+        if self._lm_head is None and language_model is not None:
+            self._lm_head = getattr(language_model, "lm_head", None)  # VLM layouts (qwen3_5, gemma4)
         self.num_layers = len(layers)
         self.capture_layer_ids = list(capture_layer_ids)
         outside = [i for i in self.capture_layer_ids if not 0 <= i < self.num_layers]
         if outside:
             raise DLLMError(f"target layer id {outside[0]} is outside the target's {self.num_layers} layers")
-        self._final_norm = getattr(backbone, "norm", None)
+        self._final_norm = _child(backbone, FINAL_NORM_NAMES)
         if self.num_layers - 1 in self.capture_layer_ids and self._final_norm is None:
-            raise DLLMError(f"target '{self.family}' has no final `norm` for its last layer's features")
+            raise DLLMError(f"target '{self.family}' has no final norm for its last layer's features")
         self.make_cache()  # fail early on caches that cannot roll back
         self._features = None
 
@@ -117,7 +133,8 @@ class Target:
         return weight, module.bias[index] if "bias" in module else None
 
     def embed(self, ids: mx.array) -> mx.array:
-        return self.embed_tokens(ids)
+        embeddings = self.embed_tokens(ids)
+        return embeddings if self.embed_scale is None else embeddings * self.embed_scale
 
     def lm_head(self, hidden: mx.array) -> mx.array:
         if self._lm_head is not None:
@@ -125,9 +142,11 @@ class Target:
         return self.embed_tokens.as_linear(hidden)
 
     def __call__(self, ids: mx.array, cache: List) -> mx.array:
-        """Logits for `ids` [1, N]; the captured features are then available from `features()`."""
+        """Logits for `ids` [1, N]; the captured features are then available from `features()`. A marked
+        `SpeculativeCache` records, during this forward, what its recurrent layers need to roll back."""
         outputs = {}
-        with recording_layers(self._running_layers, set(self.capture_layer_ids), outputs):
+        recording = cache.recording() if isinstance(cache, SpeculativeCache) else nullcontext()
+        with recording_layers(self._running_layers, set(self.capture_layer_ids), outputs), recording:
             logits = self.model(ids, cache=cache)
         unseen = [i for i in self.capture_layer_ids if i not in outputs]
         if unseen:
@@ -147,24 +166,6 @@ class Target:
         """[1, N, K*H]: captured layer outputs of the last call, in `capture_layer_ids` order."""
         return self._features
 
-    def make_cache(self) -> List:
-        """A prompt cache whose every layer can roll back a rejected block, sliding layers included."""
-        caches = make_prompt_cache(self.model)
-        for i, cache in enumerate(caches):
-            if isinstance(cache, RotatingKVCache):
-                if cache.keep:
-                    raise DLLMError(f"target '{self.family}' layer {i}: a rotating cache with keep>0 cannot roll back")
-                caches[i] = WindowKVCache(cache.max_size)
-            elif not isinstance(cache, (KVCache, WindowKVCache)):
-                raise DLLMError(
-                    f"target '{self.family}' is not supported: layer {i} uses {type(cache).__name__}, "
-                    "which has no token rollback"
-                )
-        return caches
-
-    @staticmethod
-    def rollback(cache: List, n: int) -> None:
-        """Forget the last `n` tokens of every layer."""
-        if n > 0:
-            for c in cache:
-                c.trim(n)
+    def make_cache(self) -> SpeculativeCache:
+        """A prompt cache whose every layer can roll back a rejected block (`mark` before a verify, `keep` after)."""
+        return speculative_cache(self.model, self._running_layers, self.family)

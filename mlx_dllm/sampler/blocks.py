@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
+from ..models.rollback import speculative_cache
 from .arguments import whole_number
 from .common import Stats, TokenSelector, prefill_chunks
 
@@ -59,8 +60,9 @@ def refuse_unknown(options: dict, mode: str) -> None:
 def causal_prefill(
     model: nn.Module, prompt: mx.array, select: TokenSelector, stats: Stats, step: int
 ) -> Tuple[List, int]:
-    """A fresh cache holding the prompt's causal K/V, and the token the prompt's last logit selects."""
-    cache = model.make_cache()
+    """A fresh cache holding the prompt's causal K/V (it rolls back: `mark`, `keep`), and the token the prompt's
+    last logit selects."""
+    cache = speculative_cache(model)
     _, logits = prefill_chunks(lambda ids: model(ids[None], cache), prompt, step, cache)
     token = int(select(logits[:, -1]).item())
     select.commit([token])

@@ -54,7 +54,7 @@ class DraftHead:
     drafter's layers). Proposals are verified either way, so the output is the target's."""
 
     def __init__(self, draft: DFlashDraft, target: Target):
-        self.target, self.ids = target, None
+        self.draft, self.target, self.ids = draft, target, None
         vocab = draft.args.draft_vocab
         if vocab is not None:
             rows = target.head_module.weight.shape[0]
@@ -65,9 +65,10 @@ class DraftHead:
 
     def __call__(self, hidden: mx.array) -> mx.array:
         if self.ids is None:
-            return mx.argmax(self.target.lm_head(hidden), axis=-1)
+            return mx.argmax(self.draft.logits(self.target.lm_head(hidden)), axis=-1)
         logits = hidden @ self.weight.T
-        return self.ids[mx.argmax(logits if self.bias is None else logits + self.bias, axis=-1)]
+        logits = logits if self.bias is None else logits + self.bias
+        return self.ids[mx.argmax(self.draft.logits(logits), axis=-1)]
 
 
 def propose_block(
@@ -117,12 +118,12 @@ def _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_
     select.commit([anchor])
     stats.mark_prefill()
     stats.forwards, stats.prefill_forwards, stats.prefill_tokens = 1, 1, 1
-    generated = [anchor]
+    generated, produced = [anchor], 1
 
     def draft(anchor: int, features: mx.array, size: int) -> mx.array:
         return propose_block(draft_model, target, anchor, features, draft_cache, size, head)
 
-    size = min(block_size, max_tokens - len(generated) + 1)
+    size = min(block_size, max_tokens - produced + 1)
     proposal = draft(anchor, features, size) if size >= 2 else None
     while True:
         if proposal is not None:
@@ -131,18 +132,20 @@ def _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_
         if proposal is None:
             return
         stats.draft_forwards += 1
+        cache.mark()
         logits, features = target_forward(mx.concatenate([mx.array([anchor]), proposal.astype(mx.int32)]))
         target_tokens = select(logits[0], drafts=proposal)
         mx.eval(target_tokens, proposal)
         stats.forwards += 1
         draft_tokens, target_tokens = proposal.tolist(), target_tokens.tolist()
         accepted = _accepted_prefix(draft_tokens, target_tokens)
-        generated = draft_tokens[:accepted] + [target_tokens[accepted]]
+        # A last round may verify one token past max_tokens: that token is neither emitted nor counted.
+        generated = (draft_tokens[:accepted] + [target_tokens[accepted]])[: max_tokens - produced]
         select.commit(generated)
-        stats.accept_lengths.append(accepted + 1)
-        target.rollback(cache, size - accepted - 1)
+        stats.accept_lengths.append(len(generated))
+        cache.keep(accepted + 1)
         features = features[:, : accepted + 1]
         anchor = generated[-1]
-        produced = sum(stats.accept_lengths) + 1
+        produced += len(generated)
         size = min(block_size, max_tokens - produced + 1)
         proposal = draft(anchor, features, size) if size >= 2 else None

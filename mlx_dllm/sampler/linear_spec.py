@@ -74,6 +74,7 @@ def generate_linear_spec(
             return None
         size = min(length, max_tokens - produced)  # a block yields at most `size` tokens
         block = draft_block(model, cache, seed, size, threshold, lora, stats)
+        cache.mark()
         verified = select(model(block[None], cache)[0], drafts=block[1:])
         mx.async_eval(block, verified)
         return block, verified
@@ -88,8 +89,7 @@ def generate_linear_spec(
         while accepted < size - 1 and verified[accepted] == block[accepted + 1]:
             accepted += 1
         emitted = verified[: accepted + 1]  # the agreed drafts, then the causal pass's own next token
-        for layer_cache in cache:
-            layer_cache.trim(size - accepted - 1)
+        cache.keep(accepted + 1)
         stats.accept_lengths.append(accepted + 1)
         produced += len(emitted)
         if budget.force_at(produced - 1, emitted[:-1]):

@@ -24,16 +24,6 @@ from .common import Stats, TokenSelector
 DEFAULT_ROWS = 4
 
 
-def keep_draft_kv(cache: List, committed: int, rows: int, accepted: int) -> None:
-    """After a layout forward, keep only the first `accepted` d tokens' K/V (causal, AR-exact) after the cache."""
-    picks = committed + mx.arange(accepted) * (rows + 1)
-    for layer_cache in cache:
-        for name in ("keys", "values"):
-            buffer = getattr(layer_cache, name)
-            buffer[..., committed : committed + accepted, :] = buffer[..., picks, :]
-        layer_cache.offset = committed + accepted
-
-
 def propose(model: nn.Module, hidden: mx.array, position: int) -> mx.array:
     """Draft tokens from mask hidden states (the first sits at absolute `position`): their argmax, on device."""
     return mx.argmax(model.diffusion_head(hidden), axis=-1).astype(mx.int32)
@@ -46,6 +36,7 @@ def layout_forward(model: nn.Module, cache: List, draft: mx.array, select: Token
     masks = mx.full((rows, rows), model.args.mask_token_id, dtype=mx.int32)
     layout = mx.concatenate([draft[:, None], masks], axis=1).reshape(1, -1)
     pattern = patterns.quadratic(prefix=committed, rows=rows)
+    cache.mark()
     hidden = model(layout, cache, pattern=pattern, row_offsets=committed + mx.arange(rows), head=False)[0]
     hidden = hidden.reshape(rows, rows + 1, -1)
     verified = select(model.diffusion_head(hidden[:, 0]), drafts=draft[1:])  # row i: the AR token after d_i
@@ -86,7 +77,7 @@ def generate_quadratic_spec(
         accepted = 1
         while accepted < rows and verified[accepted - 1] == drafted[accepted]:
             accepted += 1
-        keep_draft_kv(cache, committed, rows, accepted)
+        cache.keep([i * (rows + 1) for i in range(accepted)])  # the accepted d tokens' K/V (causal, AR-exact)
         chosen = hidden[accepted - 1, 2:]  # the masks after the bonus token, conditioned on the accepted prefix
         bonus = verified[accepted - 1]
         next_draft = propose(model, chosen, committed + accepted + 1)
