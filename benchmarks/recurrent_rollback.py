@@ -62,6 +62,16 @@ def kilobytes(arrays) -> float:
     return sum(a.nbytes for a in arrays if isinstance(a, mx.array)) / 1024
 
 
+def recorded_kilobytes(rollback: RecurrentRollback) -> float:
+    """What a verify recorded for one layer beyond its state before it: the convolution input and the recurrence's
+    per-token arguments."""
+    arrays = [rollback.conv_input]
+    if rollback.replay is not None:
+        _, recurrence, arguments = rollback.replay
+        arrays += [arguments.get(name) for name in recurrence.per_token]
+    return kilobytes(arrays)
+
+
 def measure(model, block: int, context: int, trials: int):
     target = Target(model, [0])
     cache = target.make_cache()
@@ -88,7 +98,7 @@ def measure(model, block: int, context: int, trials: int):
         for n in keep_ms:
             reset()
             elapsed = verify()
-            recorded = sum(kilobytes([r.conv_input] + [r.replay[2][k] for k in r.replay[1].per_token if r.replay[2].get(k) is not None] if r.replay else [r.conv_input]) for r in recurrent)
+            recorded = sum(recorded_kilobytes(r) for r in recurrent)
             start = time.perf_counter()
             cache.keep(n)
             mx.eval([c.state for c in cache])

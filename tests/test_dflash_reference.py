@@ -24,14 +24,14 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_tokenizer
 
-from mlx_dllm import DLLMError, stream_generate
+from mlx_dllm import stream_generate
 from mlx_dllm.models import dflash
-from mlx_dllm.models.target import Target
 from mlx_dllm.sampler import dflash as dflash_strategy
+from tests.test_target_families import BASE, HIDDEN, LAYERS, VOCAB
 
 zlab = pytest.importorskip("dflash.model_mlx")
 
-VOCAB, HIDDEN, LAYERS, BLOCK = 128, 32, 4, 8
+BLOCK = 8
 MASK_TOKEN_ID = VOCAB - 1
 # The last layer stays out: our target adapter final-norms its output (transformers' `hidden_states[-1]`), z-lab's
 # MLX hook records the raw layer output. Real checkpoints never capture the last layer (Qwen3: 1, 9, 17, 25, 33 of 36).
@@ -40,20 +40,9 @@ PROMPT = [5, 17, 42, 9, 3]
 MAX_TOKENS = 70  # the final rounds run shrunk blocks (min(B, max_tokens - n + 1))
 PATTERN = [7, 0, 3, 7, 1, 5, 2]  # correct proposals per round in the oracle case: all, none, part of a block
 
-COMMON = dict(
-    hidden_size=HIDDEN,
-    num_hidden_layers=LAYERS,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-6,
-    vocab_size=VOCAB,
-    max_position_embeddings=1024,
-    tie_word_embeddings=False,
-)
+COMMON = {key: value for key, value in BASE.items() if key != "rope_theta"}  # the family tests' tiny shapes
 TARGET_CONFIGS = {
-    "qwen3": {"model_type": "qwen3", **COMMON, "rope_theta": 10000.0},
+    "qwen3": {"model_type": "qwen3", **BASE},
     # Qwen3.5's text model: layers 0 and 2 Gated-DeltaNet (linear_attention), 1 and 3 full attention.
     "qwen3_5": {
         "model_type": "qwen3_5",

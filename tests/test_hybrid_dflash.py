@@ -141,3 +141,20 @@ def test_sampled_dflash_follows_the_target_distribution(loaded, monkeypatch, bro
         assert p_value < 1e-3, "the test cannot tell a missing rollback apart"
     else:
         assert p_value > 1e-3, p_value
+
+
+@pytest.mark.parametrize("name", list(hybrid.HYBRID_TARGETS))
+def test_features_are_the_reference_hidden_states(hybrid_checkpoints, loaded, name):
+    """The drafter reads what z-lab's PyTorch loop reads: transformers' `hidden_states[layer_id + 1]` of the target
+    (the last layer's final-normed), for a first, a middle and the last layer of every family."""
+    import torch
+
+    target_model, _, draft = loaded[name]
+    ids = PROMPT + [9, 200, 31, 4, 77]
+    target = Target(target_model, draft.args.target_layer_ids)
+    target(mx.array([ids]), target.make_cache())
+    reference = hybrid_checkpoints[name]["target_model"]
+    with torch.no_grad():
+        states = reference(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    expected = torch.cat([states[i + 1] for i in draft.args.target_layer_ids], dim=-1).float().cpu().numpy()
+    np.testing.assert_allclose(np.array(target.features()), expected, atol=2e-4, rtol=1e-4)

@@ -36,26 +36,19 @@ RECURRENCES = (
 )
 
 
-def recurrent_mixers(layers: List, family: str) -> List[Tuple[nn.Module, str, Optional[Recurrence]]]:
+def recurrent_mixers(layers: List) -> List[Tuple[nn.Module, str, Optional[Recurrence]]]:
     """(module, name of its Conv1d, its recurrence or None) for every convolution mixer of `layers`, in order."""
     mixers = []
     for layer in layers:
-        for path, module in layer.named_modules():
-            if not isinstance(module, nn.Conv1d):
-                continue
-            parent_path, _, name = path.rpartition(".")
-            parent = _module_at(layer, parent_path)
-            namespace = vars(sys.modules[type(parent).__module__])
-            known = [r for r in RECURRENCES if r.name in namespace]
-            mixers.append((parent, name, known[0] if known else None))
+        modules = dict(layer.named_modules())
+        for path, module in modules.items():
+            if isinstance(module, nn.Conv1d):
+                parent_path, _, name = path.rpartition(".")
+                parent = modules[parent_path]
+                namespace = vars(sys.modules[type(parent).__module__])
+                known = [r for r in RECURRENCES if r.name in namespace]
+                mixers.append((parent, name, known[0] if known else None))
     return mixers
-
-
-def _module_at(root: nn.Module, path: str) -> nn.Module:
-    module = root
-    for part in filter(None, path.split(".")):
-        module = module[int(part)] if isinstance(module, list) else module[part]
-    return module
 
 
 # One recording at a time: the recurrence functions are module globals, swapped for the duration of a forward.
@@ -96,7 +89,8 @@ class _RecurrenceRecorder:
 class RecurrentRollback:
     """Rollback of one recurrent layer's ArraysCache (see the module docstring)."""
 
-    def __init__(self, cache, recurrence: Optional[Recurrence]):
+    def __init__(self, cache, mixer: nn.Module, conv_name: str, recurrence: Optional[Recurrence]):
+        self.mixer, self.conv_name = mixer, conv_name
         self.cache, self.recurrence = cache, recurrence
         self.saved = self.conv_input = self.replay = None
 
@@ -111,14 +105,16 @@ class RecurrentRollback:
         self.conv_input = self.replay = None
 
     @contextmanager
-    def recording(self, parent: nn.Module, name: str):
-        conv = parent[name]
-        with _RECORD_LOCK, _recurrence_recorded(parent, self):
-            parent[name] = _ConvRecorder(conv, self)
+    def recording(self):
+        """Around one forward: the mixer's convolution and recurrence record their inputs here."""
+        mixer, name = self.mixer, self.conv_name
+        conv = mixer[name]
+        with _RECORD_LOCK, _recurrence_recorded(mixer, self):
+            mixer[name] = _ConvRecorder(conv, self)
             try:
                 yield
             finally:
-                parent[name] = conv
+                mixer[name] = conv
 
     def keep_path(self, path) -> None:
         raise DLLMError("a recurrent layer keeps a prefix of the verified tokens, not a path of a tree")

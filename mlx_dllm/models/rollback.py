@@ -55,9 +55,9 @@ class TrimmedKV:
 class SpeculativeCache(list):
     """A model's layer caches (the list mlx-lm models take) that roll back as one."""
 
-    def __init__(self, caches: List, rollbacks: List, mixers: List):
+    def __init__(self, caches: List, rollbacks: List):
         super().__init__(caches)
-        self.rollbacks, self.mixers = rollbacks, mixers  # mixers: (parent, conv name, its RecurrentRollback)
+        self.rollbacks = rollbacks  # one per layer cache, in order
 
     def mark(self) -> None:
         for rollback in self.rollbacks:
@@ -77,38 +77,37 @@ class SpeculativeCache(list):
     @contextmanager
     def recording(self):
         """Around a forward: recurrent layers marked since their last keep record what their replay needs."""
-        armed = [(parent, name, rollback) for parent, name, rollback in self.mixers if rollback.armed]
-        if not armed:
-            yield
-            return
         with ExitStack() as stack:
-            for parent, name, rollback in armed:
-                stack.enter_context(rollback.recording(parent, name))
+            for rollback in self.rollbacks:
+                if isinstance(rollback, RecurrentRollback) and rollback.armed:
+                    stack.enter_context(rollback.recording())
             yield
 
 
-def speculative_cache(model: nn.Module, layers: Optional[List] = None, family: Optional[str] = None) -> SpeculativeCache:
+def speculative_cache(
+    model: nn.Module, layers: Optional[List] = None, family: Optional[str] = None
+) -> SpeculativeCache:
     """A prompt cache of `model` whose every layer can roll back a rejected block; families whose caches cannot
     are refused by name, with the reason. `layers` defaults to `model.layers`, the list its forward runs."""
     layers = model.layers if layers is None else layers
     family = family or getattr(model, "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
     caches = make_prompt_cache(model)
-    rollbacks = []
     recurrent = [c for c in caches if isinstance(c, ArraysCache)]
-    mixers = recurrent_mixers(layers, family) if recurrent else []
+    mixers = recurrent_mixers(layers) if recurrent else []
     if len(mixers) != len(recurrent):
         raise DLLMError(
             f"target '{family}' is not supported: {len(recurrent)} recurrent caches but {len(mixers)} "
             "convolution mixers in its layers, so their states cannot be told apart"
         )
     by_cache = {}
-    for (parent, name, recurrence), cache in zip(mixers, recurrent):
-        if (len(cache.cache) == 2) != (recurrence is not None) or len(cache.cache) > 2:
+    for (mixer, conv_name, recurrence), cache in zip(mixers, recurrent):  # both in layer order
+        if len(cache.cache) != (1 if recurrence is None else 2):
             raise DLLMError(
-                f"target '{family}' is not supported: its recurrent layer {type(parent).__name__} keeps a state that "
+                f"target '{family}' is not supported: its recurrent layer {type(mixer).__name__} keeps a state that "
                 "no known replay restores (mlx-lm's gated_delta_update and ssm_update are known)"
             )
-        by_cache[id(cache)] = RecurrentRollback(cache, recurrence)
+        by_cache[id(cache)] = RecurrentRollback(cache, mixer, conv_name, recurrence)
+    rollbacks = []
     for i, cache in enumerate(caches):
         if isinstance(cache, RotatingKVCache):
             if cache.keep:
@@ -120,7 +119,7 @@ def speculative_cache(model: nn.Module, layers: Optional[List] = None, family: O
             rollbacks.append(by_cache[id(cache)])
         else:
             raise DLLMError(
-                f"target '{family}' is not supported: layer {i} uses {type(cache).__name__}, which has no token rollback"
+                f"target '{family}' is not supported: layer {i} uses {type(cache).__name__}, "
+                "which has no token rollback"
             )
-    armed = [(parent, name, by_cache[id(cache)]) for (parent, name, _), cache in zip(mixers, recurrent)]
-    return SpeculativeCache(caches, rollbacks, armed)
+    return SpeculativeCache(caches, rollbacks)
