@@ -70,7 +70,7 @@ def entry():
     test runner, never do); MLX_DLLM_BLAS_PRELOADED=1 in the environment keeps the BLAS as it is."""
     args = sys.argv[1:]
     if args and args[0] in PRELOADS_OPENBLAS and not {"-h", "--help"} & set(args):
-        from mlx_dllm.benchmark import blas
+        from mlx_dllm import blas
 
         try:
             blas.ensure_blas("auto")

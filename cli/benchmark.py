@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from mlx_dllm.benchmark import blas
+from mlx_dllm import blas
 from mlx_dllm.benchmark.prompts import BUILT_IN
 from mlx_dllm.benchmark.roofline import CHIPS
 from mlx_dllm.benchmark.tiny import FAMILIES
@@ -20,8 +20,11 @@ def split_modes(ctx, param, value):
 
 
 @click.command("benchmark")
-@click.option("--model", help="Model folder or hub id.")
-@click.option("--draft-model", help="DFlash drafter folder or hub id (adds the dflash mode).")
+@click.option("--model", help="Model folder or hub id; 'default': SmolLM2-135M-Instruct, as generate runs it.")
+@click.option(
+    "--draft-model",
+    help="DFlash drafter folder or hub id (adds the dflash mode; default model: its shipped drafter; 'none': none).",
+)
 @click.option("--tiny", type=click.Choice(FAMILIES), help="Build a tiny random checkpoint of this family instead.")
 @click.option("--modes", callback=split_modes, help="Comma-separated modes (default: every mode the model runs).")
 @click.option(
@@ -51,6 +54,10 @@ def benchmark_command(blas_choice, **flags):
     """Tokens/s, tokens per forward, acceptance and peak memory of each mode; a table and one JSON line."""
     from mlx_dllm.benchmark.session import Options, check_options, run
 
+    from .generate import choose_drafter
+
+    if flags["model"] is not None:  # the default model brings its shipped drafter, as in generate and serve
+        flags["draft_model"] = choose_drafter(flags["model"], flags["draft_model"], False, None)
     options = Options(**flags)
     check_options(options)  # flag errors before the re-exec and the model load
     blas.ensure_blas(blas_choice)

@@ -5,12 +5,16 @@ import sys
 from typing import List
 
 import click
+import mlx.core as mx
 import mlx_dllm
+from mlx_dllm import blas
 from mlx_dllm.chat_template import end_of_thinking_id, template_ids
-from mlx_dllm.default_model import as_run_here, default_drafter, default_model
+from mlx_dllm.default_model import NAME, default_drafter, names_default
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.dflash import Model as DFlashDraft
 from mlx_dllm.sampler import summary
+from mlx_dllm.sampler.arguments import SEED_LIMIT, dflash_block_size, stop_strings, whole_number
+from mlx_dllm.sampler.common import check_sampling
 
 from .visualize import CanvasView
 
@@ -18,14 +22,29 @@ DEFAULT_PROMPT = "hello"
 
 
 def read_prompt(prompt: str) -> str:
-    """The -p text with mlx-lm's escapes, or stdin for '-' (which must be UTF-8)."""
+    """The -p text with mlx-lm's escapes, or stdin for '-' (which must be UTF-8); never empty."""
     prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
-    if prompt != "-":
-        return prompt
-    try:
-        return sys.stdin.buffer.read().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DLLMError(f"the prompt read from stdin is not UTF-8 text (byte {error.start})") from error
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DLLMError(f"the prompt read from stdin is not UTF-8 text (byte {error.start})") from error
+        if not prompt:
+            raise DLLMError("the prompt is empty: -p - read nothing from stdin")
+    if not prompt:
+        raise DLLMError("the prompt is empty: give some text with -p")
+    return prompt
+
+
+def check_values(max_tokens, prefill_step_size, seed, stop, temp, top_p, top_k, min_p, block_size, num_draft_tokens):
+    """The values that need no model, by the sampler's own rules, before any model is resolved or loaded."""
+    whole_number("max_tokens", max_tokens, 1)
+    whole_number("prefill_step_size", prefill_step_size, 1)
+    if seed is not None:
+        whole_number("seed", seed, 0, SEED_LIMIT - 1)
+    stop_strings(stop)
+    check_sampling(temp, top_p, top_k, min_p)
+    dflash_block_size(block_size, num_draft_tokens, "dflash")  # whether DFlash runs at all is the model's to say
 
 
 def template_options(chat_template_config) -> dict:
@@ -64,7 +83,7 @@ def load_models(model_path: str, draft_path):
         raise DLLMError(f"{model_path} has no tokenizer")
     if draft_path is None:
         return model, tokenizer, None
-    draft_model = as_run_here(mlx_dllm.load(draft_path)[0], draft_path)  # the target's tokenizer serves both
+    draft_model = mlx_dllm.load(draft_path)[0]  # the target's tokenizer serves both
     if not isinstance(draft_model, DFlashDraft):
         kind = getattr(draft_model, "model_type", type(draft_model).__name__)
         raise DLLMError(f"--draft-model {draft_path} is not a DFlash drafter (it is a {kind} model)")
@@ -72,10 +91,14 @@ def load_models(model_path: str, draft_path):
 
 
 def choose_drafter(model, draft_model, no_draft: bool, mode):
-    """The default model decodes with its shipped drafter unless told otherwise (--no-draft, 'none', a mode)."""
-    if no_draft or (draft_model is not None and draft_model.lower() == "none"):
+    """The default model (no --model, or named) decodes with its shipped drafter unless told otherwise (--no-draft,
+    'none', a mode); a drafter named beside --no-draft is a contradiction, not a choice."""
+    no_drafter = draft_model is not None and draft_model.lower() == "none"
+    if no_draft and draft_model is not None and not no_drafter:
+        raise DLLMError(f"--no-draft and --draft-model {draft_model} contradict each other: give one")
+    if no_draft or no_drafter:
         return None
-    if draft_model is None and model is None and mode in (None, "dflash"):
+    if draft_model is None and (model is None or names_default(model)) and mode in (None, "dflash"):
         return default_drafter()
     return draft_model
 
@@ -84,7 +107,8 @@ def choose_drafter(model, draft_model, no_draft: bool, mode):
 @click.option(
     "--model",
     default=None,
-    help="MLX target model folder or hub repo id (default: SmolLM2-135M-Instruct, from the hub or PyPI).",
+    help="MLX target model folder or hub repo id (default, or 'default': SmolLM2-135M-Instruct, from the hub or "
+    "PyPI).",
 )
 @click.option(
     "--draft-model",
@@ -175,15 +199,13 @@ def generate_command(
     """Generate text: plain AR, DFlash with --draft-model, or a diffusion model's own modes."""
     if image:
         raise DLLMError("image input is not supported yet")
-    if prefill_step_size < 1:
-        raise DLLMError(f"prefill step size must be positive, got {prefill_step_size}")
+    check_values(max_tokens, prefill_step_size, seed, stop, temp, top_p, top_k, min_p, block_size, num_draft_tokens)
     verbose = verbose and not quiet
     chat_options = template_options(chat_template_config)
     draft_model = choose_drafter(model, draft_model, no_draft, mode)
-    if model is None:
-        model = default_model()
-    target, tokenizer, drafter = load_models(model, draft_model)
-    prompt = build_prompt(tokenizer, read_prompt(prompt), system_prompt, ignore_chat_template, chat_options)
+    text = read_prompt(prompt)
+    target, tokenizer, drafter = load_models(model if model is not None else NAME, draft_model)
+    prompt = build_prompt(tokenizer, text, system_prompt, ignore_chat_template, chat_options)
     options = {k: v for k, v in knobs.items() if v is not None}
     if no_lora:
         options["lora"] = False
@@ -225,3 +247,5 @@ def generate_command(
     if verbose and response is not None:
         click.echo("=" * 10)
         click.echo(summary(response))
+        # The BLAS the speeds above ran on; stderr, since stdout carries the text and the summary only.
+        click.echo(f"[INFO] BLAS: {blas.current_blas()}, device {mx.default_device()}", err=True)

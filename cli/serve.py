@@ -2,7 +2,7 @@
 
 import click
 
-from mlx_dllm.default_model import default_model
+from mlx_dllm.default_model import NAME, names_default
 from mlx_dllm.errors import DLLMError
 
 from .generate import choose_drafter, load_models
@@ -11,7 +11,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @click.command("serve")
-@click.option("--model", default=None, help="Model folder or hub repo id (default: SmolLM2-135M-Instruct).")
+@click.option("--model", default=None,
+              help="Model folder or hub repo id (default, or 'default': SmolLM2-135M-Instruct).")
 @click.option("--draft-model", default=None,
               help="DFlash drafter folder or hub repo id (default model: its shipped drafter; 'none': plain AR).")
 @click.option("--no-draft", is_flag=True, help="No drafter, not even the default model's.")
@@ -35,15 +36,15 @@ def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens,
 
     if api_key is not None and not api_key.strip():
         raise DLLMError("--api-key must not be empty")
+    draft = choose_drafter(model, draft_model, no_draft, None)
     sock = listen(host, port)  # a port in use fails now, before the model loads
     if host not in LOCAL_HOSTS:
         click.echo(f"[WARNING] Listening on {host}: other machines can reach this server"
                    f"{'' if api_key else '; set --api-key'}.", err=True)
-    draft = choose_drafter(model, draft_model, no_draft, None)
-    path = model or default_model()
+    path = NAME if model is None else model
 
     def load():
-        return Loaded(*load_models(path, draft), name=model or "SmolLM2-135M-Instruct")
+        return Loaded(*load_models(path, draft), name="SmolLM2-135M-Instruct" if names_default(path) else path)
 
     try:
         app, worker = build(load, Settings(max_tokens, max_body_bytes, api_key), max_queue)

@@ -15,7 +15,8 @@ def layer_list(text):
 
 
 @click.command("train-drafter")
-@click.option("--model", required=True, help="The target: an mlx-lm model folder or hub repo id.")
+@click.option("--model", required=True,
+              help="The target: an mlx-lm model folder or hub repo id ('default': SmolLM2-135M-Instruct).")
 @click.option("--data", required=True, help="JSONL of prompts (the target answers them) or prompt/response pairs.")
 @click.option("--out", required=True, help="New folder for the drafter (its work folder OUT.work sits beside it).")
 @click.option("--block-size", type=int, default=None,

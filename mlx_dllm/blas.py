@@ -1,12 +1,14 @@
 """Which BLAS the CPU backend runs, and preloading OpenBLAS on Linux in place of the wheel's reference BLAS.
 
 MLX's Linux CPU wheel links the netlib reference BLAS (fp32 matmul ~6 GFLOP/s); OpenBLAS preloaded with
-LD_PRELOAD runs the same calls ~50x faster. LD_PRELOAD only acts at process start, so the benchmark re-runs
-itself once with it set. Nothing here acts on macOS (Accelerate).
+LD_PRELOAD runs the same calls ~50x faster. LD_PRELOAD only acts at process start, so the commands that run
+matmuls re-run themselves once with it set. Nothing here acts on macOS (Accelerate). Used by the CLI, `load` (the
+warning) and the benchmark alike, so it lives in the library.
 """
 
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -18,7 +20,7 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib64/libopenblas.so.0",
     "/usr/lib/libopenblas.so.0",
 )
-FIX = "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread) and mlx-dllm benchmark preloads it"
+FIX = "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread) and the mlx-dllm commands preload it"
 
 
 def blas_kind(path: str) -> Optional[str]:
@@ -86,7 +88,7 @@ def rerun_command(argv: List[str]) -> List[str]:
 
 def ensure_blas(choice: str) -> None:
     """Re-exec with OpenBLAS preloaded when asked (`auto`, `openblas`) and possible; else return."""
-    from ..errors import DLLMError
+    from .errors import DLLMError
 
     openblas = find_openblas() if sys.platform == "linux" else None
     if choice == "openblas" and sys.platform == "linux" and openblas is None and current_blas() != "openblas":
@@ -98,8 +100,20 @@ def ensure_blas(choice: str) -> None:
         os.execve(sys.executable, rerun_command(sys.argv), environment)
 
 
-def reference_blas_warning(blas: str, device: str) -> Optional[str]:
-    """One line telling a Linux CPU user that fp32 matmuls run on the slow reference BLAS, and the fix."""
+def reference_blas_warning(blas: str, device: str, openblas: Optional[str] = None) -> Optional[str]:
+    """One line telling a Linux CPU user that fp32 matmuls run on the slow reference BLAS, and the fix: preloading
+    the OpenBLAS that is installed (`openblas`), else installing it."""
     if blas != "reference" or "cpu" not in device:
         return None
-    return f"warning: MLX runs the reference BLAS (fp32 matmul ~50x slower than OpenBLAS): {FIX}"
+    fix = f"preload it with LD_PRELOAD={openblas}" if openblas else FIX
+    return f"warning: MLX runs the reference BLAS (fp32 matmul ~50x slower than OpenBLAS): {fix}"
+
+
+@lru_cache(maxsize=None)
+def warn_reference_blas() -> None:
+    """The warning above on stderr, once per process, where MLX's CPU backend runs the reference BLAS."""
+    import mlx.core as mx
+
+    warning = reference_blas_warning(current_blas(), str(mx.default_device()), find_openblas())
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
