@@ -23,7 +23,7 @@ def forward_seconds(nbytes: int, params: int, tokens: int, chip: str) -> float:
 def block_tokens(model, draft, block_size: Optional[int] = None) -> int:
     """The block one step drafts or denoises: the one asked for, the drafter's, the model's, or DiffusionGemma's
     canvas."""
-    block = block_size or getattr(getattr(draft, "args", None), "block_size", None)
+    block = block_size or getattr(draft, "block_size", None)
     block = block or getattr(getattr(model, "args", None), "block_size", None)
     return block or getattr(model, "canvas_length", 1)
 

@@ -238,6 +238,13 @@ class Model(nn.Module):
             h = layer(h, context, layer_cache)
         return self.norm(h[:, start:])
 
+    # The drafter interface (models/drafter.py), read from the config.
+    block_size = property(lambda self: self.args.block_size)
+    mask_token_id = property(lambda self: self.args.mask_token_id)
+    target_layer_ids = property(lambda self: self.args.target_layer_ids)
+    hidden_size = property(lambda self: self.args.hidden_size)
+    draft_vocab = property(lambda self: self.args.draft_vocab)
+
     def make_cache(self) -> List:
         return [layer.self_attn.make_cache() for layer in self.layers]
 

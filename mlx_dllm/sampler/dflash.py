@@ -9,34 +9,34 @@ from typing import Iterator, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..errors import DLLMError
-from ..models.dflash import Model as DFlashDraft
+from ..models.drafter import Drafter, is_drafter
 from ..models.dtypes import compute_dtype
 from ..models.target import Target
 from .common import Stats, TokenSelector, prefill_chunks
 
 
-def bind_target(draft: DFlashDraft, model: nn.Module) -> Target:
+def bind_target(draft: Drafter, model: nn.Module) -> Target:
     """Check that `draft` can read `model` and return the target adapter capturing its layers.
 
     The drafter is cast to the target's compute dtype: mixed dtypes (an fp16 target with a bf16
     drafter) would promote every draft forward, and the target head it feeds, to float32."""
-    if not isinstance(draft, DFlashDraft):
+    if not is_drafter(draft):
         raise DLLMError(f"the draft model must be a DFlash drafter, got {type(draft).__name__}")
-    args = draft.args
     target_args = getattr(model, "args", None)
     target_hidden = getattr(target_args, "hidden_size", None)
-    if target_hidden is not None and target_hidden != args.hidden_size:
-        raise DLLMError(f"draft hidden size {args.hidden_size} does not match the target's {target_hidden}")
-    target = Target(model, args.target_layer_ids)
+    if target_hidden is not None and target_hidden != draft.hidden_size:
+        raise DLLMError(f"draft hidden size {draft.hidden_size} does not match the target's {target_hidden}")
+    target = Target(model, draft.target_layer_ids)
     vocab_rows = target.embed_tokens.weight.shape[0]
-    if not 0 <= args.mask_token_id < vocab_rows:
+    if not 0 <= draft.mask_token_id < vocab_rows:
         raise DLLMError(
-            f"mask_token_id {args.mask_token_id} is outside the target's embedding table ({vocab_rows} rows)"
+            f"mask_token_id {draft.mask_token_id} is outside the target's embedding table ({vocab_rows} rows)"
         )
     dtype = compute_dtype(target.embed_tokens)
-    if compute_dtype(draft.fc) != dtype:
+    if any(p.dtype != dtype for _, p in tree_flatten(draft.parameters()) if mx.issubdtype(p.dtype, mx.floating)):
         draft.set_dtype(dtype)
     return target
 
@@ -53,9 +53,9 @@ class DraftHead:
     a `draft_vocab`, of those rows alone (a fraction of the head's cost, which for a small target exceeds the
     drafter's layers). Proposals are verified either way, so the output is the target's."""
 
-    def __init__(self, draft: DFlashDraft, target: Target):
+    def __init__(self, draft: Drafter, target: Target):
         self.draft, self.target, self.ids = draft, target, None
-        vocab = draft.args.draft_vocab
+        vocab = draft.draft_vocab
         if vocab is not None:
             rows = target.head_module.weight.shape[0]
             if vocab[-1] >= rows:
@@ -72,10 +72,10 @@ class DraftHead:
 
 
 def propose_block(
-    draft: DFlashDraft, target: Target, anchor: int, features: mx.array, draft_cache, size: int, head: DraftHead
+    draft: Drafter, target: Target, anchor: int, features: mx.array, draft_cache, size: int, head: DraftHead
 ) -> mx.array:
     """One drafter forward over `[anchor, mask x (size-1)]`: the proposals for positions 1..size-1."""
-    block = mx.array([[anchor] + [draft.args.mask_token_id] * (size - 1)])
+    block = mx.array([[anchor] + [draft.mask_token_id] * (size - 1)])
     hidden = draft(target.embed(block), features, draft_cache, start=1)
     return head(hidden)[0]
 
@@ -84,7 +84,7 @@ def generate_dflash(
     model: nn.Module,
     prompt: mx.array,
     *,
-    draft_model: DFlashDraft,
+    draft_model: Drafter,
     select: TokenSelector,
     stats: Stats,
     max_tokens: int,
@@ -94,7 +94,7 @@ def generate_dflash(
 ) -> Iterator[List[int]]:
     """Yield the tokens committed by each round (the first yield is the prefill's token)."""
     target = bind_target(draft_model, model)  # first: it checks that the drafter is one
-    trained = draft_model.args.block_size
+    trained = draft_model.block_size
     block_size = block_size or trained
     if not 2 <= block_size <= trained:
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")

@@ -1,0 +1,32 @@
+"""What a speculative-decoding strategy asks of a drafter that reads a target's hidden states.
+
+A second drafter architecture is a new model file whose `Model` has these members; the strategies, the loader
+and the CLI read nothing else of it.
+"""
+
+from typing import List, Optional, Protocol, Sequence, runtime_checkable
+
+import mlx.core as mx
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    block_size: int  # the block it was trained to propose: anchor + block_size - 1 guesses
+    mask_token_id: int  # the id that fills a block's unknown positions (a row of the target's embeddings)
+    target_layer_ids: Sequence[int]  # the target layers whose outputs it reads, concatenated
+    hidden_size: int  # the width of each of those outputs
+    draft_vocab: Optional[Sequence[int]]  # head rows it proposes from (sorted ids), None: the whole head
+
+    def __call__(self, block_embeddings: mx.array, target_features: mx.array, cache, start: int = 0) -> mx.array:
+        """Hidden states for block positions `start..`, given the block's embeddings and the target features
+        of the context rows the cache has not seen yet."""
+
+    def make_cache(self) -> List:
+        """A fresh per-layer cache of context rows (trimmed by the drafter itself: it keeps no block rows)."""
+
+    def logits(self, head_logits: mx.array) -> mx.array:
+        """Its logits, given the target head's output on its hidden states."""
+
+
+def is_drafter(model) -> bool:
+    return isinstance(model, Drafter)
