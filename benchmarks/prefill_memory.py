@@ -17,7 +17,7 @@ from mlx_lm.models import qwen3
 
 from mlx_dllm.models import dflash, diffusion_gemma, nemotron_diffusion
 from mlx_dllm.sampler.common import Stats, make_token_selector
-from mlx_dllm.sampler.front import STRATEGIES
+from mlx_dllm.sampler.mode import modes_of
 
 HIDDEN, LAYERS, HEADS = 64, 2, 4
 
@@ -105,14 +105,13 @@ def our_prefill(model, prompt, mode: str, step: int, draft_model=None) -> float:
     """The strategy's first yield: the prefill and the token its last logit selects."""
 
     def run():
-        strategy = STRATEGIES[mode](
+        strategy = modes_of(model)[mode].run(
             model,
             prompt,
             draft_model=draft_model,
             select=make_token_selector(),
             stats=Stats(),
             max_tokens=1,
-            block_size=None,
             prefill_step_size=step,
             eos_token_ids=set(),
             options={"stability_threshold": None} if mode == "diffusion" else {},

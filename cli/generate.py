@@ -8,13 +8,15 @@ import click
 import mlx.core as mx
 import mlx_dllm
 from mlx_dllm import blas
-from mlx_dllm.chat_template import end_of_thinking_id, template_ids
+from mlx_dllm.chat_template import template_ids
 from mlx_dllm.default_model import NAME, default_drafter, names_default
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.dflash import Model as DFlashDraft
 from mlx_dllm.sampler import summary
-from mlx_dllm.sampler.arguments import SEED_LIMIT, dflash_block_size, stop_strings, whole_number
+from mlx_dllm.sampler.arguments import SEED_LIMIT, stop_strings, whole_number
 from mlx_dllm.sampler.common import check_sampling
+from mlx_dllm.sampler.dflash import BLOCK_SIZE, block_size_option
+from mlx_dllm.sampler.mode import all_modes, served_options, takers
 
 from .visualize import CanvasView
 
@@ -44,7 +46,9 @@ def check_values(max_tokens, prefill_step_size, seed, stop, temp, top_p, top_k, 
         whole_number("seed", seed, 0, SEED_LIMIT - 1)
     stop_strings(stop)
     check_sampling(temp, top_p, top_k, min_p)
-    dflash_block_size(block_size, num_draft_tokens, "dflash")  # whether DFlash runs at all is the model's to say
+    block_size = block_size_option(block_size, num_draft_tokens)
+    if block_size is not None:  # whether DFlash runs at all is the model's to say
+        BLOCK_SIZE.check(block_size)
 
 
 def template_options(chat_template_config) -> dict:
@@ -66,13 +70,6 @@ def build_prompt(tokenizer, prompt: str, system_prompt, ignore_chat_template: bo
         return tokenizer.encode(prompt, add_special_tokens=True)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     return template_ids(tokenizer, messages + [{"role": "user", "content": prompt}], options)
-
-
-def end_think_id(tokenizer) -> int:
-    token = end_of_thinking_id(tokenizer)
-    if token is None:
-        raise DLLMError("--max-thinking-tokens needs a tokenizer with a </think> token")
-    return token
 
 
 def load_models(model_path: str, draft_path):
@@ -103,6 +100,21 @@ def choose_drafter(model, draft_model, no_draft: bool, mode):
     return draft_model
 
 
+def mode_options(command):
+    """A flag per option the modes declare (a switch that is on by default: --no-NAME), in their order."""
+    for option in reversed(served_options()):
+        if option.name == BLOCK_SIZE.name:
+            continue  # beside --num-draft-tokens, above
+        where = "/".join(takers(option))
+        if option.kind is bool:
+            flag = click.option(option.cli_flag, option.name, flag_value=False, default=None,
+                                help=f"{where}: turn off: {option.help}.")
+        else:
+            flag = click.option(option.cli_flag, type=option.kind, default=None, help=f"{where}: {option.help}.")
+        command = flag(command)
+    return command
+
+
 @click.command("generate")
 @click.option(
     "--model",
@@ -116,7 +128,7 @@ def choose_drafter(model, draft_model, no_draft: bool, mode):
     help="DFlash drafter folder or hub repo id (default model: its shipped drafter; 'none': plain AR).",
 )
 @click.option("--no-draft", is_flag=True, help="No drafter, not even the default model's: plain AR.")
-@click.option("--block-size", type=int, default=None, help="Draft block size (default: the drafter's).")
+@click.option("--block-size", type=int, default=None, help=f"dflash: {BLOCK_SIZE.help}.")
 @click.option(
     "--num-draft-tokens", type=int, default=None, help="Tokens to draft per block, as mlx-lm (= --block-size - 1)."
 )
@@ -147,29 +159,14 @@ def choose_drafter(model, draft_model, no_draft: bool, mode):
 @click.option("--prefill-step-size", type=int, default=2048, show_default=True, help="Prompt tokens per prefill chunk.")
 @click.option("--stop", multiple=True, help="Stop at this text (repeatable).")
 @click.option("--image", multiple=True, help="Image input (not supported yet).")
-@click.option("--max-denoising-steps", type=int, default=None, help="Diffusion: steps per canvas at most.")
-@click.option("--entropy-bound", type=float, default=None, help="Diffusion: entropy budget of accepted tokens.")
-@click.option("--t-min", type=float, default=None, help="Diffusion: temperature at the last step.")
-@click.option("--t-max", type=float, default=None, help="Diffusion: temperature at the first step.")
-@click.option("--stability-threshold", type=int, default=None, help="Diffusion: steps the argmax must hold.")
-@click.option("--confidence-threshold", type=float, default=None, help="Diffusion: mean entropy to stop under.")
-@click.option("--visualize", is_flag=True, help="Diffusion: redraw the canvas at every step.")
+@click.option("--visualize", is_flag=True, help="diffusion: redraw the canvas at every step.")
 @click.option(
     "--mode",
     default=None,
-    help="Decoding mode (default: the model's own; Nemotron-Labs-Diffusion: "
-    "ar, diffusion, linear-spec, quadratic-spec).",
+    help=f"Decoding mode, as the model supports: {', '.join(dict.fromkeys(m.name for m in all_modes()))} (default: "
+    "the model's own).",
 )
-@click.option(
-    "--block-length",
-    type=int,
-    default=None,
-    help="Nemotron-Labs-Diffusion: block length (default: the checkpoint's, 32; quadratic-spec: 4 rows, "
-    "since its rows*(rows+1)-token forward is compute-bound on Apple GPUs beyond that).",
-)
-@click.option("--threshold", type=float, default=None, help="Nemotron-Labs-Diffusion: unmasking confidence threshold.")
-@click.option("--no-lora", is_flag=True, help="Nemotron-Labs-Diffusion linear-spec: draft without the LoRA.")
-@click.option("--max-thinking-tokens", type=int, default=None, help="Nemotron-Labs-Diffusion: force </think> after N.")
+@mode_options
 def generate_command(
     model,
     draft_model,
@@ -193,7 +190,6 @@ def generate_command(
     image,
     visualize,
     mode,
-    no_lora,
     **knobs,
 ):
     """Generate text: plain AR, DFlash with --draft-model, or a diffusion model's own modes."""
@@ -207,10 +203,6 @@ def generate_command(
     target, tokenizer, drafter = load_models(model if model is not None else NAME, draft_model)
     prompt = build_prompt(tokenizer, text, system_prompt, ignore_chat_template, chat_options)
     options = {k: v for k, v in knobs.items() if v is not None}
-    if no_lora:
-        options["lora"] = False
-    if "max_thinking_tokens" in options:
-        options["end_think_token_id"] = end_think_id(tokenizer)
     view = CanvasView(tokenizer) if visualize else None
     if view is not None:
         options["on_step"] = view

@@ -36,6 +36,16 @@ def mlx_checkpoints(hf_checkpoints, tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def models(mlx_checkpoints):
+    """(target, tokenizer, drafter) of the qwen3_gqa checkpoints, loaded once per test module."""
+    from mlx_dllm import load
+
+    target, tokenizer = load(str(mlx_checkpoints["qwen3_gqa"]["target"]))
+    draft, _ = load(str(mlx_checkpoints["qwen3_gqa"]["draft"]))
+    return target, tokenizer, draft
+
+
 @pytest.fixture
 def metal_emulator(monkeypatch, request):
     """mx.fast.metal_kernel runs on the CPU Metal emulator (tests/metal_emulator) during the test.

@@ -11,6 +11,7 @@ from mlx_dllm import blas
 from mlx_dllm.benchmark import runner
 from mlx_dllm.benchmark.prompts import BUILT_IN, read_prompts
 from mlx_dllm.cli import main
+from mlx_dllm.sampler.mode import all_modes
 
 QUICK = ["--num-prompts", "1", "--max-tokens", "6", "--repeats", "1"]
 JSON_KEYS = {"benchmark", "model", "methods", "outputs_match", "mismatches", "blas", "device", "max_tokens", "repeats"}
@@ -69,7 +70,7 @@ def test_benchmark_runs_each_tiny_family(family, methods):
     assert list(record["methods"]) == methods
     assert all(ROW_KEYS <= set(row) for row in record["methods"].values())
     assert record["outputs_match"] is True and record["mismatches"] == []
-    lossless = [m for m in methods if m in runner.LOSSLESS]
+    lossless = [m for m in methods if m != runner.MLX_LM and m in {mode.name for mode in all_modes() if mode.lossless}]
     assert all(record["methods"][m]["identical_output"] is True for m in lossless)
 
 
@@ -108,7 +109,7 @@ def test_benchmark_reports_a_forced_mismatch(monkeypatch):
 
     def corrupted(mode, block_size=None):
         run = real(mode, block_size)
-        if mode != "quadratic-spec":
+        if mode.name != "quadratic-spec":
             return run
 
         def wrong(*args):

@@ -175,8 +175,8 @@ def test_settings_come_from_generation_config_flat_or_nested():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"temperature": 0.5}, "unknown diffusion option temperature"),
-        ({"max_denoising_steps": 0}, "max_denoising_steps must be a positive integer"),
+        ({"temperature": 0.5}, "unknown option temperature for mode diffusion"),
+        ({"max_denoising_steps": 0}, "max_denoising_steps must be at least 1, got 0"),
         ({"entropy_bound": 0.0}, "entropy_bound must be > 0"),
         ({"t_min": 0.9, "t_max": 0.5}, "temperatures need"),
         ({"confidence_threshold": -1.0}, "confidence_threshold must be > 0"),
@@ -196,7 +196,7 @@ def test_diffusion_model_refuses_other_modes(checkpoint):
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"temp": 0.7}, "use t_min/t_max, not temp"), ({"block_size": 4}, "block size applies to DFlash drafting")],
+    [({"temp": 0.7}, "own schedule, not temp"), ({"block_size": 4}, "unknown option block_size for mode diffusion")],
 )
 def test_ar_sampling_flags_are_refused_in_diffusion_mode(checkpoint, options, message):
     _, model, tokenizer = checkpoint

@@ -4,18 +4,11 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 
-from mlx_dllm import DLLMError, load, stream_generate
+from mlx_dllm import DLLMError, stream_generate
 
 harness = pytest.importorskip("tests.reference.harness")
 
 PROMPT = [100, 3, 3, 250, 7, 64, 12]
-
-
-@pytest.fixture(scope="module")
-def models(mlx_checkpoints):
-    target, tokenizer = load(str(mlx_checkpoints["qwen3_gqa"]["target"]))
-    draft, _ = load(str(mlx_checkpoints["qwen3_gqa"]["draft"]))
-    return target, tokenizer, draft
 
 
 def _run(target, tokenizer, max_tokens, **options):

@@ -2,6 +2,7 @@
 mlx-lm's sampler / logits processors / housekeeping, and a prefill that never evaluates the head per row."""
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import re
@@ -12,7 +13,7 @@ from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models import qwen3
 from mlx_lm.sample_utils import make_logits_processors
 
-from mlx_dllm import DLLMError, load, stream_generate
+from mlx_dllm import DLLMError, stream_generate
 from mlx_dllm.models.dflash import Model as DFlashModel
 from mlx_dllm.models.dflash import ModelArgs as DFlashArgs
 from mlx_dllm.models.diffusion_gemma import Model as DiffusionGemmaModel
@@ -21,7 +22,8 @@ from mlx_dllm.models.nemotron_diffusion import LoRA
 from mlx_dllm.models.nemotron_diffusion import Model as NemotronModel
 from mlx_dllm.models.nemotron_diffusion import ModelArgs as NemotronArgs
 from mlx_dllm.sampler import dflash as dflash_strategy
-from mlx_dllm.sampler import front, linear_spec, quadratic_spec, summary
+from mlx_dllm.sampler import ar, blocks, front, linear_spec, quadratic_spec, summary
+from mlx_dllm.sampler.mode import modes_of
 from mlx_dllm.sampler.common import Stats, TokenSelector
 from tests.oracle import Oracle
 
@@ -29,13 +31,6 @@ harness = pytest.importorskip("tests.reference.harness")
 
 PROMPT = [100, 3, 3, 250, 7, 64, 12]
 PENALTY = {"repetition_penalty": 1.8, "repetition_context_size": 12}
-
-
-@pytest.fixture(scope="module")
-def models(mlx_checkpoints):
-    target, tokenizer = load(str(mlx_checkpoints["qwen3_gqa"]["target"]))
-    draft, _ = load(str(mlx_checkpoints["qwen3_gqa"]["draft"]))
-    return target, tokenizer, draft
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +187,8 @@ BAD_CALLS = {
     "min_p nan": "min_p must be a finite number",
     "max_tokens text": "max_tokens must be an integer",
     "max_tokens float": "max_tokens must be an integer",
-    "visualize without a canvas": "--visualize \\(on_step\\) needs a mode that denoises a canvas; mode ar has none",
-    "dflash block_length": "DFlash takes block_size",
+    "visualize without a canvas": "unknown option on_step for mode ar \\(on_step, --visualize, is for diffusion\\)",
+    "dflash block_length": "unknown option block_length for mode dflash \\(block_length, --block-length, is for",
     "stop of a wrong type": "stop must be a string or a list of strings",
     "draft that is an AR model": "the draft model must be a DFlash drafter, got Model",
 }
@@ -240,7 +235,7 @@ def _recording_strategy(record, count):
 def test_housekeeping_stream_wired_limit_and_periodic_clear_cache(models, no_eos, monkeypatch):
     target, tokenizer, _ = models
     streams, clears, limits = [], [], []
-    monkeypatch.setitem(front.STRATEGIES, "ar", _recording_strategy(streams, 600))
+    monkeypatch.setattr(ar, "MODE", dataclasses.replace(ar.MODE, run=_recording_strategy(streams, 600)))
     monkeypatch.setattr(mx, "clear_cache", lambda: clears.append(len(streams)))
 
     @contextlib.contextmanager
@@ -349,7 +344,7 @@ def test_quadratic_spec_defaults_to_its_own_block(nemotron, monkeypatch):
         nemotron, mx.array(PROMPT), select=TokenSelector(), stats=Stats(), max_tokens=8, options={}
     )
     list(itertools.islice(chunks, 2))
-    assert set(rows_seen) == {quadratic_spec.DEFAULT_ROWS} and 4 <= quadratic_spec.DEFAULT_ROWS <= 8
+    assert set(rows_seen) == {blocks.DEFAULT_ROWS} and 4 <= blocks.DEFAULT_ROWS <= 8
     assert nemotron.args.block_size == 32  # the checkpoint's block stays the other modes' default
 
 
@@ -395,7 +390,7 @@ def _peak(run) -> int:
 
 
 def _first_token(model, prompt, mode, **options):
-    strategy = front.STRATEGIES[mode](
+    strategy = modes_of(model)[mode].run(
         model, prompt, select=TokenSelector(), stats=Stats(), max_tokens=1, prefill_step_size=STEP, **options
     )
     next(strategy)
@@ -450,7 +445,7 @@ def test_prefill_memory_stays_near_mlx_lm(family):
     mx.eval(model.parameters(), draft.parameters(), prompt)
     theirs = _peak(lambda: next(generate_step(prompt, model, max_tokens=1, prefill_step_size=STEP)))
     mode = {"ar": "ar", "dflash": "dflash", "nemotron": "linear-spec"}[family]
-    extra = {"draft_model": draft, "block_size": None} if family == "dflash" else {}
+    extra = {"draft_model": draft} if family == "dflash" else {}
     extra |= {"options": {}} if family == "nemotron" else {}
     ours = _peak(lambda: _first_token(model, prompt, mode, **extra))
     assert ours <= 1.2 * theirs
@@ -464,7 +459,7 @@ def test_diffusion_gemma_prefill_keeps_no_chunk_outputs():
     mx.eval(model.parameters(), prompt)
 
     def prefill(step):
-        strategy = front.STRATEGIES["diffusion"](
+        strategy = modes_of(model)["diffusion"].run(
             model, prompt, stats=Stats(), max_tokens=1, prefill_step_size=step, options={"stability_threshold": None}
         )
         next(strategy)
@@ -493,6 +488,6 @@ def test_cli_num_draft_tokens_is_block_size_minus_one(mlx_checkpoints):
 
 
 def test_cli_help_shows_the_quadratic_default_block():
-    help_text = " ".join(_cli("generate", "--help").output.split())
-    assert f"quadratic-spec: {quadratic_spec.DEFAULT_ROWS} rows" in help_text
+    help_text = " ".join(_cli("generate", "--help").output.split()).replace("- ", "-")  # unwrapped at hyphens
+    assert f"quadratic-spec: {blocks.DEFAULT_ROWS} rows" in help_text
     assert "--num-draft-tokens" in help_text

@@ -2,9 +2,9 @@
 
 import json
 import statistics
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
-from .runner import LOSSLESS, MLX_LM, Sample
+from .runner import MLX_LM, Sample
 
 
 def median(values) -> Optional[float]:
@@ -17,7 +17,9 @@ def paired_ratio(samples: List[Sample], baseline: List[Sample]) -> Optional[floa
     return median(s.generation_tps / b.generation_tps for s, b in zip(samples, baseline) if b.generation_tps > 0)
 
 
-def summarize(samples: Dict[str, List[Sample]], mismatches: List[dict], outside: Dict[str, float]) -> Dict[str, dict]:
+def summarize(
+    samples: Dict[str, List[Sample]], mismatches: List[dict], outside: Dict[str, float], lossless: Set[str]
+) -> Dict[str, dict]:
     baseline_name = MLX_LM if MLX_LM in samples else None
     table = {}
     for method, runs in samples.items():
@@ -31,7 +33,7 @@ def summarize(samples: Dict[str, List[Sample]], mismatches: List[dict], outside:
             "generation_tokens": median(len(s.tokens) for s in runs),
             "outside_forward_share": outside.get(method),
             "vs_mlx_lm": paired_ratio(runs, samples[baseline_name]) if baseline_name else None,
-            "identical_output": (diverged == 0) if method in LOSSLESS and method != baseline_name else None,
+            "identical_output": (diverged == 0) if method in lossless and method != baseline_name else None,
         }
     return table
 

@@ -1,8 +1,10 @@
 """A roofline projection for Apple GPUs, labelled as such: not a measurement."""
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from mlx.utils import tree_flatten
+
+from ..sampler.mode import modes_of
 
 # Assumed Apple GPU specs: memory bandwidth (bytes/s), dense fp16 FLOP/s.
 CHIPS = {"M3 Max": (400e9, 14e12), "M4 Max": (546e9, 17e12), "M2 Ultra": (800e9, 27e12)}
@@ -28,28 +30,16 @@ def block_tokens(model, draft, block_size: Optional[int] = None) -> int:
     return block or getattr(model, "canvas_length", 1)
 
 
-def cycle_forwards(mode: str, model, draft, block_size: Optional[int] = None) -> List[Tuple[object, int]]:
-    """(module, tokens) of the forwards one decoding step of `mode` runs."""
-    block = block_tokens(model, draft, block_size)
-    if mode == "dflash":
-        return [(model, block), (draft, block)]
-    if mode == "linear-spec":
-        return [(model, block), (model, block)]  # one draft pass + one verify
-    if mode == "quadratic-spec":
-        return [(model, block * (block + 1))]
-    if mode == "diffusion":
-        return [(model, block)]
-    return [(model, 1)]
-
-
 def project(
     chip: str, model, draft, tokens_per_step: Dict[str, float], block_size: Optional[int] = None
 ) -> Dict[str, float]:
     """Projected speedup over AR per mode: tokens per step x t(AR forward) / t(step)."""
     ar = forward_seconds(*weights(model), 1, chip)
     speedups = {}
+    modes = modes_of(model)
+    block = block_tokens(model, draft, block_size)
     for mode, tokens in tokens_per_step.items():
-        forwards = cycle_forwards(mode, model, draft, block_size)
+        forwards = modes[mode].step_forwards(model, draft, block)
         step = sum(forward_seconds(*weights(module), count, chip) for module, count in forwards)
         speedups[mode] = (tokens or 1.0) * ar / step
     return speedups

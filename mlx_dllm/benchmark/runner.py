@@ -1,12 +1,13 @@
 """Greedy runs of every method on the same weights: mlx-lm's plain generation and our modes, interleaved."""
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import mlx.core as mx
 
+from ..sampler.mode import Mode, modes_of
+
 MLX_LM = "mlx_lm"
-LOSSLESS = ("ar", "dflash", "linear-spec", "quadratic-spec")  # greedy output must equal mlx-lm's AR
 
 
 @dataclass
@@ -33,14 +34,14 @@ def run_mlx_lm(model, tokenizer, prompt: List[int], max_tokens: int, draft=None)
     return Sample(tokens, last.generation_tps, last.prompt_tps, last.peak_memory, 1.0, None, [1] * (len(tokens) - 1))
 
 
-def mode_runner(mode: str, block_size: Optional[int] = None) -> Callable:
-    """One of our modes; `block_size` is DFlash's (None: the drafter's trained block)."""
+def mode_runner(mode: Mode, block_size: Optional[int] = None) -> Callable:
+    """One of our modes; `block_size` is the drafter's block (None: its trained one)."""
 
     def run(model, tokenizer, prompt: List[int], max_tokens: int, draft=None) -> Sample:
         from ..sampler import stream_generate
 
-        dflash = {"draft_model": draft, "block_size": block_size} if mode == "dflash" else {}
-        responses = list(stream_generate(model, tokenizer, prompt, max_tokens, mode=mode, **dflash))
+        drafting = {"draft_model": draft, "block_size": block_size} if mode.drafter else {}
+        responses = list(stream_generate(model, tokenizer, prompt, max_tokens, mode=mode.name, **drafting))
         last = responses[-1]
         steps = [len(r.tokens) for r in responses[1:] if r.tokens]  # the first holds the prefill's token
         tokens = [t for r in responses for t in r.tokens]
@@ -57,8 +58,15 @@ def mode_runner(mode: str, block_size: Optional[int] = None) -> Callable:
     return run
 
 
-def runners(methods: List[str], block_size: Optional[int] = None) -> Dict[str, Callable]:
-    return {m: run_mlx_lm if m == MLX_LM else mode_runner(m, block_size) for m in methods}
+def runners(model, methods: List[str], block_size: Optional[int] = None) -> Dict[str, Callable]:
+    modes = modes_of(model)
+    return {m: run_mlx_lm if m == MLX_LM else mode_runner(modes[m], block_size) for m in methods}
+
+
+def lossless(model, methods: List[str]) -> Set[str]:
+    """The methods whose greedy output must equal greedy AR: mlx-lm's, and the modes declared lossless."""
+    modes = modes_of(model)
+    return {m for m in methods if m == MLX_LM or modes[m].lossless}
 
 
 def rotated(methods: List[str], repeat: int) -> List[str]:
@@ -74,14 +82,22 @@ def first_divergence(tokens: List[int], reference: List[int]) -> Optional[int]:
 
 
 def run_all(
-    model, tokenizer, draft, prompts: List[List[int]], run: Dict[str, Callable], max_tokens: int, repeats: int,
+    model,
+    tokenizer,
+    draft,
+    prompts: List[List[int]],
+    run: Dict[str, Callable],
+    max_tokens: int,
+    repeats: int,
     progress=None,
 ):
-    """Samples per method of `run` (over repeats and prompts) and the lossless modes' divergences from the reference."""
+    """Samples per method of `run` (over repeats and prompts) and the lossless methods' divergences from the
+    reference."""
     methods = list(run)
     for method in methods:  # warm-up: compile paths and fill allocator pools outside the measurement
         run[method](model, tokenizer, prompts[0], min(max_tokens, 8), draft)
     reference = MLX_LM if MLX_LM in methods else ("ar" if "ar" in methods else None)
+    exact = lossless(model, methods)
     samples = {m: [] for m in methods}
     mismatches = []
     for repeat in range(repeats):
@@ -91,18 +107,20 @@ def run_all(
                 mx.reset_peak_memory()
                 outputs[method] = run[method](model, tokenizer, prompt, max_tokens, draft)
                 samples[method].append(outputs[method])
-            mismatches += check_outputs(outputs, reference, repeat, index)
+            mismatches += check_outputs(outputs, reference, exact, repeat, index)
             if progress is not None:
                 progress()
     return samples, mismatches
 
 
-def check_outputs(outputs: Dict[str, Sample], reference: Optional[str], repeat: int, prompt: int) -> List[dict]:
+def check_outputs(
+    outputs: Dict[str, Sample], reference: Optional[str], exact: Set[str], repeat: int, prompt: int
+) -> List[dict]:
     if reference is None:
         return []
     found = []
     for method, sample in outputs.items():
-        if method in LOSSLESS and method != reference:
+        if method in exact and method != reference:
             position = first_divergence(sample.tokens, outputs[reference].tokens)
             if position is not None:
                 found.append(

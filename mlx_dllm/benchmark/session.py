@@ -11,6 +11,7 @@ import click
 
 from .. import blas
 from ..errors import DLLMError
+from ..sampler.mode import modes_of
 from . import forward_cost, overhead, prompts, report, roofline, runner, tiny
 
 
@@ -65,8 +66,7 @@ def loaded_models(options: Options) -> Iterator[Tuple[object, object, object]]:
 
 
 def supported_modes(model, draft) -> List[str]:
-    modes = list(getattr(model, "modes", ("ar", "dflash")))
-    return [m for m in modes if m != "dflash" or draft is not None]
+    return [name for name, mode in modes_of(model).items() if not mode.drafter or draft is not None]
 
 
 def choose_methods(model, draft, asked: Optional[List[str]]) -> List[str]:
@@ -76,7 +76,7 @@ def choose_methods(model, draft, asked: Optional[List[str]]) -> List[str]:
         if mode not in supported:
             raise DLLMError(f"--modes: this model runs {', '.join(supported)}, not {mode}")
     modes = list(dict.fromkeys(asked or supported))
-    baseline = [runner.MLX_LM] if "ar" in getattr(model, "modes", ("ar",)) else []
+    baseline = [runner.MLX_LM] if "ar" in modes_of(model) else []
     return baseline + modes
 
 
@@ -122,10 +122,11 @@ def run(options: Options) -> None:
         texts = prompts.read_prompts(options.prompts, options.num_prompts)
         vocab = tiny.VOCAB if options.tiny else 0
         ids = [prompts.encode(tokenizer, text, vocab) for text in texts]
-        run_method = runner.runners(methods, options.block_size)
+        run_method = runner.runners(model, methods, options.block_size)
+        exact = runner.lossless(model, methods)
         samples, mismatches = measure(model, tokenizer, draft, ids, run_method, options)
         shares = outside_shares(model, tokenizer, draft, ids[0], run_method, options.max_tokens)
-    table = report.summarize(samples, mismatches, shares)
+    table = report.summarize(samples, mismatches, shares, exact)
     click.echo("\n" + "\n".join(report.table_lines(table)))
     click.echo(
         f"Medians over {options.repeats} repeat(s) x {len(ids)} prompt(s) of '{options.prompts}', greedy, "

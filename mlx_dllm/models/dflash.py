@@ -211,7 +211,7 @@ class DecoderLayer(nn.Module):
 class Model(nn.Module):
     """The drafter. `__call__` maps block embeddings + new target features to normalised hidden states."""
 
-    modes = ("dflash",)
+    modes = {"dflash": "dflash"}  # mode -> its strategy file in sampler/
     default_mode = "dflash"
 
     def __init__(self, args: ModelArgs):

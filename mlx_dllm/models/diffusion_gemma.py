@@ -315,7 +315,7 @@ class DiffusionGemmaModel(nn.Module):
 
 
 class Model(nn.Module):
-    modes = ("diffusion",)
+    modes = {"diffusion": "diffusion"}  # mode -> its strategy file in sampler/
     default_mode = "diffusion"
 
     def __init__(self, args: ModelArgs):

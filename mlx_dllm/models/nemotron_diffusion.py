@@ -152,9 +152,10 @@ class Backbone(nn.Module):
 
 
 class Model(nn.Module):
-    modes = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+    # mode -> its strategy file in sampler/; diffusion is confidence unmasking, not DiffusionGemma's uniform noise
+    modes = {"ar": "ar", "diffusion": "mask_diffusion", "linear-spec": "linear_spec",
+             "quadratic-spec": "quadratic_spec"}
     default_mode = "linear-spec"
-    mode_strategies = {"diffusion": "mask-diffusion"}  # confidence unmasking, not DiffusionGemma's uniform noise
 
     def __init__(self, args: ModelArgs):
         super().__init__()

@@ -7,6 +7,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from .common import Stats, TokenSelector, prefill_chunks
+from .mode import Mode
 
 
 def generate_ar(
@@ -32,3 +33,13 @@ def generate_ar(
         stats.forwards += 1  # the forward that produced `token`
         yield [token.item()]
         token = next_token
+
+
+MODE = Mode(
+    "ar",
+    generate_ar,
+    lossless=True,
+    samples=True,
+    honours_sampler=True,
+    step_forwards=lambda model, draft, block: [(model, 1)],
+)

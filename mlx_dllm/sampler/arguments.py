@@ -88,16 +88,3 @@ def stop_strings(stop) -> tuple:
     if any(s == "" for s in stops):
         raise DLLMError("stop strings must not be empty")
     return tuple(stops)
-
-
-def dflash_block_size(block_size, num_draft_tokens, mode: str) -> Optional[int]:
-    """DFlash's block: `block_size`, or mlx-lm's `num_draft_tokens` (the block minus its anchor)."""
-    if num_draft_tokens is not None:
-        if block_size is not None:
-            raise DLLMError("give block_size or num_draft_tokens, not both (block size = draft tokens + 1)")
-        block_size = whole_number("num_draft_tokens", num_draft_tokens, 1) + 1
-    if block_size is None:
-        return None
-    if mode != "dflash":
-        raise DLLMError(f"block size applies to DFlash drafting, not to mode {mode}")
-    return whole_number("block size", block_size, 2)

@@ -1,6 +1,5 @@
 """What the block strategies of Nemotron-Labs-Diffusion share: block length, thinking budget, causal prefill."""
 
-import numbers
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -8,8 +7,8 @@ import mlx.nn as nn
 
 from ..errors import DLLMError
 from ..models.rollback import speculative_cache
-from .arguments import whole_number
 from .common import Stats, TokenSelector, prefill_chunks
+from .mode import Option
 
 
 # Without max_position_embeddings in the config, no block may exceed this many tokens.
@@ -17,44 +16,42 @@ FALLBACK_POSITION_LIMIT = 32768
 # Quadratic layouts past 64 rows (4,160 tokens, a 17M-entry mask) are no decoding step any more.
 MAX_QUADRATIC_ROWS = 64
 
+# Quadratic-spec's layout forward runs rows*(rows+1) tokens: at the checkpoint's 32 rows (1,056 tokens) it is
+# compute-bound.
+# Roofline, Nemotron-8B (7.95B non-head parameters, 2 FLOPs each per token) on an M3 Max (400 GB/s, ~14 TFLOP/s)
+# and an M4 Pro (273 GB/s, ~9 TFLOP/s): at 4 rows (20 tokens) compute stays within 1.15x of the weight-read time
+# in bf16 and 8-bit on both, so a forward costs about one AR step and yields ~2.9 tokens; 5 rows gain <20% in
+# bf16 but lose 20% in 8-bit, 8 rows (72 tokens) are 2-4x compute-bound everywhere, 32 rows 30-60x.
+DEFAULT_ROWS = 4
+
+
+BLOCK_LENGTH = Option(
+    "block_length",
+    int,
+    f"block length (default: the checkpoint's; quadratic-spec: {DEFAULT_ROWS} rows, since its rows*(rows+1)-token "
+    "forward is compute-bound on Apple GPUs beyond that)",
+    minimum=2,
+    label="block length",
+)
+# None: no threshold, an even unmasking schedule (the reference's threshold=None).
+THRESHOLD = Option("threshold", float, "unmasking confidence threshold", minimum=0, maximum=1, nullable=True)
+# The thinking budget; the front finds the </think> id in the tokenizer when the caller gives none.
+THINKING = (
+    Option("max_thinking_tokens", int, "force </think> after N tokens", minimum=0),
+    Option("end_think_token_id", int, "the id forced at the end of thinking", minimum=0, public=False),
+)
+
 
 def block_length(model: nn.Module, options: dict, default: Optional[int] = None, layout: bool = False) -> int:
-    """`block_length` (else `default`, else the checkpoint's block size), checked before it reaches MLX: an
-    integer >= 2 whose forward (rows*(rows+1) tokens for the quadratic `layout`) fits the model's positions."""
-    length = options.pop("block_length", None)
-    length = (default or model.args.block_size) if length is None else length
-    if isinstance(length, bool) or not isinstance(length, numbers.Integral):
-        raise DLLMError(f"block length must be an integer, got {length!r}")
-    if length < 2:
-        raise DLLMError(f"block length must be at least 2, got {length}")
+    """`block_length` (else `default`, else the checkpoint's block size), checked before it reaches MLX: its
+    forward (rows*(rows+1) tokens for the quadratic `layout`) must fit the model's positions."""
+    length = BLOCK_LENGTH.check(options.get("block_length") or default or model.args.block_size)
     positions = model.args.max_position_embeddings or FALLBACK_POSITION_LIMIT
     tokens = length * (length + 1) if layout else length
     if tokens > positions or (layout and length > MAX_QUADRATIC_ROWS):
         largest = max(r for r in range(2, MAX_QUADRATIC_ROWS + 1) if r * (r + 1) <= positions) if layout else positions
         raise DLLMError(f"block length {length} is too long for this model (at most {largest})")
-    return int(length)
-
-
-def threshold_option(options: dict, default: Optional[float]) -> Optional[float]:
-    """`threshold`: a confidence in [0, 1], or None where the mode allows it; checked, not trusted."""
-    threshold = options.pop("threshold", default)
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
-        raise DLLMError(f"threshold must be a number in [0, 1], got {threshold!r}")
-    return float(threshold)
-
-
-def flag_option(options: dict, name: str, default: Optional[bool]) -> Optional[bool]:
-    value = options.pop(name, default)
-    if value is not None and not isinstance(value, bool):
-        raise DLLMError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def refuse_unknown(options: dict, mode: str) -> None:
-    if options:
-        raise DLLMError(f"unknown option {sorted(options)[0]} for mode {mode}")
+    return length
 
 
 def causal_prefill(
@@ -76,13 +73,10 @@ class ThinkingBudget:
     token, it is forced in (once), as the reference generators do."""
 
     def __init__(self, options: dict):
-        self.limit = options.pop("max_thinking_tokens", None)
-        self.token = options.pop("end_think_token_id", None)
+        self.limit = options.get("max_thinking_tokens")
+        self.token = options.get("end_think_token_id")
         if (self.limit is None) != (self.token is None):
             raise DLLMError("max_thinking_tokens and end_think_token_id go together")
-        if self.limit is not None:
-            self.limit = whole_number("max_thinking_tokens", self.limit, 0)
-            self.token = whole_number("end_think_token_id", self.token, 0)
         self.done = self.limit is None
 
     def force_at(self, index: int, tokens: List[int]) -> bool:

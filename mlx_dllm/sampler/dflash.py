@@ -15,7 +15,20 @@ from ..errors import DLLMError
 from ..models.drafter import Drafter, is_drafter
 from ..models.dtypes import compute_dtype
 from ..models.target import Target
+from .arguments import whole_number
 from .common import Stats, TokenSelector, prefill_chunks
+from .mode import Mode, Option
+
+BLOCK_SIZE = Option("block_size", int, "draft block size (default: the drafter's)", minimum=2, label="block size")
+
+
+def block_size_option(block_size, num_draft_tokens) -> Optional[int]:
+    """DFlash's block: `block_size`, or mlx-lm's `num_draft_tokens` (the block minus its anchor)."""
+    if num_draft_tokens is None:
+        return block_size
+    if block_size is not None:
+        raise DLLMError("give block_size or num_draft_tokens, not both (block size = draft tokens + 1)")
+    return whole_number("num_draft_tokens", num_draft_tokens, 1) + 1
 
 
 def bind_target(draft: Drafter, model: nn.Module) -> Target:
@@ -88,14 +101,14 @@ def generate_dflash(
     select: TokenSelector,
     stats: Stats,
     max_tokens: int,
-    block_size: Optional[int] = None,
     prefill_step_size: int = 2048,
+    options: Optional[dict] = None,
     **_,
 ) -> Iterator[List[int]]:
     """Yield the tokens committed by each round (the first yield is the prefill's token)."""
     target = bind_target(draft_model, model)  # first: it checks that the drafter is one
     trained = draft_model.block_size
-    block_size = block_size or trained
+    block_size = (options or {}).get("block_size") or trained
     if not 2 <= block_size <= trained:
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
     head = DraftHead(draft_model, target)
@@ -149,3 +162,16 @@ def _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_
         produced += len(generated)
         size = min(block_size, max_tokens - produced + 1)
         proposal = draft(anchor, features, size) if size >= 2 else None
+
+
+MODE = Mode(
+    "dflash",
+    generate_dflash,
+    lossless=True,
+    samples=True,
+    honours_sampler=True,  # the target's verify logits choose every token
+    step_forwards=lambda model, draft, block: [(model, block), (draft, block)],  # one verify, one draft
+    options=(BLOCK_SIZE,),
+    drafter=True,
+    reports=("acceptance_length",),
+)

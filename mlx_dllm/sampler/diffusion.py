@@ -7,7 +7,6 @@ is stable and the mean entropy is low (or after `max_denoising_steps`); its argm
 the encoder and the next canvas starts.
 """
 
-import math
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
@@ -17,9 +16,27 @@ import mlx.nn as nn
 
 from ..errors import DLLMError
 from .common import Stats, evaluate_chunk
+from .mode import Mode, Option
 
 # Where knobs may sit in a generation_config.json besides the top level (release-candidate conversions).
 NESTED_SECTIONS = ("sampler_config", "linear_temperature_schedule_config", "diffusion_stopping_config")
+
+
+def knob(name: str, kind: type, help: str, **limits) -> Option:
+    return Option(name, kind, help, label=f"diffusion option {name}", **limits)
+
+
+# The denoising knobs: a caller's values and generation_config.json's are checked by the same declarations.
+KNOBS = (
+    knob("max_denoising_steps", int, "steps per canvas at most", minimum=1),
+    knob("entropy_bound", float, "entropy budget of the tokens a step accepts", minimum=0, above_minimum=True),
+    knob("t_min", float, "temperature at the last step", minimum=0),
+    knob("t_max", float, "temperature at the first step", minimum=0),
+    knob("stability_threshold", int, "steps the argmax must hold to stop", minimum=0),
+    knob("confidence_threshold", float, "mean entropy to stop under", minimum=0, above_minimum=True),
+)
+ON_STEP = Option("on_step", callable, "called with each step's StepState", public=False, flag="--visualize")
+NOISE = Option("noise", object, "replays recorded random draws (tests)", public=False)
 
 
 @dataclass
@@ -35,11 +52,9 @@ class DiffusionSettings:
 
     @classmethod
     def resolve(cls, generation_config: Optional[Dict], overrides: Dict) -> "DiffusionSettings":
-        """generation_config.json (flat or nested forms), then explicit overrides (None means: keep)."""
+        """generation_config.json (flat or nested forms), then explicit overrides (None means: keep); the mode
+        declaration has refused any name that is not a knob."""
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise DLLMError(f"unknown diffusion option {unknown[0]} (known: {', '.join(sorted(names))})")
         values = {}
         config = generation_config or {}
         for section in (config, *(config.get(s) or {} for s in NESTED_SECTIONS)):
@@ -50,30 +65,13 @@ class DiffusionSettings:
         return settings
 
     def validate(self) -> None:
-        for knob in fields(self):
-            self._check_finite_number(knob)
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps < 1:
-            raise DLLMError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps}")
-        if not self.entropy_bound > 0:
-            raise DLLMError(f"entropy_bound must be > 0, got {self.entropy_bound}")
-        if self.t_min is not None and self.t_max is not None and not 0 <= self.t_min < self.t_max:
+        """Each knob by its declaration (strings, booleans, lists, inf and nan from a hand-edited
+        generation_config.json are refused), then the temperatures together."""
+        for option in KNOBS:
+            if getattr(self, option.name) is not None:
+                option.check(getattr(self, option.name))
+        if self.t_min is not None and self.t_max is not None and not self.t_min < self.t_max:
             raise DLLMError(f"temperatures need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
-        if self.stability_threshold is not None and self.stability_threshold < 0:
-            raise DLLMError(f"stability_threshold must be >= 0, got {self.stability_threshold}")
-        if self.confidence_threshold is not None and not self.confidence_threshold > 0:
-            raise DLLMError(f"confidence_threshold must be > 0, got {self.confidence_threshold}")
-
-    def _check_finite_number(self, knob) -> None:
-        """Strings, booleans, lists, inf and nan (from a hand-edited generation_config.json) are refused."""
-        value = getattr(self, knob.name)
-        if value is None and knob.type in (Optional[int], Optional[float]):
-            return
-        integer = knob.type in (int, Optional[int])
-        number = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-        if not number or not math.isfinite(value):
-            raise DLLMError(
-                f"diffusion option {knob.name} must be {'an integer' if integer else 'a finite number'}, got {value!r}"
-            )
 
     def temperature(self, remaining: int) -> float:
         """Linear in the steps *remaining*: t_max on the first step, never reaching t_min."""
@@ -219,3 +217,15 @@ def generate_diffusion(
         tokens = denoise_canvas(model, cache, settings, noise, stats, on_step, canvas_index)
         stats.canvases += 1
         yield tokens
+
+
+MODE = Mode(
+    "diffusion",
+    generate_diffusion,
+    lossless=False,
+    samples=False,  # its temperatures are its own schedule (t_min, t_max)
+    honours_sampler=False,
+    step_forwards=lambda model, draft, block: [(model, block)],  # one denoising step over the canvas
+    options=(*KNOBS, ON_STEP, NOISE),
+    reports=("canvases",),
+)

@@ -8,12 +8,11 @@ import mlx.nn as nn
 from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import make_sampler
 
+from ..chat_template import end_of_thinking_id
 from ..errors import DLLMError
-from .ar import generate_ar
 from .arguments import (
     SEED_LIMIT,
     check_models,
-    dflash_block_size,
     embedding_rows,
     encode_prompt,
     stop_strings,
@@ -22,67 +21,52 @@ from .arguments import (
     wrap_tokenizer,
 )
 from .common import GenerationResponse, Stats, TokenSelector, check_sampling
-from .dflash import generate_dflash
-from .diffusion import generate_diffusion
-from .linear_spec import generate_linear_spec
-from .mask_diffusion import generate_mask_diffusion
-from .quadratic_spec import generate_quadratic_spec
+from .dflash import block_size_option
+from .mode import Mode, all_modes, modes_of
 from .stopping import StopStringStream
 
-STRATEGIES = {
-    "ar": generate_ar,
-    "dflash": generate_dflash,
-    "diffusion": generate_diffusion,
-    "mask-diffusion": generate_mask_diffusion,
-    "linear-spec": generate_linear_spec,
-    "quadratic-spec": generate_quadratic_spec,
-}
-# Options a strategy takes beyond the common ones; anything else is refused, never ignored.
-OPTIONED_STRATEGIES = {"diffusion", "mask-diffusion", "linear-spec", "quadratic-spec"}
-# Strategies whose tokens come from AR logits (every token, or the verify of a block): they honour mlx-lm's
-# `sampler` and `logits_processors`.
-CAUSAL_STRATEGIES = {"ar", "dflash", "linear-spec", "quadratic-spec"}
-CANVAS_STRATEGIES = {"diffusion", "mask-diffusion"}
 CLEAR_CACHE_EVERY = 256  # tokens, as mlx-lm's generate_step
 
 
-def _choose_mode(mode: Optional[str], model: nn.Module, draft_model: Optional[nn.Module]) -> str:
+def _choose_mode(name: Optional[str], model: nn.Module, draft_model: Optional[nn.Module]) -> Mode:
     """The asked mode, else the draft's, else the model's own default (mlx-lm models: plain AR)."""
-    if mode is None:
+    if name is None:
         source = draft_model if draft_model is not None else model
-        mode = getattr(source, "default_mode", "dflash" if draft_model is not None else "ar")
-    supported = getattr(model, "modes", ("ar", "dflash"))
-    if mode not in STRATEGIES and mode not in supported:
-        raise DLLMError(f"unknown mode '{mode}' (choose from {', '.join(supported)})")
-    if mode not in supported:
+        name = getattr(source, "default_mode", "dflash" if draft_model is not None else "ar")
+    modes = modes_of(model)
+    if name not in modes:
+        if all(name != mode.name for mode in all_modes()):
+            raise DLLMError(f"unknown mode '{name}' (choose from {', '.join(modes)})")
         family = type(model).__module__.rsplit(".", 1)[-1]
-        raise DLLMError(f"{family} models support {', '.join(supported)}, not {mode}")
-    if mode == "dflash" and draft_model is None:
-        raise DLLMError("mode 'dflash' needs a draft model (--draft-model)")
+        raise DLLMError(f"{family} models support {', '.join(modes)}, not {name}")
+    mode = modes[name]
+    if mode.drafter and draft_model is None:
+        raise DLLMError(f"mode '{name}' needs a draft model (--draft-model)")
     return mode
 
 
-def _refuse_options(options: dict, mode: str, strategy_name: str) -> None:
-    """Options the strategy cannot take, with the message that says what to use instead."""
-    if "on_step" in options and strategy_name not in CANVAS_STRATEGIES:
-        raise DLLMError(f"--visualize (on_step) needs a mode that denoises a canvas; mode {mode} has none")
-    if "block_length" in options and strategy_name == "dflash":
-        raise DLLMError("DFlash takes block_size (--block-size or --num-draft-tokens), not block_length")
-    if options and strategy_name not in OPTIONED_STRATEGIES:
-        raise DLLMError(f"unknown option {sorted(options)[0]} for mode {mode}")
+def _thinking_end(options: dict, tokenizer) -> dict:
+    """A thinking budget ends with the tokenizer's </think> unless the caller names the id."""
+    if options.get("max_thinking_tokens") is None or options.get("end_think_token_id") is not None:
+        return options
+    token = end_of_thinking_id(tokenizer)
+    if token is None:
+        raise DLLMError("max_thinking_tokens needs a tokenizer with a </think> token")
+    return {**options, "end_think_token_id": token}
 
 
-def _selector(strategy_name, temp, top_p, top_k, min_p, sampler, logits_processors, vocab_rows, prompt):
+def _selector(mode: Mode, temp, top_p, top_k, min_p, sampler, logits_processors, vocab_rows, prompt):
     """The token selector: mlx-lm's `sampler` and `logits_processors` where the mode honours them."""
     sampling = (temp, top_p, top_k, min_p) != (0.0, 1.0, 0, 0.0)
     check_sampling(temp, top_p, top_k, min_p)
     if vocab_rows is not None and top_k > vocab_rows:
         raise DLLMError(f"top_k {top_k} is above the vocabulary of {vocab_rows}")
-    if strategy_name == "diffusion" and sampling:
-        raise DLLMError("diffusion mode samples with its own schedule: use t_min/t_max, not temp/top_p/top_k/min_p")
+    if sampling and not mode.samples:
+        raise DLLMError(f"mode {mode.name} samples with its own schedule, not temp/top_p/top_k/min_p")
     custom = [name for name, value in (("sampler", sampler), ("logits_processors", logits_processors)) if value]
-    if custom and strategy_name not in CAUSAL_STRATEGIES:
-        raise DLLMError(f"{' and '.join(custom)} apply to AR logits (ar, dflash, linear-spec, quadratic-spec modes)")
+    if custom and not mode.honours_sampler:
+        honouring = ", ".join(dict.fromkeys(m.name for m in all_modes() if m.honours_sampler))
+        raise DLLMError(f"{' and '.join(custom)} apply to AR logits ({honouring} modes)")
     if sampler is not None:
         if sampling:
             raise DLLMError("give either sampler= or temp/top_p/top_k/min_p, not both")
@@ -123,10 +107,11 @@ def stream_generate(
     wherever tokens come from AR logits (ar, and the verify of dflash, linear-spec and quadratic-spec).
     `num_draft_tokens` is mlx-lm's name for DFlash's `block_size` - 1. Text that could begin a `stop` string
     is held back until it is decided.
-    `options` go to the strategy, which refuses any it does not know: DiffusionGemma's denoising knobs
-    (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `stability_threshold`,
-    `confidence_threshold`, `on_step`); Nemotron-Labs-Diffusion's `block_length`, `threshold`,
-    `causal_context`, `lora`, `max_thinking_tokens` and `end_think_token_id`.
+    `options` are the mode's own (see its `MODE` declaration; None means: the default); another mode's are
+    refused: DiffusionGemma's denoising knobs (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`,
+    `stability_threshold`, `confidence_threshold`, `on_step`); Nemotron-Labs-Diffusion's `block_length`,
+    `threshold`, `causal_context`, `lora`, `max_thinking_tokens` (ended by the tokenizer's </think> unless
+    `end_think_token_id` names another id).
     """
     check_models(model, draft_model)
     max_tokens = whole_number("max_tokens", max_tokens, 1)
@@ -135,32 +120,29 @@ def stream_generate(
         seed = whole_number("seed", seed, 0, SEED_LIMIT - 1)
     stops = stop_strings(stop)
     tokenizer = wrap_tokenizer(tokenizer)
-    mode = _choose_mode(mode, model, draft_model)
-    strategy_name = getattr(model, "mode_strategies", {}).get(mode, mode)
-    if strategy_name not in STRATEGIES:
-        raise DLLMError(f"mode '{mode}' is not implemented yet")
-    _refuse_options(options, mode, strategy_name)
-    block_size = dflash_block_size(block_size, num_draft_tokens, mode)
+    chosen = _choose_mode(mode, model, draft_model)
+    block_size = block_size_option(block_size, num_draft_tokens)
+    options = chosen.check_options({**options, **({} if block_size is None else {"block_size": block_size})})
+    options = _thinking_end(options, tokenizer)
     vocab_rows = embedding_rows(model)
     prompt = encode_prompt(tokenizer, prompt, vocab_rows)
-    select = _selector(strategy_name, temp, top_p, top_k, min_p, sampler, logits_processors, vocab_rows, prompt)
+    select = _selector(chosen, temp, top_p, top_k, min_p, sampler, logits_processors, vocab_rows, prompt)
     eos_ids = tokenizer_eos_ids(tokenizer)
     if seed is not None:
         mx.random.seed(seed)
     stats = Stats()
-    strategy = STRATEGIES[strategy_name](
+    strategy = chosen.run(
         model,
         prompt,
         draft_model=draft_model,
         select=select,
         stats=stats,
         max_tokens=max_tokens,
-        block_size=block_size,
         prefill_step_size=prefill_step_size,
         eos_token_ids=eos_ids,
         options=options,
     )
-    yield from _stream(model, tokenizer, strategy, stats, prompt.size, mode, max_tokens, eos_ids, stops)
+    yield from _stream(model, tokenizer, strategy, stats, prompt.size, chosen, max_tokens, eos_ids, stops)
 
 
 def _stream(model, tokenizer, strategy, stats, prompt_size, mode, max_tokens, eos_ids, stops):
@@ -200,7 +182,7 @@ def _stream(model, tokenizer, strategy, stats, prompt_size, mode, max_tokens, eo
         strategy.close()
 
 
-def _response(segment, tokens, mode, prompt_size, start, stats, generated, finish_reason) -> GenerationResponse:
+def _response(segment, tokens, mode: Mode, prompt_size, start, stats, generated, finish_reason) -> GenerationResponse:
     now = time.perf_counter()
     prefill_done = stats.prefill_done or now
     decoded = max(generated - stats.prefill_tokens, 0)  # tokens the decoding forwards produced
@@ -215,11 +197,11 @@ def _response(segment, tokens, mode, prompt_size, start, stats, generated, finis
         generation_tps=generated / max(now - prefill_done, 1e-9),
         peak_memory=mx.get_peak_memory() / 1e9,
         finish_reason=finish_reason,
-        mode=mode,
+        mode=mode.name,
         forwards=stats.decoding_forwards,
         draft_forwards=stats.draft_forwards,
         tokens_per_forward=decoded / max(stats.decoding_forwards, 1),
-        acceptance_length=stats.acceptance_length,
+        acceptance_length=stats.acceptance_length if "acceptance_length" in mode.reports else None,
         canvases=stats.canvases,
     )
 

@@ -12,8 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
-from .blocks import ThinkingBudget, block_length, causal_prefill, flag_option, refuse_unknown, threshold_option
+from .blocks import BLOCK_LENGTH, THINKING, THRESHOLD, ThinkingBudget, block_length, causal_prefill
 from .common import Stats, TokenSelector
+from .mode import Mode, Option
 
 
 def draft_block(
@@ -58,15 +59,13 @@ def generate_linear_spec(
 ) -> Iterator[List[int]]:
     """Yield the tokens each cycle commits (the first yield is the prefill's token). Each cycle's draft and
     verify are queued before the previous cycle's tokens go out, and read back with one host sync."""
-    options = dict(options or {})
+    options = options or {}
     length = block_length(model, options)
-    threshold = threshold_option(options, 0.0) or 0.0
-    lora = flag_option(options, "lora", None)
+    threshold = options.get("threshold") or 0.0
+    lora = options.get("lora", model.has_lora)  # by default the LoRA drafts whenever the model has one
     budget = ThinkingBudget(options)
     if lora and not model.has_lora:
         raise DLLMError("no drafter LoRA is loaded (the model folder has no linear_spec_lora/)")
-    lora = model.has_lora if lora is None else lora  # by default the LoRA drafts whenever the model has one
-    refuse_unknown(options, "linear-spec")
     cache, seed = causal_prefill(model, prompt, select, stats, prefill_step_size)
 
     def queue_cycle(seed: int, produced: int):
@@ -97,3 +96,17 @@ def generate_linear_spec(
         select.commit(emitted)
         cycle = queue_cycle(emitted[-1], produced)
         yield emitted
+
+
+LORA = Option("lora", bool, "draft with the checkpoint's LoRA (default: when it has one)")
+
+MODE = Mode(
+    "linear-spec",
+    generate_linear_spec,
+    lossless=True,
+    samples=True,
+    honours_sampler=True,  # the causal verify's logits choose every token
+    step_forwards=lambda model, draft, block: [(model, block), (model, block)],  # one draft pass, one verify
+    options=(BLOCK_LENGTH, THRESHOLD, LORA, *THINKING),
+    reports=("acceptance_length",),
+)

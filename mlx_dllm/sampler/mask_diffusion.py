@@ -11,9 +11,10 @@ from typing import Callable, Iterator, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .blocks import ThinkingBudget, block_length, causal_prefill, flag_option, refuse_unknown, threshold_option
+from .blocks import BLOCK_LENGTH, THINKING, THRESHOLD, ThinkingBudget, block_length, causal_prefill
 from .common import Stats, TokenSelector, evaluate_chunk, make_token_selector
-from .diffusion import StepState
+from .diffusion import ON_STEP, StepState
+from .mode import Mode, Option
 
 greedy = make_token_selector()
 
@@ -79,15 +80,14 @@ def generate_mask_diffusion(
     **_,
 ) -> Iterator[List[int]]:
     """Yield one committed block at a time (its first token is the seed the previous causal commit predicted)."""
-    options = dict(options or {})
+    options = options or {}
     length = block_length(model, options)
-    threshold = threshold_option(options, 0.9)
-    on_step = options.pop("on_step", None)
+    threshold = options.get("threshold", 0.9)
+    on_step = options.get("on_step")
     budget = ThinkingBudget(options)
     # causal_context=False is the LLaDA-style variant: prompt and commits encoded bidirectionally, no seed.
-    causal = flag_option(options, "causal_context", True)
+    causal = options.get("causal_context", True)
     pattern = "causal" if causal else "bidirectional"
-    refuse_unknown(options, "diffusion")
     if causal:
         cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size)
         seed = [first]
@@ -112,3 +112,17 @@ def generate_mask_diffusion(
         block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, on_step, select, block_index)
         stats.canvases += 1
         yield block
+
+
+CAUSAL_CONTEXT = Option("causal_context", bool, "a causal prompt and commits (off: LLaDA-style, bidirectional)")
+
+MODE = Mode(
+    "diffusion",
+    generate_mask_diffusion,
+    lossless=False,
+    samples=True,  # a temperature samples each step's guesses
+    honours_sampler=False,  # guesses come from bidirectional logits, not AR ones
+    step_forwards=lambda model, draft, block: [(model, block)],  # one unmasking step over the block
+    options=(BLOCK_LENGTH, THRESHOLD, CAUSAL_CONTEXT, *THINKING, ON_STEP),
+    reports=("canvases",),
+)

@@ -13,15 +13,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels import patterns
-from .blocks import ThinkingBudget, block_length, causal_prefill, refuse_unknown
+from .blocks import BLOCK_LENGTH, DEFAULT_ROWS, THINKING, ThinkingBudget, block_length, causal_prefill
 from .common import Stats, TokenSelector
+from .mode import Mode
 
-# The layout forward runs rows*(rows+1) tokens: at the checkpoint's 32 rows (1,056 tokens) it is compute-bound.
-# Roofline, Nemotron-8B (7.95B non-head parameters, 2 FLOPs each per token) on an M3 Max (400 GB/s, ~14 TFLOP/s)
-# and an M4 Pro (273 GB/s, ~9 TFLOP/s): at 4 rows (20 tokens) compute stays within 1.15x of the weight-read time
-# in bf16 and 8-bit on both, so a forward costs about one AR step and yields ~2.9 tokens; 5 rows gain <20% in
-# bf16 but lose 20% in 8-bit, 8 rows (72 tokens) are 2-4x compute-bound everywhere, 32 rows 30-60x.
-DEFAULT_ROWS = 4
 
 
 def propose(model: nn.Module, hidden: mx.array, position: int) -> mx.array:
@@ -57,16 +52,15 @@ def generate_quadratic_spec(
 ) -> Iterator[List[int]]:
     """Yield the prefill's token, then per forward the accepted drafts and the bonus token (1..B tokens).
     The next draft stays on device and the next layout forward is queued before the tokens go out."""
-    options = dict(options or {})
+    options = options or {}
     rows = block_length(model, options, default=DEFAULT_ROWS, layout=True)
     budget = ThinkingBudget(options)
-    refuse_unknown(options, "quadratic-spec")
     mask_id = model.args.mask_token_id
     cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size)
     # The initial draft: d_0 from the causal prefill, d_1.. from masks denoised against the prompt.
     masks = model(mx.array([[mask_id] * rows]), cache, pattern="bidirectional", write_cache=False, head=False)[0]
     stats.draft_forwards += 1
-    draft = mx.concatenate([mx.array([first], dtype=mx.int32), propose(model, masks[1:], cache[0].offset + 1)])
+    draft = mx.concatenate([mx.array([first], dtype=mx.int32), propose(model, masks[1:], prompt.shape[0] + 1)])
     produced = 1
     step = layout_forward(model, cache, draft, select) if produced < max_tokens else None
     yield [first]  # d_0 is the prefill's AR token: already certain
@@ -91,3 +85,16 @@ def generate_quadratic_spec(
         produced += len(emitted)
         step = layout_forward(model, cache, draft, select) if produced < max_tokens else None
         yield emitted
+
+
+MODE = Mode(
+    "quadratic-spec",
+    generate_quadratic_spec,
+    lossless=True,
+    samples=True,
+    honours_sampler=True,  # the d tokens' causal logits choose every token
+    # One layout forward of rows*(rows+1) tokens verifies a draft and drafts the next.
+    step_forwards=lambda model, draft, rows: [(model, rows * (rows + 1))],
+    options=(BLOCK_LENGTH, *THINKING),
+    reports=("acceptance_length",),
+)

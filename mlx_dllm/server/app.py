@@ -14,7 +14,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..chat_template import end_of_thinking_id
 from ..errors import DLLMError
 from .metrics import Metrics
 from .requests import parse
@@ -88,13 +87,12 @@ def sse(body) -> str:
 
 
 def create_app(worker: Worker, loaded: Loaded, settings: Settings, metrics: Metrics) -> Starlette:
-    end_think = end_of_thinking_id(loaded.tokenizer)
     created = int(time.time())
 
     async def generate(request: Request, chat: bool):
         try:
             parsed = parse(await read_json(request, settings.max_body_bytes), chat, loaded.tokenizer,
-                           settings.max_tokens, end_think)
+                           settings.max_tokens)
         except DLLMError as bad:
             metrics.count("bad_request")
             return error_response(400, str(bad))

@@ -10,15 +10,14 @@ from typing import Any, Dict, List, Optional
 from ..chat_template import template_ids
 from ..errors import DLLMError
 from ..sampler.arguments import whole_number
+from ..sampler.mode import served_options
 from .worker import Job
 
 # OpenAI name -> stream_generate keyword.
 SAMPLING = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
             "stop": "stop"}
-# Ours, with the CLI's names: the mode, block sizes and the denoising knobs.
-OURS = ("mode", "block_size", "num_draft_tokens", "block_length", "threshold", "lora", "causal_context",
-        "max_thinking_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-        "confidence_threshold")
+# Ours, with the API's names: the mode, mlx-lm's num_draft_tokens and every option a mode declares.
+OURS = ("mode", "num_draft_tokens", *(option.name for option in served_options()))
 # OpenAI fields we take only at the value that means "off".
 OFF_ONLY = {"n": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
             "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],),
@@ -34,7 +33,7 @@ class Request:
     chat: bool
 
 
-def parse(body: Any, chat: bool, tokenizer, max_tokens_limit: int, end_think_id=None) -> Request:
+def parse(body: Any, chat: bool, tokenizer, max_tokens_limit: int) -> Request:
     if not isinstance(body, dict):
         raise DLLMError("the request body must be a JSON object")
     body = {key: value for key, value in body.items() if value is not None}  # null means: the default
@@ -61,10 +60,6 @@ def parse(body: Any, chat: bool, tokenizer, max_tokens_limit: int, end_think_id=
     options = {SAMPLING[name]: body[name] for name in SAMPLING if name in body}
     options.update({name: body[name] for name in OURS if name in body})
     options["max_tokens"] = requested_tokens(body, max_tokens_limit)
-    if "max_thinking_tokens" in options:
-        if end_think_id is None:
-            raise DLLMError("max_thinking_tokens needs a tokenizer with a </think> token")
-        options["end_think_token_id"] = end_think_id
     return Request(Job(prompt, options), stream, include_usage, chat)
 
 
