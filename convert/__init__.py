@@ -29,7 +29,7 @@ def convert(
     from mlx_dllm import checkpoint_files, loading
 
     from .common import cast_parameters, check_finite_files, quantize_weights, resolve_dtype, save
-    from .staging import check_apart_from_source, check_destination, staged_folder
+    from mlx_dllm.staging import check_apart_from_source, check_destination, staged_folder
     from .dflash import load_draft
     from .diffusion_gemma import RECIPES, convert_diffusion_gemma, is_diffusion_gemma
     from .gguf import convert_gguf, is_gguf

@@ -1,8 +1,7 @@
 """What every conversion recipe shares: casting, quantizing, the NaN/Inf check, and saving weights, config and
-tokenizer files (into the folder `staging.staged_folder` provides)."""
+tokenizer files (into the folder `mlx_dllm.staging.staged_folder` provides)."""
 
 import glob
-import json
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -13,25 +12,18 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 from tqdm import tqdm
 
-from mlx_dllm.checkpoint_files import LORA_FOLDER, finite_screen, is_nonfinite, nonfinite_message, weight_files
-from mlx_dllm.configs import read_json
+from mlx_dllm.checkpoint_files import (
+    LORA_FOLDER,
+    TOKENIZER_PATTERNS,
+    finite_screen,
+    is_nonfinite,
+    nonfinite_message,
+    weight_files,
+)
+from mlx_dllm.configs import read_json, write_json
 from mlx_dllm.errors import DLLMError
 
 DTYPES = ("float16", "bfloat16", "float32")
-# Everything beside the weights and config that a folder needs to serve text; remote code (*.py) never.
-TOKENIZER_PATTERNS = (
-    "tokenizer*.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "*.tiktoken",
-    "tiktoken.model",
-    "generation_config.json",
-    "chat_template*",
-)
 
 
 def resolve_dtype(dtype: Optional[str], config: Dict) -> Optional[str]:
@@ -83,10 +75,6 @@ def copy_tokenizer_files(source: Path, destination: Path) -> None:
 def without_remote_code(config: Dict) -> Dict:
     """`auto_map` points transformers at the checkpoint's own Python files; a conversion never carries it."""
     return {key: value for key, value in config.items() if key != "auto_map"}
-
-
-def write_json(file: Path, content: Dict) -> None:
-    file.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_config(config: Dict, file: Path, keep_vision_config: bool) -> None:

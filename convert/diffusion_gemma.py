@@ -21,7 +21,7 @@ from mlx_dllm.models import diffusion_gemma
 from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES, Model, ModelArgs
 
 from .common import copy_tokenizer_files, nonfinite_hint, write_config
-from .staging import staged_folder
+from mlx_dllm.staging import staged_folder
 
 RECIPES = ("mixed",)
 DEFAULT_GROUP_SIZE, DEFAULT_BITS = 64, 4  # MLX's affine defaults, as `mlx_lm.convert -q`

@@ -22,7 +22,7 @@ from mlx_dllm.configs import check_sizes
 from mlx_dllm.errors import DLLMError
 
 from .common import cast_parameters, check_finite_files, quantize_weights, write_config
-from .staging import check_destination, staged_folder
+from mlx_dllm.staging import check_destination, staged_folder
 
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 GROUP_SIZE = 32  # the block size of Q4_0, Q4_1 and Q8_0

@@ -131,7 +131,7 @@ def from_hub():
 
 
 def is_conversion(folder: Path) -> bool:
-    from mlx_dllm.convert.staging import MARKER
+    from .staging import MARKER
 
     return (folder / MARKER).is_file()
 

@@ -116,7 +116,7 @@ def work_folder(out: Path) -> Path:
 
 def train(config: TrainConfig) -> Path:
     from .. import loading
-    from ..convert.staging import check_destination
+    from ..staging import check_destination
 
     check_options(config)
     out = Path(config.out)
@@ -290,7 +290,7 @@ class Run:
     def loop(self, work: Path) -> None:
         from tqdm import tqdm
 
-        from ..convert.staging import terminate_unwinds
+        from ..staging import terminate_unwinds
 
         options = asdict_options(self.config)
         started = time.perf_counter()
