@@ -1,8 +1,9 @@
-"""What every conversion recipe shares: casting, quantizing, the NaN/Inf check, and saving weights, config and
-tokenizer files (into the folder `mlx_dllm.staging.staged_folder` provides)."""
+"""What every conversion recipe shares: the options asked for, casting, quantizing, the NaN/Inf check, and saving
+weights, config and tokenizer files (into the folder `mlx_dllm.staging.staged_folder` provides)."""
 
 import glob
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -22,8 +23,26 @@ from mlx_dllm.checkpoint_files import (
 )
 from mlx_dllm.configs import read_json, write_json
 from mlx_dllm.errors import DLLMError
+from mlx_dllm.staging import staged_folder
 
 DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a conversion was asked for, beside its source and its destination."""
+
+    dtype: Optional[str] = None
+    quantize: bool = False
+    q_group_size: Optional[int] = None
+    q_bits: Optional[int] = None
+    quant_recipe: Optional[str] = None
+    force: bool = False
+    quiet: bool = False  # no [INFO] lines: a caller's stdout may be someone else's (the generated text)
+
+    def info(self, line: str) -> None:
+        if not self.quiet:
+            print(f"[INFO] {line}")
 
 
 def resolve_dtype(dtype: Optional[str], config: Dict) -> Optional[str]:
@@ -86,6 +105,17 @@ def copy_lora(source: Path, destination: Path) -> None:
     (destination / LORA_FOLDER).mkdir()
     for file in sorted((source / LORA_FOLDER).iterdir()):
         shutil.copy(file, destination / LORA_FOLDER / file.name)
+
+
+def write_model(model: nn.Module, config: Dict, source: Path, mlx_path: Path, options: Options) -> None:
+    """Cast, quantize and save a whole (lazily read) model into `mlx_path`, atomically."""
+    cast_parameters(model, options.dtype, config)
+    if options.quantize:
+        check_finite_files(weight_files(source))  # quantizing turns a NaN into a number: look before
+        options.info("Quantizing")
+        model, config = quantize_weights(model, config, options.q_group_size, options.q_bits)
+    with staged_folder(mlx_path, options.force) as staging:
+        save(staging, model, config, source, options.dtype)
 
 
 def save(destination: Path, model: nn.Module, config: Dict, source: Path, dtype: Optional[str] = None) -> None:

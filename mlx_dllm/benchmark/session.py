@@ -32,7 +32,8 @@ class Options:
 
 
 def check_options(options: Options) -> None:
-    if options.block_size is not None and options.draft_model is None and options.tiny != "dflash":
+    tiny_drafter = options.tiny is not None and tiny.tiny_family(options.tiny).tiny.target is not None
+    if options.block_size is not None and options.draft_model is None and not tiny_drafter:
         raise DLLMError("--block-size is DFlash's: it needs --draft-model or --tiny dflash")
     if options.kernels:
         if options.model or options.tiny or options.draft_model or options.modes or options.forward_cost:
@@ -140,7 +141,7 @@ def run(options: Options) -> None:
     record = {
         "benchmark": "generation",
         "model": model_label(options),
-        "draft_model": "tiny" if options.tiny == "dflash" else options.draft_model,
+        "draft_model": "tiny" if options.tiny and draft is not None else options.draft_model,
         "prompts": options.prompts,
         "num_prompts": len(ids),
         "prompt_tokens_median": report.median(len(p) for p in ids),
