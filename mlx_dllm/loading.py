@@ -204,3 +204,20 @@ def load(
     if is_drafter(model) and not any((path / name).exists() for name in TOKENIZER_FILES):
         return model, None
     return model, load_tokenizer_checked(path, config)
+
+
+def load_pair(
+    model_path: str, draft_path: Optional[str] = None
+) -> Tuple[nn.Module, TokenizerWrapper, Optional[nn.Module]]:
+    """(target, its tokenizer, drafter or None), each checked for its role: the one loading policy of the CLI,
+    the server, the benchmark and the trainer. The drafter uses the target's tokenizer."""
+    model, tokenizer = load(model_path)
+    if is_drafter(model):
+        raise DLLMError(f"{model_path} is a DFlash drafter: pass it as --draft-model, with its target as --model")
+    if draft_path is None:
+        return model, tokenizer, None
+    draft = load(draft_path)[0]
+    if not is_drafter(draft):
+        kind = getattr(draft, "model_type", type(draft).__name__)
+        raise DLLMError(f"--draft-model {draft_path} is not a DFlash drafter (it is a {kind} model)")
+    return model, tokenizer, draft

@@ -54,15 +54,15 @@ def check_options(options: Options) -> None:
 @contextmanager
 def loaded_models(options: Options) -> Iterator[Tuple[object, object, object]]:
     """(model, tokenizer, draft or None), from the checkpoints or a tiny random one built in a temporary folder."""
-    from ..loading import load
+    from ..loading import load_pair
 
     with tempfile.TemporaryDirectory(prefix="mlx-dllm-tiny-") as folder:
-        model_path, draft_path = options.model, options.draft_model
-        if options.tiny is not None:
+        if options.tiny is None:
+            loaded = load_pair(options.model, options.draft_model)
+        else:
             model_path, draft_path = tiny.build_tiny(options.tiny, Path(folder))
-        model, tokenizer = load(str(model_path))
-        draft = load(str(draft_path))[0] if draft_path is not None else None
-    yield model, tokenizer, draft
+            loaded = load_pair(str(model_path), None if draft_path is None else str(draft_path))
+    yield loaded
 
 
 def supported_modes(model, draft) -> List[str]:

@@ -129,8 +129,8 @@ def train(config: TrainConfig) -> Path:
     if config.resume and checkpoints.latest(work) is None:
         raise DLLMError(f"--resume: {work} holds no checkpoint to continue")
     records = data.read_records(Path(config.data))
-    model, tokenizer = loading.load(config.model)
-    if isinstance(model, DFlashDraft) or not hasattr(model, "layers"):
+    model, tokenizer, _ = loading.load_pair(config.model)
+    if not hasattr(model, "layers"):
         raise DLLMError(f"{config.model} is not an autoregressive target")
     initial = None
     if config.init not in INITS:
