@@ -26,6 +26,7 @@ from .dtypes import compute_dtype
 from .family import TINY_EOS_TOKEN_ID, TINY_MASK_TOKEN_ID, TINY_VOCAB, Family, Tiny
 
 Pattern = Union[str, patterns.Pattern]  # "causal", "bidirectional", or a kernels pattern (the quadratic layout)
+LORA_MODULE = "encoder.layers.{}.self_attn.o_proj"  # what the linear-spec drafter's LoRA adapts, in every layer
 
 
 def attention_pattern(pattern: Pattern, queries: int, keys: int) -> patterns.Pattern:
@@ -208,7 +209,7 @@ class Model(nn.Module):
         adapters = []
         for index, layer in enumerate(self.layers):
             self_attn = layer.self_attn
-            lora_a, lora_b = lora_pair(weights, f"encoder.layers.{index}.self_attn.o_proj", folder)
+            lora_a, lora_b = lora_pair(weights, LORA_MODULE.format(index), folder)
             expected_a = (rank, self_attn.n_heads * self_attn.head_dim)
             expected_b = (self.args.hidden_size, rank)
             if lora_a.shape != expected_a or lora_b.shape != expected_b:
@@ -275,6 +276,6 @@ FAMILY = Family(
             "block_size": 8,
             "eos_token_id": TINY_EOS_TOKEN_ID,
         },
-        lora="encoder.layers.{}.self_attn.o_proj",  # as the checkpoints ship their linear-spec drafter
+        lora=LORA_MODULE,
     ),
 )
