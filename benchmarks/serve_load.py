@@ -65,16 +65,15 @@ def load_check(url, prompts, requests, concurrency, max_tokens, mode, api_key):
 
 def start_server(model, draft_model):
     """A server on a free port of 127.0.0.1 in this process, as `mlx-dllm serve` builds it."""
-    from mlx_dllm.cli.generate import choose_drafter, load_models
-    from mlx_dllm.default_model import default_model
+    from mlx_dllm.cli.generate import choose_drafter
+    from mlx_dllm.loading import load_pair
     from mlx_dllm.server.app import Settings
     from mlx_dllm.server.run import build, listen, uvicorn_server
     from mlx_dllm.server.worker import Loaded
 
-    name = None if model == "default" else model
-    draft = choose_drafter(name, draft_model, False, None)
+    draft = choose_drafter(model, draft_model, False, None)  # `default` (or its hub id) brings its shipped drafter
     sock = listen("127.0.0.1", 0)
-    app, _ = build(lambda: Loaded(*load_models(name or default_model(), draft)), Settings(max_tokens=4096), 1024)
+    app, _ = build(lambda: Loaded(*load_pair(model, draft)), Settings(max_tokens=4096), 1024)
     server = uvicorn_server(app, "warning")
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     while not server.started:

@@ -7,7 +7,6 @@ import click
 from mlx_dllm import blas
 from mlx_dllm.benchmark.prompts import BUILT_IN
 from mlx_dllm.benchmark.roofline import CHIPS
-from mlx_dllm.benchmark.tiny import FAMILIES
 
 
 def split_modes(ctx, param, value):
@@ -25,7 +24,11 @@ def split_modes(ctx, param, value):
     "--draft-model",
     help="DFlash drafter folder or hub id (adds the dflash mode; default model: its shipped drafter; 'none': none).",
 )
-@click.option("--tiny", type=click.Choice(FAMILIES), help="Build a tiny random checkpoint of this family instead.")
+@click.option(
+    "--tiny",
+    metavar="FAMILY",
+    help="Build a tiny random checkpoint of this model family instead (e.g. dflash; a wrong name lists them all).",
+)
 @click.option("--modes", callback=split_modes, help="Comma-separated modes (default: every mode the model runs).")
 @click.option(
     "--prompts", default="gsm8k", show_default=True, help=f"Built-in set ({', '.join(BUILT_IN)}) or a jsonl/text file."

@@ -4,7 +4,7 @@ import click
 
 from mlx_dllm.convert import convert as convert_checkpoint
 from mlx_dllm.convert.common import DTYPES
-from mlx_dllm.convert.diffusion_gemma import RECIPES
+from mlx_dllm.convert.diffusion_gemma import QUANT_RECIPES
 
 
 @click.command("convert")
@@ -15,7 +15,7 @@ from mlx_dllm.convert.diffusion_gemma import RECIPES
 @click.option("--q-bits", type=click.IntRange(min=1), default=None, help="Bits per weight (default 4).")
 @click.option(
     "--quant-recipe",
-    type=click.Choice(RECIPES),
+    type=click.Choice(QUANT_RECIPES),
     default=None,
     help="DiffusionGemma mixed-bit recipe (implies -q): 8-bit embeddings, attention, dense MLP and router; "
     "--q-bits for experts and self-conditioning.",

@@ -11,7 +11,7 @@ from mlx_dllm import blas
 from mlx_dllm.chat_template import template_ids
 from mlx_dllm.default_model import NAME, default_drafter, names_default
 from mlx_dllm.errors import DLLMError
-from mlx_dllm.models.dflash import Model as DFlashDraft
+from mlx_dllm.loading import load_pair
 from mlx_dllm.sampler import summary
 from mlx_dllm.sampler.arguments import SEED_LIMIT, stop_strings, whole_number
 from mlx_dllm.sampler.common import check_sampling
@@ -72,19 +72,6 @@ def build_prompt(tokenizer, prompt: str, system_prompt, ignore_chat_template: bo
     return template_ids(tokenizer, messages + [{"role": "user", "content": prompt}], options)
 
 
-def load_models(model_path: str, draft_path):
-    model, tokenizer = mlx_dllm.load(model_path)
-    if isinstance(model, DFlashDraft):
-        raise DLLMError(f"{model_path} is a DFlash drafter: pass it as --draft-model, with its target as --model")
-    if tokenizer is None:
-        raise DLLMError(f"{model_path} has no tokenizer")
-    if draft_path is None:
-        return model, tokenizer, None
-    draft_model = mlx_dllm.load(draft_path)[0]  # the target's tokenizer serves both
-    if not isinstance(draft_model, DFlashDraft):
-        kind = getattr(draft_model, "model_type", type(draft_model).__name__)
-        raise DLLMError(f"--draft-model {draft_path} is not a DFlash drafter (it is a {kind} model)")
-    return model, tokenizer, draft_model
 
 
 def choose_drafter(model, draft_model, no_draft: bool, mode):
@@ -200,7 +187,7 @@ def generate_command(
     chat_options = template_options(chat_template_config)
     draft_model = choose_drafter(model, draft_model, no_draft, mode)
     text = read_prompt(prompt)
-    target, tokenizer, drafter = load_models(model if model is not None else NAME, draft_model)
+    target, tokenizer, drafter = load_pair(model if model is not None else NAME, draft_model)
     prompt = build_prompt(tokenizer, text, system_prompt, ignore_chat_template, chat_options)
     options = {k: v for k, v in knobs.items() if v is not None}
     view = CanvasView(tokenizer) if visualize else None

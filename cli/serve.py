@@ -5,7 +5,7 @@ import click
 from mlx_dllm.default_model import NAME, names_default
 from mlx_dllm.errors import DLLMError
 
-from .generate import choose_drafter, load_models
+from .generate import choose_drafter
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -30,6 +30,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
               show_default=True)
 def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens, max_body_bytes, max_queue, log_level):
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
+    from mlx_dllm.loading import load_pair
     from mlx_dllm.server.app import Settings
     from mlx_dllm.server.run import build, listen, uvicorn_server
     from mlx_dllm.server.worker import Loaded
@@ -44,7 +45,7 @@ def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens,
     path = NAME if model is None else model
 
     def load():
-        return Loaded(*load_models(path, draft), name="SmolLM2-135M-Instruct" if names_default(path) else path)
+        return Loaded(*load_pair(path, draft), name="SmolLM2-135M-Instruct" if names_default(path) else path)
 
     try:
         app, worker = build(load, Settings(max_tokens, max_body_bytes, api_key), max_queue)

@@ -1,8 +1,15 @@
-"""Hugging Face checkpoint -> MLX folder that `mlx_dllm.load` reads (one recipe per architecture)."""
+"""Hugging Face checkpoint -> MLX folder that `mlx_dllm.load` reads (one recipe per architecture).
 
+A recipe is a module of this package with `convert_checkpoint(source, mlx_path, config, options)`. A family's
+recipe has its model file's name (`dflash.py` for `models/dflash.py`); families without one go through
+`own_model.py`, mlx-lm targets through `target.py`, and GGUF files through `gguf.py`.
+"""
+
+import importlib
+import importlib.util
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 from mlx_dllm.errors import DLLMError
 
@@ -18,70 +25,67 @@ def convert(
     revision: Optional[str] = None,
     quant_recipe: Optional[str] = None,
     dequantize: bool = False,
+    quiet: bool = False,
 ) -> Path:
     """Convert `hf_path` (folder, hub repo or `.gguf` file) into `mlx_path`; nothing is left behind if it fails.
 
     `quant_recipe="mixed"` (DiffusionGemma only) implies `quantize`: 8-bit embeddings, attention, dense MLP and
     router, `q_bits` (default 4) for the experts and self-conditioning. `dequantize` (GGUF files only) stores the
-    tensors a GGUF keeps quantized (Q4_0, Q4_1, Q8_0) as floats too.
+    tensors a GGUF keeps quantized (Q4_0, Q4_1, Q8_0) as floats too. `quiet` prints no `[INFO]` lines.
     """
     # Imported on first use, not with the package: `import mlx_dllm` stays instant (CLI --help, Ctrl-C).
-    from mlx_dllm import checkpoint_files, loading
+    from dataclasses import replace
 
-    from .common import cast_parameters, check_finite_files, quantize_weights, resolve_dtype, save
-    from .staging import check_apart_from_source, check_destination, staged_folder
-    from .dflash import load_draft
-    from .diffusion_gemma import RECIPES, convert_diffusion_gemma, is_diffusion_gemma
+    from mlx_dllm import loading
+    from mlx_dllm.staging import check_apart_from_source, check_destination
+
+    from .common import Options, resolve_dtype
+    from .diffusion_gemma import QUANT_RECIPES
     from .gguf import convert_gguf, is_gguf
-    from .target import load_target
 
     loading.check_path_type(hf_path, "hf_path")
     loading.check_path_type(mlx_path, "mlx_path", "a folder path")
     given, mlx_path = Path(mlx_path), Path(os.path.abspath(mlx_path))  # `a/..` and `.` get a real name and parent
+    options = Options(dtype, quantize, q_group_size, q_bits, quant_recipe, force, quiet)
     if is_gguf(hf_path):
         if quant_recipe is not None or revision is not None:
             raise DLLMError("--quant-recipe and --revision do not apply to a GGUF file")
-        convert_gguf(Path(hf_path), mlx_path, quantize, q_group_size, q_bits, dtype, force, dequantize)
-        print(f"[INFO] Saved to {given}")
+        convert_gguf(Path(hf_path), mlx_path, options, dequantize)
+        options.info(f"Saved to {given}")
         return given
     if dequantize:
         raise DLLMError("--dequantize applies to GGUF files (other checkpoints are converted from their floats)")
     if Path(hf_path).is_dir():  # name an overlap with a local source before any other objection
         check_apart_from_source(mlx_path, Path(hf_path))
     check_destination(mlx_path, force)
-    if quant_recipe is not None and quant_recipe not in RECIPES:
-        raise DLLMError(f"unknown quantization recipe {quant_recipe!r} (known: {', '.join(RECIPES)})")
+    if quant_recipe is not None and quant_recipe not in QUANT_RECIPES:
+        raise DLLMError(f"unknown quantization recipe {quant_recipe!r} (known: {', '.join(QUANT_RECIPES)})")
     source = loading.resolve(str(hf_path), revision)
     check_apart_from_source(mlx_path, source)
     config = loading.read_config(source)
     loading.check_architecture(config)
-    dtype = resolve_dtype(dtype, config)
+    options = replace(options, dtype=resolve_dtype(dtype, config))
 
-    print(f"[INFO] Loading {source}")
-    if is_diffusion_gemma(config):
-        convert_diffusion_gemma(source, mlx_path, config, dtype, quantize, q_group_size, q_bits, quant_recipe, force)
-        print(f"[INFO] Saved to {given}")
-        return given
-    if quant_recipe is not None:
+    options.info(f"Loading {source}")
+    recipe = recipe_for(config)
+    if quant_recipe is not None and quant_recipe not in getattr(recipe, "QUANT_RECIPES", ()):
         raise DLLMError(f"the {quant_recipe} quantization recipe is for DiffusionGemma checkpoints only")
-    if loading.is_dflash_config(config):
-        model = load_draft(source, config)
-    elif loading.own_module(config) is not None:  # Nemotron-Labs-Diffusion: our class, the checkpoint's names
-        loading.load_tokenizer_checked(source, config)  # `load` needs it: refuse now, not after writing
-        model, config = loading.build_model(source, config, lazy=True)
-        config.pop("generation_config", None)  # the loader's copy of generation_config.json, which is copied as is
-    else:
-        model, config = load_target(source, config)
-    cast_parameters(model, dtype, config)
-    if quantize:
-        check_finite_files(checkpoint_files.weight_files(source))  # quantizing turns a NaN into a number: look before
-        print("[INFO] Quantizing")
-        model, config = quantize_weights(model, config, q_group_size, q_bits)
-
-    with staged_folder(mlx_path, force) as staging:
-        save(staging, model, config, source, dtype)
-    print(f"[INFO] Saved to {given}")
+    recipe.convert_checkpoint(source, mlx_path, config, options)
+    options.info(f"Saved to {given}")
     return given
+
+
+def recipe_for(config: Dict):
+    """The recipe module for this config.json: its family's own, else the generic one for our families or mlx-lm's."""
+    from mlx_dllm.models.family import model_file
+
+    module = model_file(config)
+    if module is None:
+        return importlib.import_module(".target", __name__)
+    name = module.__name__.rpartition(".")[2]
+    if importlib.util.find_spec(f"{__name__}.{name}") is None:
+        name = "own_model"
+    return importlib.import_module(f".{name}", __name__)
 
 
 __all__ = ["convert"]

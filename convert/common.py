@@ -1,9 +1,9 @@
-"""What every conversion recipe shares: casting, quantizing, the NaN/Inf check, and saving weights, config and
-tokenizer files (into the folder `staging.staged_folder` provides)."""
+"""What every conversion recipe shares: the options asked for, casting, quantizing, the NaN/Inf check, and saving
+weights, config and tokenizer files (into the folder `mlx_dllm.staging.staged_folder` provides)."""
 
 import glob
-import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -13,25 +13,36 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 from tqdm import tqdm
 
-from mlx_dllm.checkpoint_files import LORA_FOLDER, finite_screen, is_nonfinite, nonfinite_message, weight_files
-from mlx_dllm.configs import read_json
+from mlx_dllm.checkpoint_files import (
+    LORA_FOLDER,
+    TOKENIZER_PATTERNS,
+    finite_screen,
+    is_nonfinite,
+    nonfinite_message,
+    weight_files,
+)
+from mlx_dllm.configs import read_json, write_json
 from mlx_dllm.errors import DLLMError
+from mlx_dllm.staging import staged_folder
 
 DTYPES = ("float16", "bfloat16", "float32")
-# Everything beside the weights and config that a folder needs to serve text; remote code (*.py) never.
-TOKENIZER_PATTERNS = (
-    "tokenizer*.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "*.tiktoken",
-    "tiktoken.model",
-    "generation_config.json",
-    "chat_template*",
-)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a conversion was asked for, beside its source and its destination."""
+
+    dtype: Optional[str] = None
+    quantize: bool = False
+    q_group_size: Optional[int] = None
+    q_bits: Optional[int] = None
+    quant_recipe: Optional[str] = None
+    force: bool = False
+    quiet: bool = False  # no [INFO] lines: a caller's stdout may be someone else's (the generated text)
+
+    def info(self, line: str) -> None:
+        if not self.quiet:
+            print(f"[INFO] {line}")
 
 
 def resolve_dtype(dtype: Optional[str], config: Dict) -> Optional[str]:
@@ -85,10 +96,6 @@ def without_remote_code(config: Dict) -> Dict:
     return {key: value for key, value in config.items() if key != "auto_map"}
 
 
-def write_json(file: Path, content: Dict) -> None:
-    file.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def write_config(config: Dict, file: Path, keep_vision_config: bool) -> None:
     save_config(without_remote_code(config), file, keep_vision_config=keep_vision_config)
 
@@ -98,6 +105,17 @@ def copy_lora(source: Path, destination: Path) -> None:
     (destination / LORA_FOLDER).mkdir()
     for file in sorted((source / LORA_FOLDER).iterdir()):
         shutil.copy(file, destination / LORA_FOLDER / file.name)
+
+
+def write_model(model: nn.Module, config: Dict, source: Path, mlx_path: Path, options: Options) -> None:
+    """Cast, quantize and save a whole (lazily read) model into `mlx_path`, atomically."""
+    cast_parameters(model, options.dtype, config)
+    if options.quantize:
+        check_finite_files(weight_files(source))  # quantizing turns a NaN into a number: look before
+        options.info("Quantizing")
+        model, config = quantize_weights(model, config, options.q_group_size, options.q_bits)
+    with staged_folder(mlx_path, options.force) as staging:
+        save(staging, model, config, source, options.dtype)
 
 
 def save(destination: Path, model: nn.Module, config: Dict, source: Path, dtype: Optional[str] = None) -> None:

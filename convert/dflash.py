@@ -11,6 +11,8 @@ from mlx_dllm.checkpoint_files import read_weights
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.dflash import Model, ModelArgs
 
+from .common import Options, write_model
+
 
 def check_weights(weights: Dict[str, mx.array], expected: Dict[str, mx.array]) -> None:
     """Every expected tensor present with its shape, nothing else; the error names the first culprit."""
@@ -38,3 +40,7 @@ def load_draft(path: Path, config: Dict) -> Model:
     check_weights(weights, dict(tree_flatten(model.parameters())))
     model.load_weights(list(weights.items()))
     return model
+
+
+def convert_checkpoint(source: Path, mlx_path: Path, config: Dict, options: Options) -> None:
+    write_model(load_draft(source, config), config, source, mlx_path, options)

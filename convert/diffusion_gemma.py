@@ -17,20 +17,15 @@ from tqdm import tqdm
 from mlx_dllm import loading
 from mlx_dllm.checkpoint_files import finite_screen, is_nonfinite, nonfinite_message, weight_files
 from mlx_dllm.errors import DLLMError
-from mlx_dllm.models import diffusion_gemma
 from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES, Model, ModelArgs
+from mlx_dllm.staging import staged_folder
 
-from .common import copy_tokenizer_files, nonfinite_hint, write_config
-from .staging import staged_folder
+from .common import Options, copy_tokenizer_files, nonfinite_hint, write_config
 
-RECIPES = ("mixed",)
+QUANT_RECIPES = ("mixed",)
 DEFAULT_GROUP_SIZE, DEFAULT_BITS = 64, 4  # MLX's affine defaults, as `mlx_lm.convert -q`
 # The mixed recipe's 8-bit modules (mlx-vlm's): embed_tokens is also the LM head and the self-conditioning matrix.
 EIGHT_BIT = {"group_size": 64, "bits": 8}
-
-
-def is_diffusion_gemma(config: Dict) -> bool:
-    return loading.own_module(config) is diffusion_gemma
 
 
 def is_eight_bit(path: str) -> bool:
@@ -178,34 +173,24 @@ def build_lazy_model(config: Dict) -> Model:
         raise DLLMError(f"DiffusionGemma config: {str(error).splitlines()[0]}") from error
 
 
-def convert_diffusion_gemma(
-    source: Path,
-    mlx_path: Path,
-    config: Dict,
-    dtype: Optional[str] = None,
-    quantize: bool = False,
-    group_size: Optional[int] = None,
-    bits: Optional[int] = None,
-    recipe: Optional[str] = None,
-    force: bool = False,
-) -> None:
-    """Stream `source` into `mlx_path`; a recipe implies quantization (it is one)."""
+def convert_checkpoint(source: Path, mlx_path: Path, config: Dict, options: Options) -> None:
+    """Stream `source` into `mlx_path`; a quantization recipe implies quantization (it is one)."""
     model = build_lazy_model(config)
     loading.load_tokenizer_checked(source, config)  # `load` needs it: refuse now, not after writing
     plan = {}
-    if quantize or recipe is not None:
-        group_size, bits = group_size or DEFAULT_GROUP_SIZE, bits or DEFAULT_BITS
+    if options.quantize or options.quant_recipe is not None:
+        group_size, bits = options.q_group_size or DEFAULT_GROUP_SIZE, options.q_bits or DEFAULT_BITS
         check_quantization(group_size, bits)
-        plan = quantization_plan(model, group_size, bits, recipe)
-        config["quantization"] = quantization_config(plan, group_size, bits, recipe)
-    record_dtype(config, dtype)
+        plan = quantization_plan(model, group_size, bits, options.quant_recipe)
+        config["quantization"] = quantization_config(plan, group_size, bits, options.quant_recipe)
+    record_dtype(config, options.dtype)
     files = weight_files(source)
     counts = check_shards(files, model)
-    with staged_folder(mlx_path, force) as staging:
-        index = write_shards(files, counts, model, staging, dtype, plan)
+    with staged_folder(mlx_path, options.force) as staging:
+        index = write_shards(files, counts, model, staging, options.dtype, plan)
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
         write_config(config, staging / "config.json", keep_vision_config=True)
         copy_tokenizer_files(source, staging)
     if plan:
         bits_per_weight = 8 * index["metadata"]["total_size"] / index["metadata"]["total_parameters"]
-        print(f"[INFO] Quantized model with {bits_per_weight:.3f} bits per weight.")
+        options.info(f"Quantized model with {bits_per_weight:.3f} bits per weight.")

@@ -20,9 +20,9 @@ from mlx_lm.utils import _get_classes, save_model
 from mlx_dllm.checkpoint_files import evaluate_finite, weight_files
 from mlx_dllm.configs import check_sizes
 from mlx_dllm.errors import DLLMError
+from mlx_dllm.staging import check_destination, staged_folder
 
-from .common import cast_parameters, check_finite_files, quantize_weights, write_config
-from .staging import check_destination, staged_folder
+from .common import Options, cast_parameters, check_finite_files, quantize_weights, write_config
 
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 GROUP_SIZE = 32  # the block size of Q4_0, Q4_1 and Q8_0
@@ -314,41 +314,32 @@ def save_tokenizer(metadata: Dict, file: Path, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def convert_gguf(
-    gguf_path: Path,
-    mlx_path: Path,
-    quantize: bool = False,
-    q_group_size: Optional[int] = None,
-    q_bits: Optional[int] = None,
-    dtype: Optional[str] = None,
-    force: bool = False,
-    dequantize: bool = False,
-) -> None:
+def convert_gguf(gguf_path: Path, mlx_path: Path, options: Options, dequantize: bool = False) -> None:
     """`dequantize` (mlx-lm's -d) stores the kept Q4_0/Q4_1/Q8_0 tensors as floats too, e.g. a float32 baseline."""
     file = check_source_file(Path(gguf_path))
     check_apart_from_file(mlx_path, file)
-    check_destination(mlx_path, force)
+    check_destination(mlx_path, options.force)
     reader = open_gguf(file)
     metadata = read_metadata(reader)
     tensor_names = {tensor.name for tensor in reader.tensors}
     config = gguf_config(metadata, tensor_names)
     architecture = architecture_of(metadata)
-    print(f"[INFO] Loading {file} ({architecture}, {len(tensor_names)} tensors)")
+    options.info(f"Loading {file} ({architecture}, {len(tensor_names)} tensors)")
     model, modules = build_model(mlx_weights(reader, config, architecture, dequantize), config)
     if modules:
         config["quantization"] = quantization_config(modules)
     evaluate_finite(model, file)  # before casting or quantizing turns a NaN into a number
-    cast_parameters(model, dtype or DEFAULT_DTYPE, config)
-    config["torch_dtype"] = dtype or DEFAULT_DTYPE
-    if quantize:
-        print("[INFO] Quantizing")
-        model, config = quantize_weights(model, config, q_group_size, q_bits)
-    with staged_folder(mlx_path, force) as staging:
+    dtype = options.dtype or DEFAULT_DTYPE
+    cast_parameters(model, dtype, config)
+    config["torch_dtype"] = dtype
+    if options.quantize:
+        options.info("Quantizing")
+        model, config = quantize_weights(model, config, options.q_group_size, options.q_bits)
+    with staged_folder(mlx_path, options.force) as staging:
         save_model(staging, model, donate_model=True)
-        check_finite_files(weight_files(staging), dtype)
+        check_finite_files(weight_files(staging), options.dtype)
         write_config(config, staging / "config.json", keep_vision_config=False)
         save_tokenizer(metadata, file, staging)
-
 
 
 __all__ = ["convert_gguf", "is_gguf"]

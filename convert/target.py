@@ -1,15 +1,15 @@
 """Autoregressive target recipe: mlx-lm's own model classes, with our family remapping (ministral -> llama)."""
 
 from pathlib import Path
-from typing import Dict, Tuple
-
-import mlx.nn as nn
+from typing import Dict
 
 from mlx_dllm import loading
 
+from .common import Options, write_model
 
-def load_target(path: Path, config: Dict) -> Tuple[nn.Module, Dict]:
-    """The model (weights lazy) and mlx-lm's view of the config (it may add `quantization` for packed checkpoints)."""
+
+def convert_checkpoint(source: Path, mlx_path: Path, config: Dict, options: Options) -> None:
     loading.check_target_architecture(config)
-    loading.load_tokenizer_checked(path, config)  # `load` needs a target's tokenizer: refuse now, not after writing
-    return loading.build_model(path, config, lazy=True)
+    loading.load_tokenizer_checked(source, config)  # `load` needs a target's tokenizer: refuse now, not after writing
+    model, config = loading.build_model(source, config, lazy=True)  # mlx-lm may add `quantization` (packed weights)
+    write_model(model, config, source, mlx_path, options)

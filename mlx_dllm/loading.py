@@ -21,7 +21,9 @@ from .checkpoint_files import (
 )
 from .configs import check_ids, check_layer_count, check_sizes, read_json, target_fields
 from .errors import DLLMError
-from .models import dflash, diffusion_gemma, nemotron_diffusion
+from .models import dflash
+from .models.drafter import is_drafter
+from .models.family import model_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tiktoken.model")
 
@@ -86,8 +88,7 @@ def read_generation_config(path: Path) -> Dict:
 
 def is_dflash_config(config: Dict) -> bool:
     """DFlash drafters are recognised by architecture or `dflash_config`, never by model_type (gpt-oss says gpt_oss)."""
-    architectures = config.get("architectures") or []
-    return "dflash_config" in config or any(a in dflash.DRAFT_ARCHITECTURES for a in architectures)
+    return dflash.FAMILY.named_in(config)
 
 
 def check_architecture(config: Dict) -> None:
@@ -101,24 +102,6 @@ def check_architecture(config: Dict) -> None:
 # Families mlx-lm lacks a file for but whose architecture it has under another name (transformers 5 saves the
 # text-only Qwen3.5 checkpoints as `*_text`; mlx-lm's files read both layouts).
 TARGET_REMAPPING = {"ministral": "llama", "qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
-
-
-# Architectures implemented here rather than in mlx-lm.
-OWN_ARCHITECTURES = {
-    "DiffusionGemmaForBlockDiffusion": diffusion_gemma,
-    "NemotronLabsDiffusionModel": nemotron_diffusion,
-}
-OWN_MODEL_TYPES = {"diffusion_gemma": diffusion_gemma, "nemotron_labs_diffusion": nemotron_diffusion}
-
-
-def own_module(config: Dict):
-    """Our model file for this config, or None when mlx-lm's AR classes serve it."""
-    if is_dflash_config(config):
-        return dflash
-    for architecture in config.get("architectures") or []:
-        if architecture in OWN_ARCHITECTURES:
-            return OWN_ARCHITECTURES[architecture]
-    return OWN_MODEL_TYPES.get(config.get("model_type"))
 
 
 EXPERT_WEIGHT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -169,7 +152,7 @@ def check_target_architecture(config: Dict) -> None:
 
 def build_model(path: Path, config: Dict, lazy: bool = False) -> Tuple[nn.Module, Dict]:
     """The model in `path` with its weights, and the config mlx-lm saw (quantization included)."""
-    module = own_module(config)
+    module = model_file(config)
     if module is not None:
         get_classes = lambda config: (module.Model, module.ModelArgs)  # noqa: E731
     else:
@@ -205,7 +188,7 @@ def load_tokenizer_checked(path: Path, config: Dict) -> TokenizerWrapper:
 def load(
     path_or_repo: str, revision: Optional[str] = None, lazy: bool = False
 ) -> Tuple[nn.Module, Optional[TokenizerWrapper]]:
-    """Load a DFlash drafter (tokenizer optional: it uses the target's) or an mlx-lm AR model.
+    """Load a model of our families or an mlx-lm AR model (a drafter's tokenizer is optional: it uses the target's).
 
     Unless `lazy`, weights holding NaN or Inf are refused (the check rides the eval that reads them).
     """
@@ -218,6 +201,23 @@ def load(
     if not lazy:
         evaluate_finite(model, path)
         model = default_model.as_run_here(model, path)  # the CPU backend's rules, for the API and every command
-    if is_dflash_config(config) and not any((path / name).exists() for name in TOKENIZER_FILES):
+    if is_drafter(model) and not any((path / name).exists() for name in TOKENIZER_FILES):
         return model, None
     return model, load_tokenizer_checked(path, config)
+
+
+def load_pair(
+    model_path: str, draft_path: Optional[str] = None
+) -> Tuple[nn.Module, TokenizerWrapper, Optional[nn.Module]]:
+    """(target, its tokenizer, drafter or None), each checked for its role: the one loading policy of the CLI,
+    the server, the benchmark and the trainer. The drafter uses the target's tokenizer."""
+    model, tokenizer = load(model_path)
+    if is_drafter(model):
+        raise DLLMError(f"{model_path} is a DFlash drafter: pass it as --draft-model, with its target as --model")
+    if draft_path is None:
+        return model, tokenizer, None
+    draft = load(draft_path)[0]
+    if not is_drafter(draft):
+        kind = getattr(draft, "model_type", type(draft).__name__)
+        raise DLLMError(f"--draft-model {draft_path} is not a DFlash drafter (it is a {kind} model)")
+    return model, tokenizer, draft

@@ -140,3 +140,10 @@ def test_module_stays_callable_after_submodule_import(hf_checkpoints, tmp_path):
     import mlx_dllm.convert  # rebinds the package attribute to the module
 
     assert mlx_dllm.convert(hf_checkpoints["qwen3_gqa"]["draft"], tmp_path / "draft") == tmp_path / "draft"
+
+
+def test_quiet_prints_no_info_lines(hf_checkpoints, tmp_path, capsys):
+    convert(hf_checkpoints["qwen3_gqa"]["draft"], tmp_path / "loud")
+    assert "[INFO] Saved to" in capsys.readouterr().out
+    convert(hf_checkpoints["qwen3_gqa"]["draft"], tmp_path / "quiet", quiet=True)
+    assert "[INFO]" not in capsys.readouterr().out

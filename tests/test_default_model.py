@@ -213,6 +213,7 @@ def test_default_and_the_hub_id_name_the_default_model_in_every_command_and_in_l
         result = run(*command)
         assert result.exit_code == 0, (command, result.output)
         assert f"using the PyPI copy in {cached_folder(tmp_path)}" in result.stderr
+        assert result.stderr.count("[INFO] Default model") == 1, (command, result.stderr)  # said once
     assert len(offline) == 1  # never fetched again
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from mlx_dllm import DLLMError, convert, load
 from mlx_dllm.convert import common as convert_common
-from mlx_dllm.convert import staging as convert_staging
+from mlx_dllm import staging
 from tests.test_cli import assert_nothing_written, assert_user_error, run
 
 YES = "y\n" * 4
@@ -189,7 +189,7 @@ def test_force_replaces_without_an_instant_where_the_output_is_missing(draft, ta
 
 def test_force_without_an_atomic_exchange_still_replaces(draft, target, tmp_path, monkeypatch):
     out = convert(target, tmp_path / "work" / "out")
-    monkeypatch.setattr(convert_staging, "exchange", lambda first, second: False)
+    monkeypatch.setattr(staging, "exchange", lambda first, second: False)
     convert(draft, out, force=True)
     assert "block_size" in json.loads((out / "config.json").read_text()) and entries(tmp_path / "work") == ["out"]
 

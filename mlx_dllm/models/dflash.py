@@ -19,6 +19,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from ..errors import DLLMError
 from ..kernels import attention, masked_attention, patterns
 from .cache import WindowKVCache
+from .family import TINY_EOS_TOKEN_ID, TINY_MASK_TOKEN_ID, TINY_VOCAB, Family, Tiny
 
 DRAFT_ARCHITECTURES = ("DFlashDraftModel", "MuseGlimmerAssistantModel")
 
@@ -268,3 +269,42 @@ class Model(nn.Module):
                     name = new + name[len(old) :]
             sanitized[name] = value
         return sanitized
+
+
+FAMILY = Family(
+    name="dflash",
+    architectures=DRAFT_ARCHITECTURES,
+    config_key="dflash_config",  # never a model_type: z-lab's drafters carry their target's (qwen3, gpt_oss)
+    tiny=Tiny(
+        config={
+            "architectures": ["DFlashDraftModel"],
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 24,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 1024,
+            "block_size": 8,
+            "mask_token_id": TINY_MASK_TOKEN_ID,
+            "target_layer_ids": [0, 1, 2],
+        },
+        target={
+            "model_type": "qwen3",
+            "architectures": ["Qwen3ForCausalLM"],
+            "vocab_size": TINY_VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": False,
+            "eos_token_id": TINY_EOS_TOKEN_ID,
+        },
+    ),
+)

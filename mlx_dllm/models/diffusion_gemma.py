@@ -22,6 +22,7 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 from ..errors import DLLMError
 from ..kernels import attention, patterns
 from .cache import WindowKVCache
+from .family import TINY_EOS_TOKEN_ID, TINY_VOCAB, Family, Tiny
 
 # 16x the released 256: one canvas is one forward whose float32 logits are canvas x vocab (4 GiB at 262k).
 MAX_CANVAS_LENGTH = 4096
@@ -401,3 +402,36 @@ class Model(nn.Module):
 
 
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+FAMILY = Family(
+    name="diffusion-gemma",
+    architectures=("DiffusionGemmaForBlockDiffusion",),
+    model_types=("diffusion_gemma",),
+    tiny=Tiny(
+        config={
+            "model_type": "diffusion_gemma",
+            "architectures": ["DiffusionGemmaForBlockDiffusion"],
+            "canvas_length": 8,
+            "text_config": {
+                "vocab_size": TINY_VOCAB,
+                "hidden_size": 32,
+                "intermediate_size": 48,
+                "moe_intermediate_size": 16,
+                "num_hidden_layers": 4,
+                "layer_types": ["sliding_attention", "full_attention"] * 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 8,
+                "global_head_dim": 16,
+                "num_global_key_value_heads": 1,
+                "num_experts": 4,
+                "top_k_experts": 2,
+                "sliding_window": 16,
+                "rms_norm_eps": 1e-6,
+                "eos_token_id": TINY_EOS_TOKEN_ID,
+            },
+            "eos_token_id": TINY_EOS_TOKEN_ID,
+        }
+    ),
+)

@@ -23,8 +23,10 @@ from mlx_lm.models.rope_utils import initialize_rope
 from ..errors import DLLMError
 from ..kernels import attention, patterns
 from .dtypes import compute_dtype
+from .family import TINY_EOS_TOKEN_ID, TINY_MASK_TOKEN_ID, TINY_VOCAB, Family, Tiny
 
 Pattern = Union[str, patterns.Pattern]  # "causal", "bidirectional", or a kernels pattern (the quadratic layout)
+LORA_MODULE = "encoder.layers.{}.self_attn.o_proj"  # what the linear-spec drafter's LoRA adapts, in every layer
 
 
 def attention_pattern(pattern: Pattern, queries: int, keys: int) -> patterns.Pattern:
@@ -208,7 +210,7 @@ class Model(nn.Module):
         adapters = []
         for index, layer in enumerate(self.layers):
             self_attn = layer.self_attn
-            lora_a, lora_b = lora_pair(weights, f"encoder.layers.{index}.self_attn.o_proj", folder)
+            lora_a, lora_b = lora_pair(weights, LORA_MODULE.format(index), folder)
             expected_a = (rank, self_attn.n_heads * self_attn.head_dim)
             expected_b = (self.args.hidden_size, rank)
             if lora_a.shape != expected_a or lora_b.shape != expected_b:
@@ -251,3 +253,30 @@ def lora_pair(weights: Dict[str, mx.array], stem: str, folder: Path):
     if len(found[0]) != 1 or len(found[1]) != 1:
         raise DLLMError(f"the LoRA adapter in {folder} lacks {stem}.lora_A/lora_B")
     return found[0][0], found[1][0]
+
+
+FAMILY = Family(
+    name="nemotron",
+    architectures=("NemotronLabsDiffusionModel",),
+    model_types=("nemotron_labs_diffusion",),
+    tiny=Tiny(
+        config={
+            "model_type": "nemotron_labs_diffusion",
+            "architectures": ["NemotronLabsDiffusionModel"],
+            "vocab_size": TINY_VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 1024,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+            "mask_token_id": TINY_MASK_TOKEN_ID,
+            "block_size": 8,
+            "eos_token_id": TINY_EOS_TOKEN_ID,
+        },
+        lora=LORA_MODULE,
+    ),
+)

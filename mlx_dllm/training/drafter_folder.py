@@ -55,7 +55,7 @@ def card_rows(config, draft_config: Dict) -> str:
 
 
 def write_drafter(out: Path, draft, draft_config: Dict, config, tokenizer) -> Path:
-    from ..convert.staging import staged_folder
+    from ..staging import staged_folder
 
     with staged_folder(out, force=False) as staging:
         weights = dict(tree_flatten(draft.parameters()))

@@ -116,7 +116,7 @@ def work_folder(out: Path) -> Path:
 
 def train(config: TrainConfig) -> Path:
     from .. import loading
-    from ..convert.staging import check_destination
+    from ..staging import check_destination
 
     check_options(config)
     out = Path(config.out)
@@ -129,8 +129,9 @@ def train(config: TrainConfig) -> Path:
     if config.resume and checkpoints.latest(work) is None:
         raise DLLMError(f"--resume: {work} holds no checkpoint to continue")
     records = data.read_records(Path(config.data))
-    model, tokenizer = loading.load(config.model)
-    if isinstance(model, DFlashDraft) or not hasattr(model, "layers"):
+    folder = loading.resolve(config.model)  # once: the default model says where it came from once
+    model, tokenizer, _ = loading.load_pair(str(folder))
+    if not hasattr(model, "layers"):
         raise DLLMError(f"{config.model} is not an autoregressive target")
     initial = None
     if config.init not in INITS:
@@ -146,7 +147,8 @@ def train(config: TrainConfig) -> Path:
     data.prompt_ids(tokenizer, train_records[0].prompt)  # a chat template exists, before anything is written
 
     work.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(config, model, tokenizer, train_records, work)
+    target_id = data.target_identity(folder)
+    examples = load_examples(config, model, tokenizer, train_records, work, target_id)
     vocab_rows = target.embed_tokens.weight.shape[0]
     used = {token for example in examples for token in example.ids}
     config.mask_token_id = choose_mask_token(tokenizer, vocab_rows, config.mask_token_id, used)
@@ -156,7 +158,7 @@ def train(config: TrainConfig) -> Path:
     else:
         draft_config = drafter_config(model.args, config.num_layers, config.block_size, layer_ids,
                                       config.mask_token_id, draft_vocab)
-    features = TargetFeatures(target, work / "features" if config.cache_features else None, target_id(config.model))
+    features = TargetFeatures(target, work / "features" if config.cache_features else None, target_id)
     run = Run(config, target, examples, draft_config, features, initial.weights if initial else None)
     if config.resume:
         run.restore(work)
@@ -173,7 +175,7 @@ def train(config: TrainConfig) -> Path:
     return write_drafter(out, run.draft, draft_config, config, tokenizer)
 
 
-def load_examples(config, model, tokenizer, records, work: Path) -> List[data.Example]:
+def load_examples(config, model, tokenizer, records, work: Path, target_id: str) -> List[data.Example]:
     """Finished pairs as given; prompts answered by the target (cached in `work/responses`)."""
     from tqdm import tqdm
 
@@ -183,19 +185,13 @@ def load_examples(config, model, tokenizer, records, work: Path) -> List[data.Ex
     if prompts:
         with tqdm(total=len(prompts), desc="target responses", unit="prompt") as bar:
             generated = list(data.generated_examples(
-                model, tokenizer, prompts, work / "responses", target_id(config.model),
+                model, tokenizer, prompts, work / "responses", target_id,
                 config.max_response_tokens, config.generation_batch, bar.update,
             ))
     examples = [example for example in pairs + generated if len(example.ids) - example.response_start >= 2]
     if not examples:
         raise DLLMError("no training sequence has a response of two tokens or more")
     return examples
-
-
-def target_id(model: str) -> str:
-    from ..loading import resolve
-
-    return data.target_identity(Path(resolve(model)))
 
 
 class Run:
@@ -290,7 +286,7 @@ class Run:
     def loop(self, work: Path) -> None:
         from tqdm import tqdm
 
-        from ..convert.staging import terminate_unwinds
+        from ..staging import terminate_unwinds
 
         options = asdict_options(self.config)
         started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Where a conversion goes: destination checks, a staged folder, and an atomic swap into place.
+"""Where a written model folder goes (a conversion, a trained drafter): destination checks, a staged folder,
+and an atomic swap into place.
 
 `--force` replaces only a previous conversion; a failure (an error, Ctrl-C, SIGTERM, a full disk) leaves the
 old folder, or nothing, behind.
@@ -16,11 +17,10 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterator, Optional
 
-from mlx_dllm import __version__, loading
-from mlx_dllm.checkpoint_files import INDEX_FILE, LORA_FOLDER, checkpoint_root
-from mlx_dllm.errors import DLLMError
-
-from .common import TOKENIZER_PATTERNS, write_json
+from . import __version__, loading
+from .checkpoint_files import INDEX_FILE, LORA_FOLDER, TOKENIZER_PATTERNS, checkpoint_root
+from .configs import write_json
+from .errors import DLLMError
 
 # Written last into every conversion: `--force` replaces only a folder that has it (and nothing we did not write).
 MARKER = "mlx_dllm_conversion.json"
