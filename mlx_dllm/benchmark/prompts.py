@@ -5,6 +5,7 @@ from importlib import resources
 from pathlib import Path
 from typing import List
 
+from ..chat_template import template_ids
 from ..errors import DLLMError
 
 BUILT_IN = ("gsm8k", "mt-bench", "humaneval")
@@ -50,7 +51,5 @@ def encode(tokenizer, text: str, vocab_size: int = 0) -> List[int]:
     if vocab_size:
         return [2 + byte % (vocab_size - 3) for byte in text.encode()]
     if tokenizer.has_chat_template:
-        messages = [{"role": "user", "content": text}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return template_ids(tokenizer, [{"role": "user", "content": text}])
     return tokenizer.encode(text)

@@ -1,12 +1,35 @@
 """The one attention entry point of every model file: a pattern object instead of a mask, routed to the Metal
 block kernel where it is expected to win and to `mx.fast.scaled_dot_product_attention` everywhere else."""
 
+import os
 from typing import Optional
 
 import mlx.core as mx
 
+from ..errors import DLLMError
 from . import metal, patterns, routing
 from .patterns import Pattern
+
+# MLX's fallback holds a forward's float32 attention scores and their softmax at once.
+SCORE_BYTES = 2 * 4
+
+
+def memory_size() -> int:
+    """The device's memory in bytes (unified memory on a Mac; physical memory on the CPU backend)."""
+    size = mx.device_info().get("memory_size")
+    return int(size) if size else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(queries: mx.array, keys: int) -> None:
+    """Refuse, in one line, a forward whose attention scores could not fit in memory: MLX does not raise when an
+    allocation that large fails, the process dies (a block length of 100,000 did)."""
+    batch, heads, tokens = queries.shape[:3]
+    needed = batch * heads * tokens * keys * SCORE_BYTES
+    if needed > memory_size():
+        raise DLLMError(
+            f"attention over {tokens} x {keys} positions needs {needed / 2**30:.0f} GiB, more than the "
+            f"{memory_size() / 2**30:.0f} GiB this machine has: use a shorter block or prompt chunk"
+        )
 
 
 def attention(
@@ -24,6 +47,7 @@ def attention(
         raise ValueError("block_keys and block_values go together")
     Tq = queries.shape[2]
     Tk = keys.shape[2] + (0 if block_keys is None else block_keys.shape[2])
+    check_fits(queries, Tk)
     call = routing.Call(
         backend=routing.current_backend(),
         queries=Tq,
@@ -44,4 +68,5 @@ def attention(
 
 def masked_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
     """An explicit mask, for the one layout no pattern describes: training's anchor blocks, one per batch row."""
+    check_fits(queries, keys.shape[2])
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)

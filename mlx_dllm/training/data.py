@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence
 
+from ..chat_template import template_ids
 from ..errors import DLLMError
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
@@ -91,15 +92,14 @@ def prompt_ids(tokenizer, prompt: str) -> List[int]:
     """The prompt as the target sees it when generating: its chat template with the generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise DLLMError("the target's tokenizer has no chat template, which training on chat prompts needs")
-    messages = [{"role": "user", "content": prompt}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return template_ids(tokenizer, [{"role": "user", "content": prompt}])
 
 
 def pair_example(tokenizer, record: Record) -> Example:
     """A finished pair: the prompt ids, then the response as the template renders an assistant turn."""
     start = prompt_ids(tokenizer, record.prompt)
     messages = [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.response}]
-    full = list(tokenizer.apply_chat_template(messages, tokenize=True))
+    full = template_ids(tokenizer, messages, add_generation_prompt=False)
     if full[: len(start)] != start:  # a template that rewrites earlier turns: append the response as text
         full = start + list(tokenizer.encode(record.response, add_special_tokens=False))
     return Example(full, len(start))

@@ -1,0 +1,107 @@
+"""Bad input that used to crash, hang or print a traceback: each is one `Error:` line (or one DLLMError) now."""
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from mlx_dllm import DLLMError, chat_template
+from mlx_dllm.benchmark import tiny
+from mlx_dllm.kernels import patterns
+from mlx_dllm.models import nemotron_diffusion
+
+attention = importlib.import_module("mlx_dllm.kernels.attention")  # the package exports its function by that name
+
+
+@pytest.fixture(scope="module")
+def long_context_nemotron(tmp_path_factory):
+    """A tiny Nemotron-Labs-Diffusion whose positions allow a 100,000-token block, as a real checkpoint's do."""
+    folder = tmp_path_factory.mktemp("nld") / "model"
+    tiny.save_checkpoint({**nemotron_diffusion.FAMILY.tiny.config, "max_position_embeddings": 262144}, folder, 0)
+    return folder
+
+
+def _generate(*args, stdin=None, timeout=120):
+    environment = {**os.environ, "MLX_DLLM_BLAS_PRELOADED": "1"}
+    command = [sys.executable, "-m", "mlx_dllm.cli", "generate", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, input=stdin)
+
+
+def _last_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_block_whose_attention_cannot_fit_is_one_error_line_not_a_segfault(long_context_nemotron):
+    # Before: SIGSEGV (MLX's failed allocation of 4 x 100,000 x 100,002 scores killed the process).
+    result = _generate("--model", long_context_nemotron, "-p", "w5 w6", "--ignore-chat-template",
+                       "--mode", "diffusion", "--block-length", 100000, "-m", 8)
+    assert result.returncode == 1, result.stderr
+    assert _last_line(result).startswith("Error: attention over 100000 x 100002 positions needs ")
+
+
+def test_attention_that_fits_runs_and_one_that_does_not_is_refused_before_mlx(monkeypatch):
+    queries = mx.zeros((1, 4, 64, 16))
+    keys = mx.zeros((1, 2, 64, 16))
+    assert attention.attention(queries, keys, keys, 0.25, patterns.bidirectional()).shape == (1, 4, 64, 16)
+    monkeypatch.setattr(attention, "memory_size", lambda: 4 * 64 * 64 * attention.SCORE_BYTES - 1)
+    with pytest.raises(DLLMError, match="attention over 64 x 64 positions needs 0 GiB, more than the 0 GiB"):
+        attention.attention(queries, keys, keys, 0.25, patterns.bidirectional())
+    with pytest.raises(DLLMError, match="attention over 64 x 64 positions"):
+        attention.masked_attention(queries, keys, keys, 0.25, mx.ones((1, 1, 64, 64), dtype=mx.bool_))
+
+
+@pytest.fixture
+def templated(long_context_nemotron):
+    return PreTrainedTokenizerFast.from_pretrained(str(long_context_nemotron))
+
+
+NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}w5"
+HUGE_OUTPUT = "{{ 'w5 ' * 10000000 }}"
+MESSAGES = [{"role": "user", "content": "w5 w6"}]
+
+
+def test_a_template_that_loops_for_hours_is_stopped_by_the_render_budget(templated, monkeypatch):
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.5)
+    templated.chat_template = NESTED_LOOPS
+    start = time.monotonic()
+    with pytest.raises(DLLMError, match="the chat template did not finish rendering within 0.5 s"):
+        chat_template.template_ids(templated, MESSAGES)
+    assert time.monotonic() - start < 5
+    templated.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert chat_template.template_ids(templated, MESSAGES) == templated.encode("w5 w6")  # the budget is gone
+
+
+def test_a_template_that_renders_too_much_or_runs_out_of_memory_is_one_line(templated, monkeypatch):
+    templated.chat_template = HUGE_OUTPUT
+    with pytest.raises(DLLMError, match="the chat template rendered 30,000,000 characters, more than 16,777,216"):
+        chat_template.template_ids(templated, MESSAGES)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(templated, "apply_chat_template", out_of_memory)
+    with pytest.raises(DLLMError, match="the chat template's output does not fit in memory"):
+        chat_template.template_ids(templated, MESSAGES)
+
+
+def test_generate_with_a_hanging_template_ends_with_one_error_line(long_context_nemotron, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in long_context_nemotron.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(long_context_nemotron))
+    tokenizer.chat_template = NESTED_LOOPS
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer.json").unlink()
+    tokenizer.save_pretrained(str(folder))
+    start = time.monotonic()
+    result = _generate("--model", folder, "-p", "w5 w6", "-m", 4, timeout=120)
+    assert result.returncode == 1 and _last_line(result) == (
+        f"Error: the chat template did not finish rendering within {chat_template.RENDER_SECONDS:g} s"
+    ), result.stderr
+    assert time.monotonic() - start < chat_template.RENDER_SECONDS + 60
