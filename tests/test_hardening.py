@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 from transformers import PreTrainedTokenizerFast
 
+import mlx_dllm
 from mlx_dllm import DLLMError, chat_template
 from mlx_dllm.benchmark import tiny
 from mlx_dllm.kernels import patterns
@@ -105,3 +108,41 @@ def test_generate_with_a_hanging_template_ends_with_one_error_line(long_context_
         f"Error: the chat template did not finish rendering within {chat_template.RENDER_SECONDS:g} s"
     ), result.stderr
     assert time.monotonic() - start < chat_template.RENDER_SECONDS + 60
+
+
+def _overflowing(folder: Path):
+    """The checkpoint with every down projection at 3e38: finite weights whose activations overflow."""
+    model, tokenizer = mlx_dllm.load(str(folder))
+    huge = [(name, mx.full(value.shape, 3e38, value.dtype)) for name, value in tree_flatten(model.parameters())
+            if "down_proj" in name and mx.issubdtype(value.dtype, mx.floating)]
+    assert huge
+    model.load_weights(huge, strict=False)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: tiny.build_tiny(family, root / family) for family in ("dflash", "nemotron", "diffusion-gemma")}
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("dflash", {"mode": "ar"}),
+        ("dflash", {"mode": "ar", "temp": 1.0}),
+        ("dflash", {"mode": "dflash"}),
+        ("nemotron", {"mode": "ar"}),
+        ("nemotron", {"mode": "diffusion"}),
+        ("nemotron", {"mode": "linear-spec"}),
+        ("nemotron", {"mode": "quadratic-spec"}),
+        ("diffusion-gemma", {"mode": "diffusion"}),
+    ],
+)
+def test_logits_that_overflow_stop_generation_with_one_error_line(tiny_folders, family, options):
+    # Before: "w0 w0 w0 w0" (NaN logits: argmax picks index 0), exit 0.
+    model_folder, draft_folder = tiny_folders[family]
+    model, tokenizer = _overflowing(model_folder)
+    draft = mlx_dllm.load(str(draft_folder))[0] if options["mode"] == "dflash" else None
+    with pytest.raises(DLLMError, match=r"^the model's logits are not finite \(NaN or Inf\)"):
+        mlx_dllm.generate(model, tokenizer, [5, 6, 7], 8, draft_model=draft, **options)

@@ -73,8 +73,19 @@ class Stats:
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
+# The id a selector gives a row whose logits are not finite (overflowed weights or activations): the front
+# stops there with one error line. MLX wraps a negative index, so a forward already queued with it stays safe.
+NOT_FINITE = -1
+
+
+def check_finite(tokens: List[int]) -> None:
+    if NOT_FINITE in tokens:
+        raise DLLMError("the model's logits are not finite (NaN or Inf): its weights or activations overflowed")
+
+
 class TokenSelector:
-    """Logits rows [N, V] -> token ids [N]: argmax without a sampler, else the mlx-lm `sampler` on log-probs.
+    """Logits rows [N, V] -> token ids [N]: argmax without a sampler, else the mlx-lm `sampler` on log-probs;
+    NOT_FINITE for a row whose logits are not, read from values the selection computes anyway.
 
     mlx-lm `logits_processors` see, for row i, the committed tokens (`history`, the prompt first) plus the
     first i `drafts` fed after it: the history row i predicts after, so a verified block selects what AR
@@ -90,9 +101,13 @@ class TokenSelector:
         if self.processors:
             logits = self._process(logits, drafts)
         if self.sampler is None:
-            return mx.argmax(logits, axis=-1)
-        logits = logits.astype(mx.float32)
-        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            tokens = mx.argmax(logits, axis=-1)
+            witness = mx.take_along_axis(logits, tokens[..., None], axis=-1)  # argmax picks a NaN where there is one
+        else:
+            logits = logits.astype(mx.float32)
+            witness = mx.logsumexp(logits, axis=-1, keepdims=True)
+            tokens = self.sampler(logits - witness)
+        return mx.where(mx.isfinite(witness[..., 0]), tokens.astype(mx.int32), NOT_FINITE)
 
     def commit(self, tokens) -> None:
         if self.processors:

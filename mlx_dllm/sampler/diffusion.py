@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
-from .common import Stats, evaluate_chunk
+from .common import NOT_FINITE, Stats, evaluate_chunk
 from .mode import Mode, Option
 
 # Where knobs may sit in a generation_config.json besides the top level (release-candidate conversions).
@@ -130,7 +130,8 @@ def sample_step(logits: mx.array, temperature: mx.array, bound: mx.array, noise)
     weights, entropy = softmax_weights_and_entropy(logits)
     accepted = entropy_bound_mask(entropy, bound)
     canvas = mx.where(accepted, noise.draw(weights), noise.canvas(*logits.shape[1:]))
-    return canvas, accepted, mx.argmax(logits, axis=-1), entropy.mean(), logits
+    argmax = mx.where(mx.isfinite(entropy), mx.argmax(logits, axis=-1).astype(mx.int32), NOT_FINITE)
+    return canvas, accepted, argmax, entropy.mean(), logits
 
 
 # With live random draws the whole step compiles into one graph (a third of its host time on CPU);

@@ -20,7 +20,7 @@ from .arguments import (
     whole_number,
     wrap_tokenizer,
 )
-from .common import GenerationResponse, Stats, TokenSelector, check_sampling
+from .common import GenerationResponse, Stats, TokenSelector, check_finite, check_sampling
 from .dflash import block_size_option
 from .mode import Mode, all_modes, modes_of
 from .stopping import StopStringStream
@@ -160,6 +160,7 @@ def _stream(model, tokenizer, strategy, stats, prompt_size, mode, max_tokens, eo
                     tokens = next(strategy, None)
                 finish_reason = None if tokens is not None else "length"  # a strategy ends only at max_tokens
                 before = committed
+                check_finite(tokens or ())
                 for token in tokens or ():
                     if token in eos_ids:
                         finish_reason = "stop"
