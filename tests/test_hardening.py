@@ -39,12 +39,28 @@ def _last_line(result) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
-def test_a_block_whose_attention_cannot_fit_is_one_error_line_not_a_segfault(long_context_nemotron):
+@pytest.mark.parametrize(
+    "mode, max_tokens, shape", [("diffusion", 8, "100000 x 100002"), ("linear-spec", 100000, "99999 x 100001")]
+)
+def test_a_block_whose_attention_cannot_fit_is_one_error_line_not_a_segfault(
+    long_context_nemotron, mode, max_tokens, shape
+):
     # Before: SIGSEGV (MLX's failed allocation of 4 x 100,000 x 100,002 scores killed the process).
-    result = _generate("--model", long_context_nemotron, "-p", "w5 w6", "--ignore-chat-template",
-                       "--mode", "diffusion", "--block-length", 100000, "-m", 8)
+    result = _generate(
+        "--model",
+        long_context_nemotron,
+        "-p",
+        "w5 w6",
+        "--ignore-chat-template",
+        "--mode",
+        mode,
+        "--block-length",
+        100000,
+        "-m",
+        max_tokens,
+    )
     assert result.returncode == 1, result.stderr
-    assert _last_line(result).startswith("Error: attention over 100000 x 100002 positions needs ")
+    assert _last_line(result).startswith(f"Error: attention over {shape} positions needs ")
 
 
 def test_attention_that_fits_runs_and_one_that_does_not_is_refused_before_mlx(monkeypatch):
@@ -113,8 +129,11 @@ def test_generate_with_a_hanging_template_ends_with_one_error_line(long_context_
 def _overflowing(folder: Path):
     """The checkpoint with every down projection at 3e38: finite weights whose activations overflow."""
     model, tokenizer = mlx_dllm.load(str(folder))
-    huge = [(name, mx.full(value.shape, 3e38, value.dtype)) for name, value in tree_flatten(model.parameters())
-            if "down_proj" in name and mx.issubdtype(value.dtype, mx.floating)]
+    huge = [
+        (name, mx.full(value.shape, 3e38, value.dtype))
+        for name, value in tree_flatten(model.parameters())
+        if "down_proj" in name and mx.issubdtype(value.dtype, mx.floating)
+    ]
     assert huge
     model.load_weights(huge, strict=False)
     return model, tokenizer
