@@ -67,11 +67,17 @@ def test_attention_that_fits_runs_and_one_that_does_not_is_refused_before_mlx(mo
     queries = mx.zeros((1, 4, 64, 16))
     keys = mx.zeros((1, 2, 64, 16))
     assert attention.attention(queries, keys, keys, 0.25, patterns.bidirectional()).shape == (1, 4, 64, 16)
-    monkeypatch.setattr(attention, "memory_size", lambda: 4 * 64 * 64 * attention.SCORE_BYTES - 1)
+    monkeypatch.setattr(attention, "memory_size", lambda: 4 * 64 * 64 * attention.CPU_SCORE_BYTES - 1)
     with pytest.raises(DLLMError, match="attention over 64 x 64 positions needs 0 GiB, more than the 0 GiB"):
         attention.attention(queries, keys, keys, 0.25, patterns.bidirectional())
     with pytest.raises(DLLMError, match="attention over 64 x 64 positions"):
         attention.masked_attention(queries, keys, keys, 0.25, mx.ones((1, 1, 64, 64), dtype=mx.bool_))
+    # A GPU streams the scores: only a 64 x 64 boolean mask is materialized there.
+    monkeypatch.setattr(attention.routing, "current_backend", lambda: "metal")
+    attention.check_fits(queries, 64)
+    monkeypatch.setattr(attention, "memory_size", lambda: 64 * 64 - 1)
+    with pytest.raises(DLLMError, match="attention over 64 x 64 positions"):
+        attention.check_fits(queries, 64)
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from ..errors import DLLMError
 from . import metal, patterns, routing
 from .patterns import Pattern
 
-# MLX's fallback holds a forward's float32 attention scores and their softmax at once.
-SCORE_BYTES = 2 * 4
+# MLX's CPU attention holds a forward's float32 scores and their softmax at once; the GPU kernels stream the
+# scores, and what they materialize is a boolean mask.
+CPU_SCORE_BYTES = 2 * 4
 
 
 def memory_size() -> int:
@@ -24,7 +25,8 @@ def check_fits(queries: mx.array, keys: int) -> None:
     """Refuse, in one line, a forward whose attention scores could not fit in memory: MLX does not raise when an
     allocation that large fails, the process dies (a block length of 100,000 did)."""
     batch, heads, tokens = queries.shape[:3]
-    needed = batch * heads * tokens * keys * SCORE_BYTES
+    on_cpu = routing.current_backend() == "cpu"
+    needed = batch * tokens * keys * (heads * CPU_SCORE_BYTES if on_cpu else 1)
     if needed > memory_size():
         raise DLLMError(
             f"attention over {tokens} x {keys} positions needs {needed / 2**30:.0f} GiB, more than the "
