@@ -74,10 +74,10 @@ def test_attention_that_fits_runs_and_one_that_does_not_is_refused_before_mlx(mo
         attention.masked_attention(queries, keys, keys, 0.25, mx.ones((1, 1, 64, 64), dtype=mx.bool_))
     # A GPU streams the scores: only a 64 x 64 boolean mask is materialized there.
     monkeypatch.setattr(attention.routing, "current_backend", lambda: "metal")
-    attention.check_fits(queries, 64)
+    attention.check_fits(4, 64, 64)
     monkeypatch.setattr(attention, "memory_size", lambda: 64 * 64 - 1)
     with pytest.raises(DLLMError, match="attention over 64 x 64 positions"):
-        attention.check_fits(queries, 64)
+        attention.check_fits(4, 64, 64)
 
 
 @pytest.fixture
@@ -171,3 +171,13 @@ def test_logits_that_overflow_stop_generation_with_one_error_line(tiny_folders, 
     draft = mlx_dllm.load(str(draft_folder))[0] if options["mode"] == "dflash" else None
     with pytest.raises(DLLMError, match=r"^the model's logits are not finite \(NaN or Inf\)"):
         mlx_dllm.generate(model, tokenizer, [5, 6, 7], 8, draft_model=draft, **options)
+
+
+def test_a_prompt_chunk_whose_attention_cannot_fit_is_refused_for_any_target(tiny_folders, monkeypatch):
+    # The sibling in mlx-lm's own attention: one prefill chunk over a long prompt (a huge --prefill-step-size).
+    model, tokenizer = mlx_dllm.load(str(tiny_folders["dflash"][0]))
+    prompt = list(range(2, 66))
+    monkeypatch.setattr(attention, "memory_size", lambda: 4 * 64 * 64 * attention.CPU_SCORE_BYTES - 1)
+    with pytest.raises(DLLMError, match="attention over 64 x 64 positions"):
+        next(mlx_dllm.stream_generate(model, tokenizer, prompt, 2, prefill_step_size=4096))
+    assert next(mlx_dllm.stream_generate(model, tokenizer, prompt, 2, prefill_step_size=32)).tokens  # 32 x 64 fits

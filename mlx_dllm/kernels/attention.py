@@ -21,12 +21,12 @@ def memory_size() -> int:
     return int(size) if size else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(queries: mx.array, keys: int) -> None:
-    """Refuse, in one line, a forward whose attention scores could not fit in memory: MLX does not raise when an
-    allocation that large fails, the process dies (a block length of 100,000 did)."""
-    batch, heads, tokens = queries.shape[:3]
+def check_fits(heads: int, tokens: int, keys: int) -> None:
+    """Refuse, in one line, a forward whose attention (over all its batch rows and `heads`) could not fit in
+    memory: MLX does not raise when an allocation that large fails, the process dies (a block length of 100,000
+    did)."""
     on_cpu = routing.current_backend() == "cpu"
-    needed = batch * tokens * keys * (heads * CPU_SCORE_BYTES if on_cpu else 1)
+    needed = tokens * keys * (heads * CPU_SCORE_BYTES if on_cpu else 1)
     if needed > memory_size():
         raise DLLMError(
             f"attention over {tokens} x {keys} positions needs {needed / 2**30:.0f} GiB, more than the "
@@ -49,7 +49,7 @@ def attention(
         raise ValueError("block_keys and block_values go together")
     Tq = queries.shape[2]
     Tk = keys.shape[2] + (0 if block_keys is None else block_keys.shape[2])
-    check_fits(queries, Tk)
+    check_fits(queries.shape[0] * queries.shape[1], Tq, Tk)
     call = routing.Call(
         backend=routing.current_backend(),
         queries=Tq,
@@ -70,5 +70,5 @@ def attention(
 
 def masked_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
     """An explicit mask, for the one layout no pattern describes: training's anchor blocks, one per batch row."""
-    check_fits(queries, keys.shape[2])
+    check_fits(queries.shape[0] * queries.shape[1], queries.shape[2], keys.shape[2])
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)

@@ -10,6 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from ..chat_template import end_of_thinking_id
 from ..errors import DLLMError
+from ..kernels.attention import check_fits
 from .arguments import (
     SEED_LIMIT,
     check_models,
@@ -126,6 +127,12 @@ def stream_generate(
     options = _thinking_end(options, tokenizer)
     vocab_rows = embedding_rows(model)
     prompt = encode_prompt(tokenizer, prompt, vocab_rows)
+    # The last prompt chunk attends to the whole prompt, in whichever attention the model runs.
+    check_fits(
+        getattr(getattr(model, "args", None), "num_attention_heads", 1),
+        min(prefill_step_size, prompt.size),
+        prompt.size,
+    )
     select = _selector(chosen, temp, top_p, top_k, min_p, sampler, logits_processors, vocab_rows, prompt)
     eos_ids = tokenizer_eos_ids(tokenizer)
     if seed is not None:
