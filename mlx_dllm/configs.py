@@ -30,6 +30,9 @@ SIZE_LIMITS = {
     "block_size": 1 << 12,
 }
 ID_FIELDS = ("eos_token_id", "mask_token_id", "target_layer_ids")
+# A top-k over experts picks at most all of them (more crashes the router's argpartition mid-generation).
+EXPERT_CHOICES = (("top_k_experts", "num_experts"), ("num_experts_per_tok", "num_experts"),
+                  ("num_experts_per_tok", "num_local_experts"))
 NESTED_CONFIGS = ("text_config", "dflash_config")
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -65,7 +68,8 @@ def write_json(file: Path, content: Dict) -> None:
 
 def check_sizes(config: Dict, where: str = "config.json") -> None:
     """Every size field present is a positive integer under its ceiling, every id field a non-negative integer
-    or a list of them (also in the nested text and DFlash configs)."""
+    or a list of them, and the names a family is looked up by are strings (also in the nested text and DFlash
+    configs)."""
     for name, limit in SIZE_LIMITS.items():
         value = config.get(name)
         if value is None:
@@ -74,14 +78,29 @@ def check_sizes(config: Dict, where: str = "config.json") -> None:
             raise DLLMError(f"{where}: {name} must be an integer, got {value!r}")
         if not 1 <= value <= limit:
             raise DLLMError(f"{where}: {name} must be between 1 and {limit}, got {value}")
+    for top_k, experts in EXPERT_CHOICES:
+        if config.get(top_k) is not None and config.get(experts) is not None and config[top_k] > config[experts]:
+            raise DLLMError(f"{where}: {top_k} ({config[top_k]}) exceeds {experts} ({config[experts]})")
     for name in ID_FIELDS:
         check_ids(config.get(name), name, where)
+    check_names(config, where)
     for nested in NESTED_CONFIGS:
         section = config.get(nested)
         if section is not None:
             if not isinstance(section, dict):
                 raise DLLMError(f"{where}: {nested} must be an object")
             check_sizes(section, f"{where} {nested}")
+
+
+def check_names(config: Dict, where: str) -> None:
+    """model_type and architectures pick the model class (dictionary keys, joined names): strings, nothing else."""
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if model_type is not None and not isinstance(model_type, str):
+        raise DLLMError(f"{where}: model_type must be a name, got {model_type!r}")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
+    ):
+        raise DLLMError(f"{where}: architectures must be a list of names, got {architectures!r}")
 
 
 def check_layer_count(config: Dict, weight_names: Iterable[str]) -> None:
