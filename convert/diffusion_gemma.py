@@ -167,10 +167,7 @@ def build_lazy_model(config: Dict) -> Model:
     """Our model with unevaluated weights: its shapes and module types cost no memory (measured: 39 KB for 26B)."""
     if "quantization" in config or "quantization_config" in config:
         raise DLLMError("the checkpoint is already quantized; convert the original one")
-    try:
-        return Model(ModelArgs.from_dict(config))
-    except (TypeError, KeyError, ValueError) as error:
-        raise DLLMError(f"DiffusionGemma config: {str(error).splitlines()[0]}") from error
+    return loading.construct(Model, ModelArgs, config, "DiffusionGemma config")
 
 
 def convert_checkpoint(source: Path, mlx_path: Path, config: Dict, options: Options) -> None:

@@ -19,7 +19,7 @@ from mlx_lm.utils import _get_classes, save_model
 
 from mlx_dllm.checkpoint_files import evaluate_finite, weight_files
 from mlx_dllm.configs import check_sizes
-from mlx_dllm.errors import DLLMError
+from mlx_dllm.errors import DLLMError, first_line
 from mlx_dllm.staging import check_destination, staged_folder
 
 from .common import Options, cast_parameters, check_finite_files, quantize_weights, write_config
@@ -310,7 +310,7 @@ def save_tokenizer(metadata: Dict, file: Path, folder: Path) -> None:
             str(folder), tokenizer_object=backend, trust_remote_code=False, **settings, **extra
         )
     except Exception as error:
-        raise DLLMError(f"cannot rebuild the tokenizer of {file.name}: {str(error).splitlines()[0]}") from error
+        raise DLLMError(f"cannot rebuild the tokenizer of {file.name}: {first_line(error)}") from error
     tokenizer.save_pretrained(str(folder))
 
 

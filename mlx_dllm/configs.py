@@ -34,6 +34,8 @@ ID_FIELDS = ("eos_token_id", "mask_token_id", "target_layer_ids")
 EXPERT_CHOICES = (("top_k_experts", "num_experts"), ("num_experts_per_tok", "num_experts"),
                   ("num_experts_per_tok", "num_local_experts"))
 NESTED_CONFIGS = ("text_config", "dflash_config")
+# Fields model classes read as dictionaries (`.get`, `.items()`): a string there is an AttributeError deep inside.
+OBJECT_FIELDS = ("rope_scaling", "rope_parameters", "per_layer_config", "quantization", "quantization_config")
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -68,8 +70,8 @@ def write_json(file: Path, content: Dict) -> None:
 
 def check_sizes(config: Dict, where: str = "config.json") -> None:
     """Every size field present is a positive integer under its ceiling, every id field a non-negative integer
-    or a list of them, and the names a family is looked up by are strings (also in the nested text and DFlash
-    configs)."""
+    or a list of them, the names a family is looked up by strings and the fields read as objects objects (also in
+    the nested text and DFlash configs)."""
     for name, limit in SIZE_LIMITS.items():
         value = config.get(name)
         if value is None:
@@ -84,12 +86,14 @@ def check_sizes(config: Dict, where: str = "config.json") -> None:
     for name in ID_FIELDS:
         check_ids(config.get(name), name, where)
     check_names(config, where)
+    for name in OBJECT_FIELDS:
+        if config.get(name) is not None and not isinstance(config[name], dict):
+            raise DLLMError(f"{where}: {name} must be an object, got {config[name]!r}")
     for nested in NESTED_CONFIGS:
-        section = config.get(nested)
-        if section is not None:
-            if not isinstance(section, dict):
-                raise DLLMError(f"{where}: {nested} must be an object")
-            check_sizes(section, f"{where} {nested}")
+        if nested in config:  # even null: mlx-lm's loader reads a text_config that is there
+            if not isinstance(config[nested], dict):
+                raise DLLMError(f"{where}: {nested} must be an object, got {config[nested]!r}")
+            check_sizes(config[nested], f"{where} {nested}")
 
 
 def check_names(config: Dict, where: str) -> None:

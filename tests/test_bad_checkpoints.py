@@ -73,3 +73,43 @@ def test_a_nested_model_type_of_the_wrong_type_is_refused(tiny, tmp_path):
 def test_more_experts_per_token_than_experts_is_refused(tiny, tmp_path):
     folder = bad_copy(tiny["diffusion-gemma"], tmp_path, text_config={"top_k_experts": 8})
     assert_refused(folder, tmp_path, "config.json text_config: top_k_experts (8) exceeds num_experts (4)")
+
+
+@pytest.mark.parametrize(
+    "generation, message",
+    [
+        ("[1, 2]", "generation_config.json must hold a JSON object, not list"),
+        ('"text"', "generation_config.json must hold a JSON object, not str"),
+        ('{"eos_token_id": "x"}', "generation_config.json: eos_token_id must be a non-negative integer"),
+        ('{"eos_token_id": ["a", "b"]}', "generation_config.json: eos_token_id must be a non-negative integer"),
+    ],
+)
+def test_a_bad_generation_config_of_an_mlx_lm_target_is_refused_before_mlx_lm_reads_it(
+    tiny, tmp_path, generation, message
+):
+    assert_refused(bad_copy(tiny["target"], tmp_path, generation=generation), tmp_path, message)
+
+
+@pytest.mark.parametrize("field", ["rope_scaling", "rope_parameters"])
+def test_a_rope_field_that_is_not_an_object_is_refused(tiny, tmp_path, field):
+    folder = bad_copy(tiny["target"], tmp_path, {field: "linear"})
+    assert_refused(folder, tmp_path, f"config.json: {field} must be an object, got 'linear'")
+
+
+def test_an_attribute_error_while_building_the_model_is_one_line(tiny, tmp_path):
+    folder = bad_copy(tiny["diffusion-gemma"], tmp_path, text_config={"per_layer_config": {"1": 5}})
+    assert_refused(folder, tmp_path, "'int' object has no attribute 'get'")
+
+
+def test_the_dflash_converter_refuses_a_drafter_it_cannot_build_in_one_line(tiny, tmp_path):
+    folder = bad_copy(tiny["draft"], tmp_path, {"rope_scaling": {"rope_type": "bogus", "factor": 2.0}})
+    assert_refused(folder, tmp_path, "Unsupported RoPE type bogus", generate_with=tiny["target"])
+
+
+def test_diffusion_gemma_without_a_text_config_object_is_refused_by_name(tiny, tmp_path):
+    folder = bad_copy(tiny["diffusion-gemma"], tmp_path, {"text_config": None})
+    assert_refused(folder, tmp_path, "config.json: text_config must be an object, got None")
+    config = json.loads((folder / "config.json").read_text())
+    del config["text_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_refused(folder, tmp_path, "DiffusionGemma config.json needs a text_config object, got None")

@@ -98,13 +98,15 @@ class TextArgs(BaseModelArgs):
 
 @dataclass
 class ModelArgs(BaseModelArgs):
-    text_config: Dict[str, Any]
+    text_config: Optional[Dict[str, Any]] = None
     model_type: str = "diffusion_gemma"
     canvas_length: int = 256
     generation_config: Optional[Dict[str, Any]] = None  # generation_config.json, filled in by the loader
     text: TextArgs = field(init=False)
 
     def __post_init__(self):
+        if not isinstance(self.text_config, dict):
+            raise DLLMError(f"DiffusionGemma config.json needs a text_config object, got {self.text_config!r}")
         self.text = TextArgs.from_dict(self.text_config)
         canvas = self.canvas_length
         if not isinstance(canvas, int) or isinstance(canvas, bool) or not 1 <= canvas <= MAX_CANVAS_LENGTH:
