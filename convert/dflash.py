@@ -7,7 +7,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from mlx_dllm.checkpoint_files import read_weights
+from mlx_dllm.checkpoint_files import check_dtypes, read_weights
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.loading import construct
 from mlx_dllm.models.dflash import Model, ModelArgs
@@ -34,7 +34,9 @@ def load_draft(path: Path, config: Dict) -> Model:
         raise DLLMError(f"{path} is already a quantized MLX drafter; convert the original checkpoint")
     model = construct(Model, ModelArgs, config, "DFlash config")
     weights = Model.sanitize(read_weights(path))
-    check_weights(weights, dict(tree_flatten(model.parameters())))
+    parameters = dict(tree_flatten(model.parameters()))
+    check_weights(weights, parameters)
+    check_dtypes(weights.items(), parameters, str(path))
     model.load_weights(list(weights.items()))
     return model
 

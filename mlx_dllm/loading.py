@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
@@ -16,6 +17,7 @@ from .checkpoint_files import (
     ALLOW_PATTERNS,
     LORA_FOLDER,
     check_checkpoint_files,
+    check_dtypes,
     evaluate_finite,
     read_weights,
 )
@@ -164,14 +166,30 @@ def construct(model_class, args_class, config: Dict, what: str) -> nn.Module:
         raise DLLMError(f"{what}: {first_line(error)}") from error
 
 
+def dtype_checked(model_class, path: Path):
+    """`model_class` for one mlx-lm load: its load_weights first refuses a tensor of the wrong dtype (mlx-lm calls it
+    on the freshly built, already quantized model, whose parameters say what each tensor must be), and the model is
+    a plain `model_class` from then on."""
+
+    def load_weights(self, weights, strict=True):
+        check_dtypes(weights, dict(tree_flatten(self.parameters())), str(path))
+        self.__class__ = model_class
+        return self.load_weights(weights, strict)
+
+    namespace = {"load_weights": load_weights, "__module__": model_class.__module__}
+    return type(model_class.__name__, (model_class,), namespace)
+
+
 def build_model(path: Path, config: Dict, lazy: bool = False) -> Tuple[nn.Module, Dict]:
     """The model in `path` with its weights, and the config mlx-lm saw (quantization included)."""
     module = model_file(config)
-    if module is not None:
-        get_classes = lambda config: (module.Model, module.ModelArgs)  # noqa: E731
-    else:
+    if module is None:
         check_target_architecture(config)
-        get_classes = _target_classes
+
+    def get_classes(config: Dict):
+        model_class, args_class = (module.Model, module.ModelArgs) if module is not None else _target_classes(config)
+        return dtype_checked(model_class, path), args_class
+
     check_layer_count(config, read_weights(path))  # one-line errors before mlx-lm reads them
     generation_config = read_generation_config(path)
     # Our own models read their decoding defaults (e.g. DiffusionGemma's denoising knobs) from their args;

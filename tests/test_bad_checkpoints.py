@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from mlx_dllm import DLLMError, load
@@ -113,3 +114,49 @@ def test_diffusion_gemma_without_a_text_config_object_is_refused_by_name(tiny, t
     del config["text_config"]
     (folder / "config.json").write_text(json.dumps(config))
     assert_refused(folder, tmp_path, "DiffusionGemma config.json needs a text_config object, got None")
+
+
+def relabel(folder: Path, name: str, dtype) -> Path:
+    """The tensor `name` stored as `dtype` (its values cast), as a safetensors header that says I32 would load."""
+    for file in folder.glob("model*.safetensors"):
+        weights = mx.load(str(file))
+        if name in weights:
+            weights[name] = weights[name].astype(dtype)
+            mx.save_safetensors(str(file), weights)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "family, name, dtype",
+    [
+        ("target", "model.layers.0.mlp.up_proj.weight", mx.int32),
+        ("target", "model.norm.weight", mx.bool_),
+        ("draft", "layers.1.mlp.up_proj.weight", mx.int32),
+        ("diffusion-gemma", "model.decoder.layers.0.mlp.up_proj.weight", mx.int16),
+        ("diffusion-gemma", "model.decoder.layers.1.experts.gate_up_proj.weight", mx.uint8),
+        ("nemotron", "encoder.layers.0.self_attn.q_proj.weight", mx.int32),
+    ],
+)
+def test_an_integer_tensor_for_a_float_parameter_is_refused(tiny, tmp_path, family, name, dtype):
+    folder = relabel(shutil.copytree(tiny[family], tmp_path / "bad"), name, dtype)
+    dtype_name = str(dtype).rpartition(".")[2]
+    generate_with = tiny["target"] if family == "draft" else None
+    assert_refused(folder, tmp_path, f" is {dtype_name}, where the model needs a float type", generate_with)
+    with pytest.raises(DLLMError, match=re.escape(f"tensor {name}")):
+        load(str(folder))
+
+
+@pytest.mark.parametrize("family, options", [("target", ["-q"]), ("diffusion-gemma", ["--quant-recipe", "mixed"])])
+def test_quantized_conversions_still_load_and_a_float_label_on_packed_weights_is_refused(
+    tiny, tmp_path, family, options
+):
+    out = tmp_path / "quantized"
+    result = run("convert", "--hf-path", tiny[family], "--mlx-path", out, *options, "--q-group-size", 32)
+    assert result.exit_code == 0, result.output
+    load(str(out))
+    weights = {name: value for file in out.glob("model*.safetensors") for name, value in mx.load(str(file)).items()}
+    packed = sorted(name for name, value in weights.items() if value.dtype == mx.uint32)[0]
+    relabel(out, packed, mx.float32)
+    message = f"tensor {packed} in {out} is float32, where the model needs uint32"
+    with pytest.raises(DLLMError, match=re.escape(message)):
+        load(str(out))
