@@ -160,3 +160,65 @@ def test_quantized_conversions_still_load_and_a_float_label_on_packed_weights_is
     message = f"tensor {packed} in {out} is float32, where the model needs uint32"
     with pytest.raises(DLLMError, match=re.escape(message)):
         load(str(out))
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"vocab_size": 256, "mask_token_id": 300}, "mask_token_id must be a token id below vocab_size 256, got 300"),
+        ({"mask_token_id": -1}, "mask_token_id must be a non-negative integer"),
+        ({"dflash_config": {"mask_token_id": 2.5}}, "mask_token_id must be a non-negative integer"),
+        ({"target_layer_ids": [2, 1, 1]}, "target_layer_ids must be increasing layer ids, got [2, 1, 1]"),
+        ({"target_layer_ids": [0, 2, 1]}, "target_layer_ids must be increasing layer ids, got [0, 2, 1]"),
+        ({"dflash_config": {"target_layer_ids": [1, 1]}}, "target_layer_ids must be increasing layer ids"),
+        ({"target_layer_ids": 3}, "target_layer_ids must be increasing layer ids, got 3"),
+        ({"target_layer_ids": [-1, 0]}, "target_layer_ids must be a non-negative integer"),
+        ({"target_layer_ids": [0, "1"]}, "target_layer_ids must be a non-negative integer"),
+        ({"vocab_size": 256, "dflash_config": {"draft_vocab": [3, 300]}}, "token ids below vocab_size 256"),
+        ({"layer_types": ["weird_attention", "full_attention"]}, "layer type 'weird_attention' is not supported"),
+        ({"rope_parameters": {"full_attention": {"rope_theta": 1e6}}}, "RoPE per layer type (full_attention)"),
+        ({"block_size": 1}, "DFlash block_size must be at least 2"),
+    ],
+)
+def test_a_drafter_that_would_draft_garbage_is_refused(tiny, tmp_path, config, message):
+    assert_refused(bad_copy(tiny["draft"], tmp_path, config), tmp_path, message, generate_with=tiny["target"])
+
+
+@pytest.mark.parametrize(
+    "text_config, message",
+    [
+        ({"layer_types": ["weird_attention", "full_attention"] * 2}, "layer type 'weird_attention' is not supported"),
+        ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1e4}}, "'rope_type': 'bogus'"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, "must hold one RoPE per layer type"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "bogus", "rope_theta": 1e4}}},
+         "rope_type 'bogus' is not supported"),
+        ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "x": {}},
+                              "weird_attention": {}}}, "must hold one RoPE per layer type"),
+        ({"rope_parameters": {"sliding_attention": {"rope_type": "default"}}}, "needs a positive rope_theta, got None"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                                 "partial_rotary_factor": 2}}}, "partial_rotary_factor must be in"),
+    ],
+)
+def test_diffusion_gemma_layer_and_rope_kinds_it_cannot_run_are_refused_by_name(tiny, tmp_path, text_config, message):
+    assert_refused(bad_copy(tiny["diffusion-gemma"], tmp_path, text_config=text_config), tmp_path, message)
+
+
+@pytest.mark.parametrize(
+    "block_size, message",
+    [
+        (1, "Nemotron-Labs-Diffusion block_size must be an integer of at least 2, got 1"),
+        (0, "block_size must be between 1 and 4096, got 0"),
+        ("4", "block_size must be an integer, got '4'"),
+    ],
+)
+def test_a_nemotron_block_size_below_two_is_refused(tiny, tmp_path, block_size, message):
+    assert_refused(bad_copy(tiny["nemotron"], tmp_path, {"block_size": block_size}), tmp_path, message)
+
+
+def test_the_trainer_writes_only_target_layers_the_loader_reads():
+    from mlx_dllm.training.drafter_config import check_target_layers
+
+    assert check_target_layers([1, 3], 4) == [1, 3]
+    for layer_ids in ([3, 1], [1, 1]):
+        with pytest.raises(DLLMError, match="--target-layers must list layers in increasing order, each once"):
+            check_target_layers(layer_ids, 4)

@@ -64,6 +64,10 @@ class ModelArgs(BaseModelArgs):
         rope.setdefault("llama_4_scaling_beta", 0.0)
         rope.setdefault("original_max_position_embeddings", self.max_position_embeddings or 1)
         self.rope_parameters = rope
+        # The default block length of every mode, which refuses blocks under 2 (sampler/blocks.py): refuse it here.
+        block = self.block_size
+        if isinstance(block, bool) or not isinstance(block, int) or block < 2:
+            raise DLLMError(f"Nemotron-Labs-Diffusion block_size must be an integer of at least 2, got {block!r}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise DLLMError(f"mask_token_id {self.mask_token_id} is outside the vocabulary of {self.vocab_size}")
 
