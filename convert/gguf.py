@@ -114,7 +114,11 @@ def read_tensor(tensor, dequantize_all: bool = False) -> Dict[str, mx.array]:
         weight, scales, biases = affine_from_blocks(tensor.data.reshape(rows, -1, BLOCK_BYTES[kind]), kind)
         parts = {"weight": weight, "scales": scales, "biases": biases}
         return {f"{stem}.{part}": mx.array(value) for part, value in parts.items()}
-    value = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    try:
+        value = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    except (NotImplementedError, ValueError) as error:  # integer types (I8...I64), F64, malformed blocks
+        message = f"GGUF tensor {tensor.name} of type {kind} is not a weight we can read: {first_line(error)}"
+        raise DLLMError(message) from error
     return {tensor.name: mx.array(value.reshape(shape))}
 
 

@@ -30,6 +30,8 @@ SIZE_LIMITS = {
     "block_size": 1 << 12,
 }
 ID_FIELDS = ("eos_token_id", "mask_token_id", "target_layer_ids")
+# Grouped-query attention shares each K/V head among a whole number of query heads (MLX's attention requires it).
+HEAD_GROUPS = (("num_attention_heads", "num_key_value_heads"), ("num_attention_heads", "num_global_key_value_heads"))
 # A top-k over experts picks at most all of them (more crashes the router's argpartition mid-generation).
 EXPERT_CHOICES = (("top_k_experts", "num_experts"), ("num_experts_per_tok", "num_experts"),
                   ("num_experts_per_tok", "num_local_experts"))
@@ -80,6 +82,9 @@ def check_sizes(config: Dict, where: str = "config.json") -> None:
             raise DLLMError(f"{where}: {name} must be an integer, got {value!r}")
         if not 1 <= value <= limit:
             raise DLLMError(f"{where}: {name} must be between 1 and {limit}, got {value}")
+    for heads, kv_heads in HEAD_GROUPS:
+        if config.get(heads) is not None and config.get(kv_heads) is not None and config[heads] % config[kv_heads]:
+            raise DLLMError(f"{where}: {heads} ({config[heads]}) is not a multiple of {kv_heads} ({config[kv_heads]})")
     for top_k, experts in EXPERT_CHOICES:
         if config.get(top_k) is not None and config.get(experts) is not None and config[top_k] > config[experts]:
             raise DLLMError(f"{where}: {top_k} ({config[top_k]}) exceeds {experts} ({config[experts]})")

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_dllm import DLLMError, load
@@ -222,3 +223,42 @@ def test_the_trainer_writes_only_target_layers_the_loader_reads():
     for layer_ids in ([3, 1], [1, 1]):
         with pytest.raises(DLLMError, match="--target-layers must list layers in increasing order, each once"):
             check_target_layers(layer_ids, 4)
+
+
+@pytest.mark.parametrize(
+    "family, config, text_config, message",
+    [
+        ("target", {"num_key_value_heads": 3}, None, "is not a multiple of num_key_value_heads (3)"),
+        ("nemotron", {"num_key_value_heads": 3}, None, "is not a multiple of num_key_value_heads (3)"),
+        ("diffusion-gemma", None, {"num_global_key_value_heads": 3}, "text_config: num_attention_heads (4) is not a"),
+    ],
+)
+def test_query_heads_that_kv_heads_cannot_group_are_refused(tiny, tmp_path, family, config, text_config, message):
+    assert_refused(bad_copy(tiny[family], tmp_path, config, text_config), tmp_path, message)
+
+
+def test_an_integer_lora_adapter_is_refused(tiny, tmp_path):
+    folder = shutil.copytree(tiny["nemotron"], tmp_path / "bad")
+    adapter = folder / "linear_spec_lora" / "adapter_model.safetensors"
+    weights = mx.load(str(adapter))
+    name = sorted(weights)[0]
+    weights[name] = weights[name].astype(mx.int32)
+    mx.save_safetensors(str(adapter), weights)
+    assert_refused(folder, tmp_path, "layer 0 holds int32 tensors, not floats")
+
+
+@pytest.mark.parametrize("kind", ["I32", "F64"])
+def test_a_gguf_tensor_of_a_type_that_is_no_weight_is_one_error(tmp_path, kind):
+    gguf = pytest.importorskip("gguf")
+    from mlx_dllm.convert.gguf import open_gguf, read_tensor
+
+    file = tmp_path / "one.gguf"
+    writer = gguf.GGUFWriter(str(file), "llama")
+    dtype = {"I32": "int32", "F64": "float64"}[kind]
+    writer.add_tensor("blk.0.attn_v.weight", np.ones((4, 32), dtype=dtype), raw_dtype=gguf.GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(DLLMError, match=f"GGUF tensor blk.0.attn_v.weight of type {kind} is not a weight we can read"):
+        read_tensor(open_gguf(file).tensors[0])

@@ -20,6 +20,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.ministral3 import MLP, _get_llama_4_attn_scale
 from mlx_lm.models.rope_utils import initialize_rope
 
+from ..checkpoint_files import dtype_name
 from ..errors import DLLMError
 from ..kernels import attention, patterns
 from .dtypes import compute_dtype
@@ -215,6 +216,9 @@ class Model(nn.Module):
         for index, layer in enumerate(self.layers):
             self_attn = layer.self_attn
             lora_a, lora_b = lora_pair(weights, LORA_MODULE.format(index), folder)
+            integer = [dtype_name(t.dtype) for t in (lora_a, lora_b) if not mx.issubdtype(t.dtype, mx.floating)]
+            if integer:  # cast below, an integer label would turn the adapter into garbage
+                raise DLLMError(f"the LoRA adapter in {folder}: layer {index} holds {integer[0]} tensors, not floats")
             expected_a = (rank, self_attn.n_heads * self_attn.head_dim)
             expected_b = (self.args.hidden_size, rank)
             if lora_a.shape != expected_a or lora_b.shape != expected_b:
