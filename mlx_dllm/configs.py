@@ -15,6 +15,7 @@ SIZE_LIMITS = {
     "intermediate_size": 1 << 20,
     "moe_intermediate_size": 1 << 20,
     "num_hidden_layers": 1024,
+    "num_target_layers": 1024,
     "num_attention_heads": 1024,
     "num_key_value_heads": 1024,
     "num_global_key_value_heads": 1024,

@@ -173,6 +173,8 @@ def test_quantized_conversions_still_load_and_a_float_label_on_packed_weights_is
         ({"target_layer_ids": [0, 2, 1]}, "target_layer_ids must be increasing layer ids, got [0, 2, 1]"),
         ({"dflash_config": {"target_layer_ids": [1, 1]}}, "target_layer_ids must be increasing layer ids"),
         ({"target_layer_ids": 3}, "target_layer_ids must be increasing layer ids, got 3"),
+        ({"num_target_layers": 4, "target_layer_ids": [1, 4]}, "layer ids below num_target_layers 4, got [1, 4]"),
+        ({"dflash_config": {"num_target_layers": 2}}, "layer ids below num_target_layers 2, got [0, 1, 2]"),
         ({"target_layer_ids": [-1, 0]}, "target_layer_ids must be a non-negative integer"),
         ({"target_layer_ids": [0, "1"]}, "target_layer_ids must be a non-negative integer"),
         ({"vocab_size": 256, "dflash_config": {"draft_vocab": [3, 300]}}, "token ids below vocab_size 256"),

@@ -55,6 +55,7 @@ class ModelArgs(BaseModelArgs):
     sliding_window: Optional[int] = None
     is_causal: Optional[bool] = None
     vocab_size: Optional[int] = None  # the target's, when the config says (z-lab's do; Muse Glimmer's do not)
+    num_target_layers: Optional[int] = None  # the target's layer count, likewise
     block_size: Optional[int] = None
     mask_token_id: Optional[int] = None
     target_layer_ids: Optional[List[int]] = None
@@ -71,7 +72,7 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         nested = self.dflash_config or {}
         for key in ("target_layer_ids", "mask_token_id", "block_size", "draft_vocab", "input_embedding_scale",
-                    "output_multiplier", "final_logit_softcapping"):
+                    "output_multiplier", "final_logit_softcapping", "num_target_layers"):
             if nested.get(key) is not None:
                 setattr(self, key, nested[key])
         if nested.get("causal") is not None:
@@ -85,9 +86,10 @@ class ModelArgs(BaseModelArgs):
         below = "" if self.vocab_size is None else f" below vocab_size {self.vocab_size}"
         if not self.in_vocabulary(self.mask_token_id):
             raise DLLMError(f"DFlash config: mask_token_id must be a token id{below}, got {self.mask_token_id!r}")
-        layer_ids = self.target_layer_ids
-        if not is_increasing(layer_ids):
-            raise DLLMError(f"DFlash config: target_layer_ids must be increasing layer ids, got {layer_ids!r}")
+        layer_ids, layers = self.target_layer_ids, self.num_target_layers
+        if not is_increasing(layer_ids) or (layers is not None and layer_ids[-1] >= layers):
+            below = "" if layers is None else f" below num_target_layers {layers}"
+            raise DLLMError(f"DFlash config: target_layer_ids must be increasing layer ids{below}, got {layer_ids!r}")
         vocab = self.draft_vocab
         if vocab is not None and not (is_increasing(vocab) and self.in_vocabulary(vocab[-1])):
             raise DLLMError(f"DFlash config: draft_vocab must be a non-empty, increasing list of token ids{below}")
