@@ -72,9 +72,9 @@ def write_json(file: Path, content: Dict) -> None:
 
 
 def check_sizes(config: Dict, where: str = "config.json") -> None:
-    """Every size field present is a positive integer under its ceiling, every id field a non-negative integer
-    or a list of them, the names a family is looked up by strings and the fields read as objects objects (also in
-    the nested text and DFlash configs)."""
+    """Every size field present is a positive integer under its ceiling (heads and experts consistent), every id
+    field a non-negative integer or a list of them, every name a string and every field read as a dictionary an
+    object (also in the nested text and DFlash configs)."""
     for name, limit in SIZE_LIMITS.items():
         value = config.get(name)
         if value is None:

@@ -88,8 +88,8 @@ class ModelArgs(BaseModelArgs):
             raise DLLMError(f"DFlash config: mask_token_id must be a token id{below}, got {self.mask_token_id!r}")
         layer_ids, layers = self.target_layer_ids, self.num_target_layers
         if not is_increasing(layer_ids) or (layers is not None and layer_ids[-1] >= layers):
-            below = "" if layers is None else f" below num_target_layers {layers}"
-            raise DLLMError(f"DFlash config: target_layer_ids must be increasing layer ids{below}, got {layer_ids!r}")
+            bound = "" if layers is None else f" below num_target_layers {layers}"
+            raise DLLMError(f"DFlash config: target_layer_ids must be increasing layer ids{bound}, got {layer_ids!r}")
         vocab = self.draft_vocab
         if vocab is not None and not (is_increasing(vocab) and self.in_vocabulary(vocab[-1])):
             raise DLLMError(f"DFlash config: draft_vocab must be a non-empty, increasing list of token ids{below}")
