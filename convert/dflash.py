@@ -7,8 +7,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from mlx_dllm.checkpoint_files import read_weights
+from mlx_dllm.checkpoint_files import check_dtypes, read_weights
 from mlx_dllm.errors import DLLMError
+from mlx_dllm.loading import construct
 from mlx_dllm.models.dflash import Model, ModelArgs
 
 from .common import Options, write_model
@@ -31,13 +32,11 @@ def check_weights(weights: Dict[str, mx.array], expected: Dict[str, mx.array]) -
 def load_draft(path: Path, config: Dict) -> Model:
     if "quantization" in config:
         raise DLLMError(f"{path} is already a quantized MLX drafter; convert the original checkpoint")
-    try:
-        args = ModelArgs.from_dict(config)
-    except TypeError as error:
-        raise DLLMError(f"DFlash config: {str(error).splitlines()[0]}") from error
+    model = construct(Model, ModelArgs, config, "DFlash config")
     weights = Model.sanitize(read_weights(path))
-    model = Model(args)
-    check_weights(weights, dict(tree_flatten(model.parameters())))
+    parameters = dict(tree_flatten(model.parameters()))
+    check_weights(weights, parameters)
+    check_dtypes(weights.items(), parameters, str(path))
     model.load_weights(list(weights.items()))
     return model
 

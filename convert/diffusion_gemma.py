@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from mlx_dllm import loading
-from mlx_dllm.checkpoint_files import finite_screen, is_nonfinite, nonfinite_message, weight_files
+from mlx_dllm.checkpoint_files import check_dtypes, finite_screen, is_nonfinite, nonfinite_message, weight_files
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES, Model, ModelArgs
 from mlx_dllm.staging import staged_folder
@@ -76,8 +76,10 @@ def read_shard(file: Path, model: Model) -> Dict[str, mx.array]:
 
 
 def check_shards(files: List[Path], model: Model) -> List[int]:
-    """Every tensor's name and shape against the model before anything is written; the tensor count per shard."""
-    expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
+    """Every tensor's name, shape and dtype against the model before anything is written; the tensor count per
+    shard."""
+    parameters = dict(tree_flatten(model.parameters()))
+    expected = {name: tuple(value.shape) for name, value in parameters.items()}
     seen, counts = set(), []
     for file in files:
         tensors = read_shard(file, model)
@@ -88,6 +90,7 @@ def check_shards(files: List[Path], model: Model) -> List[int]:
                 raise DLLMError(f"unexpected tensor {name} {tuple(value.shape)} in {file.name}")
             if tuple(value.shape) != expected[name]:
                 raise DLLMError(f"tensor {name} has shape {tuple(value.shape)}, the model expects {expected[name]}")
+        check_dtypes(tensors.items(), parameters, file.name)
         seen.update(tensors)
         counts.append(len(tensors))
     missing = [name for name in expected if name not in seen]
@@ -167,10 +170,7 @@ def build_lazy_model(config: Dict) -> Model:
     """Our model with unevaluated weights: its shapes and module types cost no memory (measured: 39 KB for 26B)."""
     if "quantization" in config or "quantization_config" in config:
         raise DLLMError("the checkpoint is already quantized; convert the original one")
-    try:
-        return Model(ModelArgs.from_dict(config))
-    except (TypeError, KeyError, ValueError) as error:
-        raise DLLMError(f"DiffusionGemma config: {str(error).splitlines()[0]}") from error
+    return loading.construct(Model, ModelArgs, config, "DiffusionGemma config")
 
 
 def convert_checkpoint(source: Path, mlx_path: Path, config: Dict, options: Options) -> None:

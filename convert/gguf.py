@@ -19,7 +19,7 @@ from mlx_lm.utils import _get_classes, save_model
 
 from mlx_dllm.checkpoint_files import evaluate_finite, weight_files
 from mlx_dllm.configs import check_sizes
-from mlx_dllm.errors import DLLMError
+from mlx_dllm.errors import DLLMError, first_line
 from mlx_dllm.staging import check_destination, staged_folder
 
 from .common import Options, cast_parameters, check_finite_files, quantize_weights, write_config
@@ -114,7 +114,11 @@ def read_tensor(tensor, dequantize_all: bool = False) -> Dict[str, mx.array]:
         weight, scales, biases = affine_from_blocks(tensor.data.reshape(rows, -1, BLOCK_BYTES[kind]), kind)
         parts = {"weight": weight, "scales": scales, "biases": biases}
         return {f"{stem}.{part}": mx.array(value) for part, value in parts.items()}
-    value = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    try:
+        value = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    except (NotImplementedError, ValueError) as error:  # integer types (I8...I64), F64, malformed blocks
+        message = f"GGUF tensor {tensor.name} of type {kind} is not a weight we can read: {first_line(error)}"
+        raise DLLMError(message) from error
     return {tensor.name: mx.array(value.reshape(shape))}
 
 
@@ -310,7 +314,7 @@ def save_tokenizer(metadata: Dict, file: Path, folder: Path) -> None:
             str(folder), tokenizer_object=backend, trust_remote_code=False, **settings, **extra
         )
     except Exception as error:
-        raise DLLMError(f"cannot rebuild the tokenizer of {file.name}: {str(error).splitlines()[0]}") from error
+        raise DLLMError(f"cannot rebuild the tokenizer of {file.name}: {first_line(error)}") from error
     tokenizer.save_pretrained(str(folder))
 
 

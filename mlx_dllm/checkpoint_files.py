@@ -6,7 +6,7 @@ import os
 import stat
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterable, List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -134,6 +134,23 @@ def read_weights(path: Path) -> Dict[str, mx.array]:
         except Exception as error:
             raise DLLMError(f"cannot read {file.name}: {str(error).splitlines()[0]}") from error
     return weights
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rpartition(".")[2]
+
+
+def check_dtypes(tensors: Iterable[Tuple[str, mx.array]], parameters: Dict[str, mx.array], where: str) -> None:
+    """Each tensor suits the parameter it fills: any float for a float parameter, exactly its integer type for a
+    packed one (a quantized weight's uint32). An integer label on a float weight would load and generate garbage."""
+    for name, value in tensors:
+        parameter = parameters.get(name)
+        if parameter is None or value.dtype == parameter.dtype:
+            continue  # a name the model lacks is the loader's to refuse
+        floating = mx.issubdtype(parameter.dtype, mx.floating)
+        if not (floating and mx.issubdtype(value.dtype, mx.floating)):
+            needed = "a float type" if floating else dtype_name(parameter.dtype)
+            raise DLLMError(f"tensor {name} in {where} is {dtype_name(value.dtype)}, where the model needs {needed}")
 
 
 def nonfinite_message(name: str, where: str) -> str:

@@ -15,6 +15,7 @@ SIZE_LIMITS = {
     "intermediate_size": 1 << 20,
     "moe_intermediate_size": 1 << 20,
     "num_hidden_layers": 1024,
+    "num_target_layers": 1024,
     "num_attention_heads": 1024,
     "num_key_value_heads": 1024,
     "num_global_key_value_heads": 1024,
@@ -30,7 +31,14 @@ SIZE_LIMITS = {
     "block_size": 1 << 12,
 }
 ID_FIELDS = ("eos_token_id", "mask_token_id", "target_layer_ids")
+# Grouped-query attention shares each K/V head among a whole number of query heads (MLX's attention requires it).
+HEAD_GROUPS = (("num_attention_heads", "num_key_value_heads"), ("num_attention_heads", "num_global_key_value_heads"))
+# A top-k over experts picks at most all of them (more crashes the router's argpartition mid-generation).
+EXPERT_CHOICES = (("top_k_experts", "num_experts"), ("num_experts_per_tok", "num_experts"),
+                  ("num_experts_per_tok", "num_local_experts"))
 NESTED_CONFIGS = ("text_config", "dflash_config")
+# Fields model classes read as dictionaries (`.get`, `.items()`): a string there is an AttributeError deep inside.
+OBJECT_FIELDS = ("rope_scaling", "rope_parameters", "per_layer_config", "quantization", "quantization_config")
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -64,8 +72,9 @@ def write_json(file: Path, content: Dict) -> None:
 
 
 def check_sizes(config: Dict, where: str = "config.json") -> None:
-    """Every size field present is a positive integer under its ceiling, every id field a non-negative integer
-    or a list of them (also in the nested text and DFlash configs)."""
+    """Every size field present is a positive integer under its ceiling (heads and experts consistent), every id
+    field a non-negative integer or a list of them, every name a string and every field read as a dictionary an
+    object (also in the nested text and DFlash configs)."""
     for name, limit in SIZE_LIMITS.items():
         value = config.get(name)
         if value is None:
@@ -74,14 +83,34 @@ def check_sizes(config: Dict, where: str = "config.json") -> None:
             raise DLLMError(f"{where}: {name} must be an integer, got {value!r}")
         if not 1 <= value <= limit:
             raise DLLMError(f"{where}: {name} must be between 1 and {limit}, got {value}")
+    for heads, kv_heads in HEAD_GROUPS:
+        if config.get(heads) is not None and config.get(kv_heads) is not None and config[heads] % config[kv_heads]:
+            raise DLLMError(f"{where}: {heads} ({config[heads]}) is not a multiple of {kv_heads} ({config[kv_heads]})")
+    for top_k, experts in EXPERT_CHOICES:
+        if config.get(top_k) is not None and config.get(experts) is not None and config[top_k] > config[experts]:
+            raise DLLMError(f"{where}: {top_k} ({config[top_k]}) exceeds {experts} ({config[experts]})")
     for name in ID_FIELDS:
         check_ids(config.get(name), name, where)
+    check_names(config, where)
+    for name in OBJECT_FIELDS:
+        if config.get(name) is not None and not isinstance(config[name], dict):
+            raise DLLMError(f"{where}: {name} must be an object, got {config[name]!r}")
     for nested in NESTED_CONFIGS:
-        section = config.get(nested)
-        if section is not None:
-            if not isinstance(section, dict):
-                raise DLLMError(f"{where}: {nested} must be an object")
-            check_sizes(section, f"{where} {nested}")
+        if nested in config:  # even null: mlx-lm's loader reads a text_config that is there
+            if not isinstance(config[nested], dict):
+                raise DLLMError(f"{where}: {nested} must be an object, got {config[nested]!r}")
+            check_sizes(config[nested], f"{where} {nested}")
+
+
+def check_names(config: Dict, where: str) -> None:
+    """model_type and architectures pick the model class (dictionary keys, joined names): strings, nothing else."""
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if model_type is not None and not isinstance(model_type, str):
+        raise DLLMError(f"{where}: model_type must be a name, got {model_type!r}")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
+    ):
+        raise DLLMError(f"{where}: architectures must be a list of names, got {architectures!r}")
 
 
 def check_layer_count(config: Dict, weight_names: Iterable[str]) -> None:

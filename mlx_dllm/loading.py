@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
@@ -16,11 +17,12 @@ from .checkpoint_files import (
     ALLOW_PATTERNS,
     LORA_FOLDER,
     check_checkpoint_files,
+    check_dtypes,
     evaluate_finite,
     read_weights,
 )
 from .configs import check_ids, check_layer_count, check_sizes, read_json, target_fields
-from .errors import DLLMError
+from .errors import DLLMError, first_line
 from .models import dflash
 from .models.drafter import is_drafter
 from .models.family import model_file
@@ -77,7 +79,7 @@ def read_config(path: Path) -> Dict:
 
 
 def read_generation_config(path: Path) -> Dict:
-    """generation_config.json, or {} when the folder has none."""
+    """generation_config.json, checked, or {} when the folder has none (mlx-lm's loader reads it unchecked)."""
     file = path / "generation_config.json"
     if not file.exists():
         return {}
@@ -150,27 +152,58 @@ def check_target_architecture(config: Dict) -> None:
         ) from error
 
 
+# What a model class raises on a config value of the wrong type or shape (a string where it reads a dict, ...).
+BUILD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+
+
+def construct(model_class, args_class, config: Dict, what: str) -> nn.Module:
+    """`model_class` built from `config`; a value it cannot build from is one line naming `what`."""
+    try:
+        return model_class(args_class.from_dict(config))
+    except DLLMError:
+        raise
+    except BUILD_ERRORS as error:
+        raise DLLMError(f"{what}: {first_line(error)}") from error
+
+
+def dtype_checked(model_class, path: Path):
+    """`model_class` for one mlx-lm load: its load_weights first refuses a tensor of the wrong dtype (mlx-lm calls it
+    on the freshly built, already quantized model, whose parameters say what each tensor must be), and the model is
+    a plain `model_class` from then on."""
+
+    def load_weights(self, weights, strict=True):
+        check_dtypes(weights, dict(tree_flatten(self.parameters())), str(path))
+        self.__class__ = model_class
+        return self.load_weights(weights, strict)
+
+    namespace = {"load_weights": load_weights, "__module__": model_class.__module__}
+    return type(model_class.__name__, (model_class,), namespace)
+
+
 def build_model(path: Path, config: Dict, lazy: bool = False) -> Tuple[nn.Module, Dict]:
     """The model in `path` with its weights, and the config mlx-lm saw (quantization included)."""
     module = model_file(config)
-    if module is not None:
-        get_classes = lambda config: (module.Model, module.ModelArgs)  # noqa: E731
-    else:
+    if module is None:
         check_target_architecture(config)
-        get_classes = _target_classes
+
+    def get_classes(config: Dict):
+        model_class, args_class = (module.Model, module.ModelArgs) if module is not None else _target_classes(config)
+        return dtype_checked(model_class, path), args_class
+
     check_layer_count(config, read_weights(path))  # one-line errors before mlx-lm reads them
+    generation_config = read_generation_config(path)
     # Our own models read their decoding defaults (e.g. DiffusionGemma's denoising knobs) from their args;
     # mlx-lm targets get the fields their families read that transformers 5 omits or stores elsewhere.
     if module is not None:
-        extra = {"generation_config": read_generation_config(path)}
+        extra = {"generation_config": generation_config}
     else:
         extra = target_fields(config, inspect.signature(_target_classes(config)[1]).parameters)
     try:
         return load_model(path, lazy=lazy, model_config=extra, get_model_classes=get_classes)
     except DLLMError:
         raise
-    except (ValueError, KeyError, TypeError) as error:
-        raise DLLMError(f"cannot build the model in {path}: {str(error).splitlines()[0]}") from error
+    except BUILD_ERRORS as error:
+        raise DLLMError(f"cannot build the model in {path}: {first_line(error)}") from error
 
 
 def load_tokenizer_checked(path: Path, config: Dict) -> TokenizerWrapper:
@@ -182,7 +215,7 @@ def load_tokenizer_checked(path: Path, config: Dict) -> TokenizerWrapper:
         # trust_remote_code=False reaches AutoTokenizer and the AutoConfig inside it: `auto_map` never prompts or runs.
         return load_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False}, eos_token_ids=eos_token_ids)
     except Exception as error:
-        raise DLLMError(f"cannot load the tokenizer in {path}: {str(error).splitlines()[0]}") from error
+        raise DLLMError(f"cannot load the tokenizer in {path}: {first_line(error)}") from error
 
 
 def load(

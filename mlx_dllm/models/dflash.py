@@ -22,6 +22,18 @@ from .cache import WindowKVCache
 from .family import TINY_EOS_TOKEN_ID, TINY_MASK_TOKEN_ID, TINY_VOCAB, Family, Tiny
 
 DRAFT_ARCHITECTURES = ("DFlashDraftModel", "MuseGlimmerAssistantModel")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_increasing(values) -> bool:
+    """A non-empty list of ids, each once, in order (draft_vocab, target_layer_ids)."""
+    if not isinstance(values, list) or not values or not all(map(is_index, values)):
+        return False
+    return all(a < b for a, b in zip(values, values[1:]))
 
 
 @dataclass
@@ -42,6 +54,8 @@ class ModelArgs(BaseModelArgs):
     layer_types: Optional[List[str]] = None
     sliding_window: Optional[int] = None
     is_causal: Optional[bool] = None
+    vocab_size: Optional[int] = None  # the target's, when the config says (z-lab's do; Muse Glimmer's do not)
+    num_target_layers: Optional[int] = None  # the target's layer count, likewise
     block_size: Optional[int] = None
     mask_token_id: Optional[int] = None
     target_layer_ids: Optional[List[int]] = None
@@ -58,7 +72,7 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         nested = self.dflash_config or {}
         for key in ("target_layer_ids", "mask_token_id", "block_size", "draft_vocab", "input_embedding_scale",
-                    "output_multiplier", "final_logit_softcapping"):
+                    "output_multiplier", "final_logit_softcapping", "num_target_layers"):
             if nested.get(key) is not None:
                 setattr(self, key, nested[key])
         if nested.get("causal") is not None:
@@ -66,13 +80,19 @@ class ModelArgs(BaseModelArgs):
         missing = [k for k in ("target_layer_ids", "mask_token_id", "block_size") if getattr(self, k) is None]
         if missing:
             raise DLLMError(f"DFlash config is missing {', '.join(missing)}")
-        if self.block_size < 2:
-            raise DLLMError(f"DFlash block_size must be at least 2, got {self.block_size}")
-        if self.draft_vocab is not None:
-            vocab = self.draft_vocab
-            integers = isinstance(vocab, list) and all(type(t) is int and t >= 0 for t in vocab)
-            if not integers or not vocab or any(a >= b for a, b in zip(vocab, vocab[1:])):
-                raise DLLMError("DFlash config: draft_vocab must be a non-empty, increasing list of token ids")
+        if not is_index(self.block_size) or self.block_size < 2:
+            raise DLLMError(f"DFlash block_size must be at least 2, got {self.block_size!r}")
+        # The drafter has no vocabulary of its own: its ids index the target's, whose size its config may give.
+        below = "" if self.vocab_size is None else f" below vocab_size {self.vocab_size}"
+        if not self.in_vocabulary(self.mask_token_id):
+            raise DLLMError(f"DFlash config: mask_token_id must be a token id{below}, got {self.mask_token_id!r}")
+        layer_ids, layers = self.target_layer_ids, self.num_target_layers
+        if not is_increasing(layer_ids) or (layers is not None and layer_ids[-1] >= layers):
+            bound = "" if layers is None else f" below num_target_layers {layers}"
+            raise DLLMError(f"DFlash config: target_layer_ids must be increasing layer ids{bound}, got {layer_ids!r}")
+        vocab = self.draft_vocab
+        if vocab is not None and not (is_increasing(vocab) and self.in_vocabulary(vocab[-1])):
+            raise DLLMError(f"DFlash config: draft_vocab must be a non-empty, increasing list of token ids{below}")
         for key in ("input_embedding_scale", "output_multiplier", "final_logit_softcapping"):
             value = getattr(self, key)
             number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -80,14 +100,23 @@ class ModelArgs(BaseModelArgs):
                 raise DLLMError(f"DFlash config: {key} must be a finite number (a cap > 0), got {value!r}")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.layer_types = self.layer_types or ["full_attention"] * self.num_hidden_layers
-        if len(self.layer_types) != self.num_hidden_layers:
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
             raise DLLMError("DFlash config: layer_types must have one entry per layer")
+        unknown = [kind for kind in self.layer_types if kind not in LAYER_TYPES]
+        if unknown:
+            known = ", ".join(LAYER_TYPES)
+            raise DLLMError(f"DFlash config: layer type {unknown[0]!r} is not supported (known: {known})")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise DLLMError("DFlash config: sliding_attention layers need sliding_window")
         rope = dict(self.rope_parameters or self.rope_scaling or {})
+        if any(isinstance(value, dict) for value in rope.values()):  # one RoPE for every layer, never per layer type
+            raise DLLMError(f"DFlash config: RoPE per layer type ({', '.join(rope)}) is not supported")
         self.rope_theta = self.rope_theta or rope.get("rope_theta", 10000.0)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         self.rope_scaling = rope if rope_type != "default" else None
+
+    def in_vocabulary(self, token) -> bool:
+        return is_index(token) and (self.vocab_size is None or token < self.vocab_size)
 
     @property
     def is_muse_glimmer(self) -> bool:

@@ -32,6 +32,31 @@ DEFAULT_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
 }
+LAYER_TYPES = tuple(DEFAULT_ROPE)
+ROPE_TYPES = ("default", "proportional")
+
+
+def rope_per_layer_type(parameters: Optional[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """rope_parameters as transformers reads them, one RoPE per layer type (the defaults for a type it omits); a flat
+    one or an unknown rope_type would otherwise be silently replaced by the defaults."""
+    parameters = parameters or {}
+    if not set(parameters) <= set(LAYER_TYPES) or not all(isinstance(rope, dict) for rope in parameters.values()):
+        raise DLLMError(
+            f"DiffusionGemma text_config: rope_parameters must hold one RoPE per layer type "
+            f"({', '.join(LAYER_TYPES)}), got {parameters!r}"
+        )
+    parameters = {**DEFAULT_ROPE, **parameters}
+    for layer_type, rope in parameters.items():
+        rope_type, theta = rope.get("rope_type", "default"), rope.get("rope_theta")
+        if rope_type not in ROPE_TYPES:
+            known = ", ".join(ROPE_TYPES)
+            raise DLLMError(f"DiffusionGemma: rope_type {rope_type!r} is not supported (known: {known})")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+            raise DLLMError(f"DiffusionGemma: the {layer_type} RoPE needs a positive rope_theta, got {theta!r}")
+        factor = rope.get("partial_rotary_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise DLLMError(f"DiffusionGemma: partial_rotary_factor must be in (0, 1], got {factor!r}")
+    return parameters
 
 
 @dataclass
@@ -77,9 +102,13 @@ class TextArgs(BaseModelArgs):
                 "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
             ]
             self.layer_types[-1] = "full_attention"
-        if len(self.layer_types) != self.num_hidden_layers:
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
             raise DLLMError("DiffusionGemma text_config: layer_types must have one entry per layer")
-        self.rope_parameters = {**DEFAULT_ROPE, **(self.rope_parameters or {})}
+        unknown = [kind for kind in self.layer_types if kind not in LAYER_TYPES]
+        if unknown:
+            known = ", ".join(LAYER_TYPES)
+            raise DLLMError(f"DiffusionGemma text_config: layer type {unknown[0]!r} is not supported (known: {known})")
+        self.rope_parameters = rope_per_layer_type(self.rope_parameters)
         self.final_logit_softcapping = self.final_logit_softcapping or 30.0
         self.num_global_key_value_heads = self.num_global_key_value_heads or self.num_key_value_heads
 
@@ -98,13 +127,15 @@ class TextArgs(BaseModelArgs):
 
 @dataclass
 class ModelArgs(BaseModelArgs):
-    text_config: Dict[str, Any]
+    text_config: Optional[Dict[str, Any]] = None
     model_type: str = "diffusion_gemma"
     canvas_length: int = 256
     generation_config: Optional[Dict[str, Any]] = None  # generation_config.json, filled in by the loader
     text: TextArgs = field(init=False)
 
     def __post_init__(self):
+        if not isinstance(self.text_config, dict):
+            raise DLLMError(f"DiffusionGemma config.json needs a text_config object, got {self.text_config!r}")
         self.text = TextArgs.from_dict(self.text_config)
         canvas = self.canvas_length
         if not isinstance(canvas, int) or isinstance(canvas, bool) or not 1 <= canvas <= MAX_CANVAS_LENGTH:
@@ -116,16 +147,12 @@ def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
 
 
 def make_rope(head_dim: int, parameters: Dict[str, Any]):
-    rope_type = parameters.get("rope_type", "default")
-    if rope_type == "default":
+    """The RoPE of one layer type (`rope_per_layer_type` checked its parameters)."""
+    if parameters.get("rope_type", "default") == "default":
         return nn.RoPE(head_dim, traditional=False, base=parameters["rope_theta"])
-    if rope_type == "proportional":
-        # transformers rotates int(factor * head_dim // 2) frequency pairs; the rest stay fixed.
-        pairs = int(parameters.get("partial_rotary_factor", 1.0) * head_dim // 2)
-        return ProportionalRoPE(
-            head_dim, 2 * pairs, base=parameters["rope_theta"], factor=parameters.get("factor", 1.0)
-        )
-    raise DLLMError(f"DiffusionGemma: rope_type {rope_type!r} is not supported")
+    # proportional: transformers rotates int(factor * head_dim // 2) frequency pairs; the rest stay fixed.
+    pairs = int(parameters.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    return ProportionalRoPE(head_dim, 2 * pairs, base=parameters["rope_theta"], factor=parameters.get("factor", 1.0))
 
 
 class Attention(nn.Module):

@@ -20,6 +20,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.ministral3 import MLP, _get_llama_4_attn_scale
 from mlx_lm.models.rope_utils import initialize_rope
 
+from ..checkpoint_files import dtype_name
 from ..errors import DLLMError
 from ..kernels import attention, patterns
 from .dtypes import compute_dtype
@@ -64,6 +65,10 @@ class ModelArgs(BaseModelArgs):
         rope.setdefault("llama_4_scaling_beta", 0.0)
         rope.setdefault("original_max_position_embeddings", self.max_position_embeddings or 1)
         self.rope_parameters = rope
+        # The default block length of every mode, which refuses blocks under 2 (sampler/blocks.py): refuse it here.
+        block = self.block_size
+        if isinstance(block, bool) or not isinstance(block, int) or block < 2:
+            raise DLLMError(f"Nemotron-Labs-Diffusion block_size must be an integer of at least 2, got {block!r}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise DLLMError(f"mask_token_id {self.mask_token_id} is outside the vocabulary of {self.vocab_size}")
 
@@ -211,6 +216,9 @@ class Model(nn.Module):
         for index, layer in enumerate(self.layers):
             self_attn = layer.self_attn
             lora_a, lora_b = lora_pair(weights, LORA_MODULE.format(index), folder)
+            integer = [dtype_name(t.dtype) for t in (lora_a, lora_b) if not mx.issubdtype(t.dtype, mx.floating)]
+            if integer:  # cast below, an integer label would turn the adapter into garbage
+                raise DLLMError(f"the LoRA adapter in {folder}: layer {index} holds {integer[0]} tensors, not floats")
             expected_a = (rank, self_attn.n_heads * self_attn.head_dim)
             expected_b = (self.args.hidden_size, rank)
             if lora_a.shape != expected_a or lora_b.shape != expected_b:
