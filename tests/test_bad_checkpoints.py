@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dllm import DLLMError, load
+from mlx_dllm import DLLMError, load, stream_generate
 from mlx_dllm.benchmark.tiny import build_tiny
 from tests.test_cli import assert_user_error, run
 
@@ -169,10 +169,9 @@ def test_quantized_conversions_still_load_and_a_float_label_on_packed_weights_is
         ({"vocab_size": 256, "mask_token_id": 300}, "mask_token_id must be a token id below vocab_size 256, got 300"),
         ({"mask_token_id": -1}, "mask_token_id must be a non-negative integer"),
         ({"dflash_config": {"mask_token_id": 2.5}}, "mask_token_id must be a non-negative integer"),
-        ({"target_layer_ids": [2, 1, 1]}, "target_layer_ids must be increasing layer ids, got [2, 1, 1]"),
-        ({"target_layer_ids": [0, 2, 1]}, "target_layer_ids must be increasing layer ids, got [0, 2, 1]"),
-        ({"dflash_config": {"target_layer_ids": [1, 1]}}, "target_layer_ids must be increasing layer ids"),
-        ({"target_layer_ids": 3}, "target_layer_ids must be increasing layer ids, got 3"),
+        ({"target_layer_ids": [2, 1, 1]}, "target_layer_ids must be distinct layer ids, got [2, 1, 1]"),
+        ({"dflash_config": {"target_layer_ids": [1, 1]}}, "target_layer_ids must be distinct layer ids"),
+        ({"target_layer_ids": 3}, "target_layer_ids must be distinct layer ids, got 3"),
         ({"num_target_layers": 4, "target_layer_ids": [1, 4]}, "layer ids below num_target_layers 4, got [1, 4]"),
         ({"dflash_config": {"num_target_layers": 2}}, "layer ids below num_target_layers 2, got [0, 1, 2]"),
         ({"target_layer_ids": [-1, 0]}, "target_layer_ids must be a non-negative integer"),
@@ -222,9 +221,9 @@ def test_the_trainer_writes_only_target_layers_the_loader_reads():
     from mlx_dllm.training.drafter_config import check_target_layers
 
     assert check_target_layers([1, 3], 4) == [1, 3]
-    for layer_ids in ([3, 1], [1, 1]):
-        with pytest.raises(DLLMError, match="--target-layers must list layers in increasing order, each once"):
-            check_target_layers(layer_ids, 4)
+    assert check_target_layers([3, 1], 4) == [3, 1]  # features concatenate in this order, as the reference's do
+    with pytest.raises(DLLMError, match="--target-layers lists a layer twice"):
+        check_target_layers([1, 1], 4)
 
 
 @pytest.mark.parametrize(
@@ -264,3 +263,12 @@ def test_a_gguf_tensor_of_a_type_that_is_no_weight_is_one_error(tmp_path, kind):
     writer.close()
     with pytest.raises(DLLMError, match=f"GGUF tensor blk.0.attn_v.weight of type {kind} is not a weight we can read"):
         read_tensor(open_gguf(file).tensors[0])
+
+
+def test_a_drafter_reading_target_layers_in_any_order_loads_and_drafts(tiny, tmp_path):
+    """The reference concatenates the target's features in the config's order: an unsorted list is valid."""
+    folder = bad_copy(tiny["draft"], tmp_path, {"target_layer_ids": [2, 0, 1]})
+    target, tokenizer = load(str(tiny["target"]))
+    draft = load(str(folder))[0]
+    assert draft.target_layer_ids == [2, 0, 1]
+    assert list(stream_generate(target, tokenizer, [5, 6, 7], 4, draft_model=draft))[-1].generation_tokens == 4

@@ -29,11 +29,14 @@ def is_index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def is_id_list(values) -> bool:
+    """A non-empty list of ids, each once."""
+    return isinstance(values, list) and bool(values) and all(map(is_index, values)) and len(set(values)) == len(values)
+
+
 def is_increasing(values) -> bool:
-    """A non-empty list of ids, each once, in order (draft_vocab, target_layer_ids)."""
-    if not isinstance(values, list) or not values or not all(map(is_index, values)):
-        return False
-    return all(a < b for a, b in zip(values, values[1:]))
+    """A non-empty list of ids in order (draft_vocab)."""
+    return is_id_list(values) and all(a < b for a, b in zip(values, values[1:]))
 
 
 @dataclass
@@ -87,9 +90,10 @@ class ModelArgs(BaseModelArgs):
         if not self.in_vocabulary(self.mask_token_id):
             raise DLLMError(f"DFlash config: mask_token_id must be a token id{below}, got {self.mask_token_id!r}")
         layer_ids, layers = self.target_layer_ids, self.num_target_layers
-        if not is_increasing(layer_ids) or (layers is not None and layer_ids[-1] >= layers):
+        # Any order: the features are concatenated in the config's order, as the reference does.
+        if not is_id_list(layer_ids) or (layers is not None and max(layer_ids) >= layers):
             bound = "" if layers is None else f" below num_target_layers {layers}"
-            raise DLLMError(f"DFlash config: target_layer_ids must be increasing layer ids{bound}, got {layer_ids!r}")
+            raise DLLMError(f"DFlash config: target_layer_ids must be distinct layer ids{bound}, got {layer_ids!r}")
         vocab = self.draft_vocab
         if vocab is not None and not (is_increasing(vocab) and self.in_vocabulary(vocab[-1])):
             raise DLLMError(f"DFlash config: draft_vocab must be a non-empty, increasing list of token ids{below}")
