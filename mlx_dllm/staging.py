@@ -8,6 +8,7 @@ old folder, or nothing, behind.
 import ctypes
 import errno
 import os
+import re
 import shutil
 import signal
 import threading
@@ -27,6 +28,11 @@ MARKER = "mlx_dllm_conversion.json"
 CONVERSION_PATTERNS = (MARKER, "config.json", "model*.safetensors", INDEX_FILE, *TOKENIZER_PATTERNS)
 CONVERSION_FOLDERS = (LORA_FOLDER,)
 IGNORED_ENTRIES = (".DS_Store",)  # Finder's, not the user's
+# Errors that are always about the folder being written, whichever file (a copy's source) they name.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+# MLX's file writer throws these without errno (mlx/io/load.h, safetensors.cpp as of mlx 0.32).
+MLX_WRITE_FAILURE = re.compile(r"\[write\] Unable to write (\d+) bytes")
+MLX_OPEN_FAILURE = re.compile(r"\[save\w*\] Failed to open file (.+)")
 
 
 def check_destination(mlx_path: Path, force: bool) -> None:
@@ -80,7 +86,8 @@ def _sibling(mlx_path: Path, kind: str) -> Path:
 def staged_folder(mlx_path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `mlx_path`; once filled and loadable it becomes `mlx_path`, else it goes.
 
-    A full disk, a read-only folder or an I/O error is one line naming `mlx_path`; SIGTERM unwinds like Ctrl-C.
+    A full disk (MLX's writers included), a read-only folder or an I/O error is one line naming `mlx_path`;
+    SIGTERM unwinds like Ctrl-C.
     """
     check_destination(mlx_path, force)
     with terminate_unwinds():
@@ -95,19 +102,38 @@ def staged_folder(mlx_path: Path, force: bool) -> Iterator[Path]:
             write_json(staging / MARKER, {"format": "mlx-dllm conversion", "version": __version__})
             check_loads(staging, mlx_path)
             _replace(staging, mlx_path)
-        except OSError as error:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
-            raise write_error(mlx_path, error, staging) from error
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            failure = write_failure(error)
+            if failure is None:
+                raise
+            raise write_error(mlx_path, failure, staging) from error
+
+
+def write_failure(error: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed write: itself, or the one MLX's writers report as a bare RuntimeError."""
+    if isinstance(error, OSError):
+        return error
+    if not isinstance(error, RuntimeError):
+        return None
+    message = str(error)
+    written = MLX_WRITE_FAILURE.match(message)
+    if written is not None:  # write() failed: on a local file a full disk, rarely a quota or I/O error
+        reason = f"No space left on device (or an I/O error: MLX could not write {written[1]} bytes)"
+        return OSError(errno.ENOSPC, reason)
+    opened = MLX_OPEN_FAILURE.match(message)
+    if opened is not None:
+        return OSError(f"MLX could not create {Path(opened[1]).name}")
+    return None
 
 
 def write_error(mlx_path: Path, error: OSError, staging: Optional[Path] = None) -> DLLMError:
     """One line for a full disk, read-only folder or I/O error; it names the source file when reading failed."""
     reason = error.strerror or str(error).splitlines()[0]
     culprit = str(error.filename) if error.filename is not None else None
-    if culprit is not None and (staging is None or not culprit.startswith(str(staging))):
+    # A copy that fills the disk names its source (shutil), but the disk being written is the culprit.
+    read_failure = culprit is not None and error.errno not in WRITE_ERRNOS
+    if read_failure and (staging is None or not culprit.startswith(str(staging))):
         return DLLMError(f"cannot convert into {mlx_path}: {culprit}: {reason}; nothing was written there")
     return DLLMError(f"cannot write {mlx_path}: {reason}; nothing was written there")
 

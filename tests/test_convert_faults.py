@@ -1,0 +1,126 @@
+"""Faults around `convert` and `generate`: a full disk (MLX's writers included), bad quantization values, text
+that is not UTF-8, a stdout that cannot be written, SIGTERM, a kill between the two renames of a replacement, a
+NaN LoRA adapter and a chat template that fails. Each is one line, and nothing is half-written or lost."""
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlx_dllm import DLLMError, convert, staging
+from mlx_dllm.benchmark.tiny import build_tiny
+from mlx_dllm.blas import REEXEC_GUARD
+from tests.test_cli import assert_nothing_written, assert_user_error, run
+
+ENVIRONMENT = {**os.environ, REEXEC_GUARD: "1"}  # no OpenBLAS re-exec: the process we signal is the one we started
+BLAS_WARNING = "warning: MLX runs the reference BLAS"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny random checkpoints (no torch): an mlx-lm target, a DFlash drafter, Nemotron and its LoRA, DiffusionGemma."""
+    root = tmp_path_factory.mktemp("tiny")
+    target, draft = build_tiny("dflash", root / "dflash")
+    nemotron, _ = build_tiny("nemotron", root / "nemotron")
+    gemma, _ = build_tiny("diffusion-gemma", root / "gemma")
+    return {"target": target, "draft": draft, "nemotron": nemotron, "diffusion-gemma": gemma}
+
+
+@pytest.fixture
+def out(tmp_path):
+    (tmp_path / "out").mkdir()
+    return tmp_path / "out" / "model"
+
+
+def entries(folder: Path) -> list:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def gguf_file(folder: Path) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("gguf")
+    from tests.reference import gguf_files
+
+    return gguf_files.write_llama(folder / "llama.gguf")
+
+
+def problems(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(BLAS_WARNING)]
+
+
+def with_template(source: Path, destination: Path, template: str, file: bool = False) -> Path:
+    folder = shutil.copytree(source, destination)
+    if file:
+        (folder / "chat_template.jinja").write_text(template)
+    else:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return folder
+
+
+# A full disk: MLX's writers throw a bare RuntimeError ("[write] Unable to write N bytes to file.")
+
+
+@pytest.fixture
+def full_disk(monkeypatch, tmp_path):
+    """MLX's safetensors writer on a full device: every file it writes goes to /dev/full, so the error is its own."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    device = tmp_path / "full.safetensors"
+    device.symlink_to("/dev/full")
+    real = mx.save_safetensors
+    monkeypatch.setattr(mx, "save_safetensors", lambda file, arrays, metadata=None: real(str(device), arrays, metadata))
+
+
+@pytest.mark.parametrize("name", ["target", "draft", "nemotron", "diffusion-gemma", "gguf"])
+def test_a_full_disk_is_one_line_for_every_recipe(tiny, tmp_path, out, full_disk, name):
+    source = gguf_file(tmp_path) if name == "gguf" else tiny[name]
+    result = run("convert", "--hf-path", source, "--mlx-path", out)
+    assert_user_error(result, f"cannot write {out}: No space left on device")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize(
+    "mlx_error, message",  # MLX's own texts (mlx/io/load.h, mlx/io/safetensors.cpp)
+    [
+        ("[write] Unable to write 8192 bytes to file.", "No space left on device"),
+        ("[save_safetensors] Failed to open file {}/model.safetensors", "MLX could not create model.safetensors"),
+    ],
+)
+def test_an_mlx_write_failure_keeps_the_previous_conversion(tiny, out, monkeypatch, mlx_error, message):
+    convert(tiny["draft"], out, quiet=True)
+    before = {file.name: file.read_bytes() for file in out.iterdir()}
+
+    def failing(file, *args, **kwargs):
+        raise RuntimeError(mlx_error.format(Path(file).parent))
+
+    monkeypatch.setattr(mx, "save_safetensors", failing)
+    with pytest.raises(DLLMError, match=f"cannot write {out}: {message}"):
+        convert(tiny["target"], out, force=True)
+    assert {file.name: file.read_bytes() for file in out.iterdir()} == before and entries(out.parent) == ["model"]
+
+
+def test_any_staged_writer_reports_a_full_disk_in_one_line(tmp_path, full_disk):
+    """What `train-drafter` writes its drafter folder through, as every recipe does."""
+    with pytest.raises(DLLMError, match=r"cannot write .*drafter: No space left on device"):
+        with staging.staged_folder(tmp_path / "drafter", force=False) as folder:
+            mx.save_safetensors(str(folder / "model.safetensors"), {"w": mx.zeros((4,))})
+    assert entries(tmp_path) == ["full.safetensors"]
+
+
+def test_a_tokenizer_copy_that_fills_the_disk_blames_the_disk_not_the_source(tiny, out, monkeypatch):
+    """shutil's copy names its source on ENOSPC; the source is fine, the disk being written is full."""
+    if not hasattr(os, "sendfile"):
+        pytest.skip("shutil copies with sendfile on Linux only")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "sendfile", full)
+    result = run("convert", "--hf-path", tiny["target"], "--mlx-path", out)
+    assert_user_error(result, f"cannot write {out}: No space left on device; nothing was written there")
+    assert_nothing_written(out)
