@@ -10,8 +10,6 @@ import errno
 import os
 import re
 import shutil
-import signal
-import threading
 import uuid
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -22,6 +20,7 @@ from . import __version__, loading
 from .checkpoint_files import INDEX_FILE, LORA_FOLDER, TOKENIZER_PATTERNS, checkpoint_root
 from .configs import write_json
 from .errors import DLLMError
+from .signals import terminate_unwinds
 
 # Written last into every conversion: `--force` replaces only a folder that has it (and nothing we did not write).
 MARKER = "mlx_dllm_conversion.json"
@@ -145,23 +144,6 @@ def check_loads(staging: Path, mlx_path: Path) -> None:
     except DLLMError as error:
         message = str(error).replace(str(staging), str(mlx_path))
         raise DLLMError(f"the conversion would not load, so {mlx_path} is left as it was: {message}") from error
-
-
-@contextmanager
-def terminate_unwinds() -> Iterator[None]:
-    """SIGTERM raises SystemExit like Ctrl-C raises KeyboardInterrupt, so the staged folder is removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, _exit_on_terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def _exit_on_terminate(signum, frame) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _replace(staging: Path, mlx_path: Path) -> None:

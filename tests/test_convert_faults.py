@@ -6,6 +6,9 @@ import errno
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -123,4 +126,59 @@ def test_a_tokenizer_copy_that_fills_the_disk_blames_the_disk_not_the_source(tin
     monkeypatch.setattr(os, "sendfile", full)
     result = run("convert", "--hf-path", tiny["target"], "--mlx-path", out)
     assert_user_error(result, f"cannot write {out}: No space left on device; nothing was written there")
+    assert_nothing_written(out)
+
+
+# SIGTERM: a real process, stopped at a known point, unwinds like Ctrl-C
+
+SIGNALLED = """
+import importlib, os, signal, sys
+module, name, ready = importlib.import_module(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real = getattr(module, name)
+
+def stopped_here(*args, **kwargs):
+    os.write(ready, b"!")
+    signal.pause()
+    return real(*args, **kwargs)
+
+setattr(module, name, stopped_here)
+from mlx_dllm.cli import main
+main(sys.argv[4:], prog_name="mlx-dllm")
+"""
+
+
+def terminated_at(where: str, *args):
+    """Run the CLI in a new process, send it SIGTERM once it reaches `where` (module:function), wait for its end."""
+    module, name = where.split(":")
+    ready, signal_ready = os.pipe()
+    command = [sys.executable, "-c", SIGNALLED, module, name, str(signal_ready), *map(str, args)]
+    process = subprocess.Popen(command, pass_fds=(signal_ready,), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=ENVIRONMENT)
+    os.close(signal_ready)
+    try:
+        reached = os.read(ready, 1) == b"!"
+    finally:
+        os.close(ready)
+    if reached:
+        process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert reached, stderr
+    return process.returncode, stderr
+
+
+def test_sigterm_while_writing_prints_aborted_and_keeps_the_old_folder(tiny, out):
+    convert(tiny["draft"], out, quiet=True)
+    before = {file.name: file.read_bytes() for file in out.iterdir()}
+    code, stderr = terminated_at("mlx_dllm.convert.common:save_config", "convert", "--hf-path", tiny["target"],
+                                 "--mlx-path", out, "--force")
+    assert code == 128 + signal.SIGTERM
+    assert problems(stderr)[-1] == "Aborted!" and "Traceback" not in stderr, stderr
+    assert {file.name: file.read_bytes() for file in out.iterdir()} == before and entries(out.parent) == ["model"]
+
+
+def test_sigterm_before_writing_prints_aborted_and_writes_nothing(tiny, out):
+    code, stderr = terminated_at("mlx_dllm.loading:load_tokenizer_checked", "convert", "--hf-path", tiny["target"],
+                                 "--mlx-path", out)
+    assert code == 128 + signal.SIGTERM
+    assert problems(stderr)[-1] == "Aborted!" and "Traceback" not in stderr, stderr
     assert_nothing_written(out)
