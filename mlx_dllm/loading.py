@@ -17,6 +17,7 @@ from .checkpoint_files import (
     LORA_FOLDER,
     check_checkpoint_files,
     evaluate_finite,
+    parked_copies,
     read_weights,
 )
 from .configs import check_ids, check_layer_count, check_sizes, read_json, target_fields
@@ -37,12 +38,23 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     if path.exists():
         if not path.is_dir():
             raise DLLMError(f"{path_or_repo} is not a folder")
+    elif parked := parked_copies(path):
+        raise parked_error(path_or_repo, parked)
     elif path.is_absolute() or path_or_repo.startswith((".", "~")) or path_or_repo.count("/") != 1:
         raise DLLMError(f"{path_or_repo} does not exist (and is not a hub repo id)")
     else:
         path = download(path_or_repo, revision)
     check_checkpoint_files(path)
     return path
+
+
+def parked_error(path_or_repo: str, parked) -> DLLMError:
+    """`convert --force` killed between its two renames left the previous conversion aside (see staging)."""
+    where = ", ".join(str(folder) for folder in parked)
+    return DLLMError(
+        f"{path_or_repo} does not exist: an interrupted conversion left its previous contents in {where}; "
+        f"rename that folder back to {Path(path_or_repo).name} (the next convert into it does)"
+    )
 
 
 def check_path_type(value, what: str, kind: str = "a folder path or a hub repo id") -> None:

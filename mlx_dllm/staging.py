@@ -2,7 +2,8 @@
 and an atomic swap into place.
 
 `--force` replaces only a previous conversion; a failure (an error, Ctrl-C, SIGTERM, a full disk) leaves the
-old folder, or nothing, behind.
+old folder, or nothing, behind. Where no atomic exchange exists, a kill between the two renames of a replacement
+leaves the old folder aside: the next conversion into `mlx_path` puts it back, and `load` says where it is.
 """
 
 import ctypes
@@ -10,14 +11,13 @@ import errno
 import os
 import re
 import shutil
-import uuid
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterator, Optional
 
 from . import __version__, loading
-from .checkpoint_files import INDEX_FILE, LORA_FOLDER, TOKENIZER_PATTERNS, checkpoint_root
+from .checkpoint_files import INDEX_FILE, LORA_FOLDER, TOKENIZER_PATTERNS, checkpoint_root, parked_copies, sibling
 from .configs import write_json
 from .errors import DLLMError
 from .signals import terminate_unwinds
@@ -35,7 +35,10 @@ MLX_OPEN_FAILURE = re.compile(r"\[save\w*\] Failed to open file (.+)")
 
 
 def check_destination(mlx_path: Path, force: bool) -> None:
-    """Refuse any `mlx_path` whose replacement could delete something that is not a previous conversion."""
+    """Refuse any `mlx_path` whose replacement could delete something that is not a previous conversion.
+
+    A previous conversion that an interrupted replacement left aside is put back first, so it is never lost."""
+    restored = restore_parked(mlx_path)
     if mlx_path.is_symlink():
         raise DLLMError(f"{mlx_path} is a symbolic link; give the folder it points to")
     if mlx_path.exists() and not mlx_path.is_dir():
@@ -45,9 +48,36 @@ def check_destination(mlx_path: Path, force: bool) -> None:
         raise DLLMError(f"{mlx_path} is (or holds) the current directory; give a new folder for the MLX model")
     if not mlx_path.is_dir() or not any(mlx_path.iterdir()):
         return
+    if not force and restored is not None:
+        raise DLLMError(f"{mlx_path} was restored from {restored.name}, where an interrupted --force had left it; "
+                        "use --force to replace it")
     if not force:
         raise DLLMError(f"{mlx_path} already exists and is not empty (use --force to replace it)")
     check_previous_conversion(mlx_path)
+
+
+def restore_parked(mlx_path: Path) -> Optional[Path]:
+    """Put back the previous conversion that a replacement killed between its two renames left aside (see
+    `_replace`); returns where it was, None when there was nothing to restore."""
+    if os.path.lexists(mlx_path):
+        return None
+    parked = parked_copies(mlx_path)
+    if len(parked) > 1:
+        names = ", ".join(str(folder) for folder in parked)
+        raise DLLMError(
+            f"{mlx_path} is missing: interrupted replacements left earlier conversions of it in {names}; "
+            f"rename the one to keep back to {mlx_path.name}"
+        )
+    if not parked:
+        return None
+    try:
+        os.rename(parked[0], mlx_path)
+    except OSError as error:
+        raise DLLMError(
+            f"{mlx_path} is missing and its previous conversion is in {parked[0]}, which cannot be renamed back: "
+            f"{error.strerror}"
+        ) from error
+    return parked[0]
 
 
 def check_previous_conversion(mlx_path: Path) -> None:
@@ -76,11 +106,6 @@ def check_apart_from_source(mlx_path: Path, source: Path) -> None:
         raise DLLMError(f"{mlx_path} overlaps the checkpoint in {source}; give a folder outside it")
 
 
-def _sibling(mlx_path: Path, kind: str) -> Path:
-    # Same parent, same filesystem: the final rename is atomic.
-    return mlx_path.parent / f".{mlx_path.name}.{uuid.uuid4().hex[:8]}.{kind}"
-
-
 @contextmanager
 def staged_folder(mlx_path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `mlx_path`; once filled and loadable it becomes `mlx_path`, else it goes.
@@ -92,7 +117,7 @@ def staged_folder(mlx_path: Path, force: bool) -> Iterator[Path]:
     with terminate_unwinds():
         try:
             mlx_path.parent.mkdir(parents=True, exist_ok=True)
-            staging = _sibling(mlx_path, "partial")
+            staging = sibling(mlx_path, "partial")
             staging.mkdir()  # unlike mkdtemp, honours the umask: the folder ends up as mlx_path
         except OSError as error:
             raise write_error(mlx_path, error) from error
@@ -154,7 +179,9 @@ def _replace(staging: Path, mlx_path: Path) -> None:
     if exchange(staging, mlx_path):
         shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old conversion
         return
-    old = _sibling(mlx_path, "old")  # no atomic exchange here: a kill between the renames leaves it at `old`
+    # No atomic exchange here: a kill between the renames leaves the old folder at `old`, where `restore_parked`
+    # (the next conversion) and `load` (which names it) find it.
+    old = sibling(mlx_path, "old")
     os.rename(mlx_path, old)
     try:
         os.rename(staging, mlx_path)

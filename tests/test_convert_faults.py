@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_dllm import DLLMError, convert, staging
+from mlx_dllm import DLLMError, convert, load, staging
 from mlx_dllm.benchmark.tiny import build_tiny
 from mlx_dllm.blas import REEXEC_GUARD
 from tests.test_cli import assert_nothing_written, assert_user_error, run
@@ -182,3 +182,66 @@ def test_sigterm_before_writing_prints_aborted_and_writes_nothing(tiny, out):
     assert code == 128 + signal.SIGTERM
     assert problems(stderr)[-1] == "Aborted!" and "Traceback" not in stderr, stderr
     assert_nothing_written(out)
+
+
+# A kill between the two renames of a replacement (no atomic exchange): the previous conversion is found
+
+KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from mlx_dllm import staging
+staging.exchange = lambda first, second: False  # a filesystem without an atomic exchange
+output, rename = Path(sys.argv[1]).absolute(), os.rename
+
+def killed_before_the_new_folder_moves_in(source, destination):
+    if Path(destination) == output:  # the old folder is already aside
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(source, destination)
+
+os.rename = killed_before_the_new_folder_moves_in
+from mlx_dllm.cli import main
+main(sys.argv[2:], prog_name="mlx-dllm")
+"""
+
+
+@pytest.fixture
+def parked(tiny, out):
+    """`out` missing: its previous conversion (of the drafter) sits aside, where a SIGKILL left it."""
+    convert(tiny["draft"], out, quiet=True)
+    command = [sys.executable, "-c", KILLED_BETWEEN_RENAMES, out,
+               "convert", "--hf-path", tiny["target"], "--mlx-path", out, "--force"]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=ENVIRONMENT)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not out.exists()
+    [old] = out.parent.glob(".model.*.old")
+    return old
+
+
+def is_drafter_conversion(folder: Path) -> bool:
+    return "block_size" in json.loads((folder / "config.json").read_text())
+
+
+def test_load_of_a_folder_left_aside_says_where_it_is(parked, out):
+    with pytest.raises(DLLMError, match=f"{out} does not exist: .* previous contents in {parked}; rename"):
+        load(str(out))
+    assert_user_error(run("generate", "--model", out), str(parked))
+
+
+def test_the_next_convert_restores_it_before_anything_else(parked, tiny, out):
+    with pytest.raises(DLLMError, match=f"{out} was restored from {parked.name}.*use --force to replace it"):
+        convert(tiny["target"], out)
+    assert is_drafter_conversion(out) and not parked.exists()
+    load(str(out))
+
+
+def test_the_next_convert_force_restores_it_then_replaces_it(parked, tiny, out):
+    convert(tiny["target"], out, force=True, quiet=True)
+    assert not is_drafter_conversion(out) and not parked.exists()
+    assert [name for name in entries(out.parent) if name.endswith(".old")] == []
+
+
+def test_two_folders_left_aside_are_both_named_and_neither_is_chosen(parked, out):
+    second = shutil.copytree(parked, parked.with_name(".model.0123abcd.old"))
+    with pytest.raises(DLLMError, match=f"{out} is missing: .*{second}.*rename the one to keep back"):
+        staging.check_destination(out, force=True)
+    assert parked.exists() and second.exists() and not out.exists()
