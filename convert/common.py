@@ -26,6 +26,7 @@ from mlx_dllm.errors import DLLMError
 from mlx_dllm.staging import staged_folder
 
 DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_GROUP_SIZE, DEFAULT_BITS = 64, 4  # MLX's affine defaults, as `mlx_lm.convert -q`
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,21 @@ class Options:
     def info(self, line: str) -> None:
         if not self.quiet:
             print(f"[INFO] {line}")
+
+
+def check_quantization(group_size, bits) -> None:
+    """`q_group_size` and `q_bits` (None: the default) as MLX's affine quantization takes them, asked of MLX itself
+    on a one-group array, before any work."""
+    for name, value in (("q_group_size", group_size), ("q_bits", bits)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise DLLMError(f"{name} must be a whole number, got {value!r}")
+        if value is not None and value < 1:  # MLX divides by the group size: a zero kills the process (SIGFPE)
+            raise DLLMError(f"{name} must be at least 1, got {value}")
+    group_size, bits = group_size or DEFAULT_GROUP_SIZE, bits or DEFAULT_BITS
+    try:
+        mx.quantize(mx.zeros((1, group_size)), group_size, bits)
+    except (ValueError, OverflowError) as error:
+        raise DLLMError(f"cannot quantize: {str(error).splitlines()[0]}") from error
 
 
 def resolve_dtype(dtype: Optional[str], config: Dict) -> Optional[str]:

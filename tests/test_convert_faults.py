@@ -129,6 +129,39 @@ def test_a_tokenizer_copy_that_fills_the_disk_blames_the_disk_not_the_source(tin
     assert_nothing_written(out)
 
 
+# Quantization values: checked once, before any work, as MLX takes them
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"q_bits": 3.5}, "q_bits must be a whole number, got 3.5"),
+        ({"q_bits": True}, "q_bits must be a whole number, got True"),
+        ({"q_group_size": "64"}, "q_group_size must be a whole number, got '64'"),
+        ({"q_group_size": 0}, "q_group_size must be at least 1, got 0"),
+        ({"q_bits": -4}, "q_bits must be at least 1, got -4"),
+        ({"q_bits": 7}, "cannot quantize: [quantize] The requested number of bits 7 is not supported"),
+        ({"q_group_size": 48}, "cannot quantize: [quantize] The requested group size 48 is not supported"),
+        ({"q_group_size": 2**40}, "cannot quantize: "),
+    ],
+)
+def test_quantization_values_are_checked_before_any_work(tmp_path, options, message):
+    with pytest.raises(DLLMError) as error:
+        convert(tmp_path / "no such checkpoint", tmp_path / "out", quantize=True, **options)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_the_cli_checks_quantization_values_before_any_work(tmp_path):
+    result = run("convert", "--hf-path", tmp_path / "no such checkpoint", "-q", "--q-group-size", 48)
+    assert_user_error(result, "cannot quantize: [quantize] The requested group size 48 is not supported")
+    assert_user_error(run("convert", "--hf-path", "x", "--q-group-size", 0), "Invalid value for '--q-group-size'")
+
+
+def test_valid_quantization_values_still_convert(tiny, out):
+    convert(tiny["target"], out, quantize=True, q_group_size=32, q_bits=8)
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
+
+
 # SIGTERM: a real process, stopped at a known point, unwinds like Ctrl-C
 
 SIGNALLED = """
