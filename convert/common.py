@@ -125,6 +125,8 @@ def copy_lora(source: Path, destination: Path) -> None:
 
 def write_model(model: nn.Module, config: Dict, source: Path, mlx_path: Path, options: Options) -> None:
     """Cast, quantize and save a whole (lazily read) model into `mlx_path`, atomically."""
+    if (source / LORA_FOLDER).is_dir():  # copied as is, so only a look before can refuse its NaN
+        check_finite_files(sorted((source / LORA_FOLDER).glob("*.safetensors")), root=source)
     cast_parameters(model, options.dtype, config)
     if options.quantize:
         check_finite_files(weight_files(source))  # quantizing turns a NaN into a number: look before
@@ -149,11 +151,13 @@ def nonfinite_hint(dtype: Optional[str]) -> str:
     return " (float16 overflows beyond 65504: keep bfloat16 or float32)" if dtype == "float16" else ""
 
 
-def check_finite_files(files: List[Path], dtype: Optional[str] = None) -> None:
-    """Refuse a NaN/Inf tensor by name, reading one tensor at a time (peak memory: the largest tensor)."""
+def check_finite_files(files: List[Path], dtype: Optional[str] = None, root: Optional[Path] = None) -> None:
+    """Refuse a NaN/Inf tensor by name (and its file's, from `root`), reading one tensor at a time (peak memory:
+    the largest tensor)."""
     for file in files:
+        where = str(file.relative_to(root)) if root is not None else file.name
         tensors = mx.load(str(file))
         while tensors:
             name, value = tensors.popitem()
             if mx.issubdtype(value.dtype, mx.floating) and is_nonfinite(value, finite_screen(value)):
-                raise DLLMError(nonfinite_message(name, file.name) + nonfinite_hint(dtype))
+                raise DLLMError(nonfinite_message(name, where) + nonfinite_hint(dtype))

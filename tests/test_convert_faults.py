@@ -17,6 +17,7 @@ import pytest
 from mlx_dllm import DLLMError, convert, load, staging
 from mlx_dllm.benchmark.tiny import build_tiny
 from mlx_dllm.blas import REEXEC_GUARD
+from mlx_dllm.checkpoint_files import LORA_FOLDER
 from tests.test_cli import assert_nothing_written, assert_user_error, run
 
 ENVIRONMENT = {**os.environ, REEXEC_GUARD: "1"}  # no OpenBLAS re-exec: the process we signal is the one we started
@@ -278,3 +279,19 @@ def test_two_folders_left_aside_are_both_named_and_neither_is_chosen(parked, out
     with pytest.raises(DLLMError, match=f"{out} is missing: .*{second}.*rename the one to keep back"):
         staging.check_destination(out, force=True)
     assert parked.exists() and second.exists() and not out.exists()
+
+
+# A NaN LoRA adapter is refused by name before writing, as NaN weights are
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_lora_adapter_is_refused_at_convert(tiny, tmp_path, out, value):
+    source = shutil.copytree(tiny["nemotron"], tmp_path / "nemotron")
+    adapter = source / LORA_FOLDER / "adapter_model.safetensors"
+    weights = mx.load(str(adapter))
+    name = sorted(weights)[0]
+    weights[name] = mx.where(mx.arange(weights[name].size).reshape(weights[name].shape) == 2, value, weights[name])
+    mx.save_safetensors(str(adapter), weights)
+    with pytest.raises(DLLMError, match=f"tensor {name} in {LORA_FOLDER}/adapter_model.safetensors holds NaN or Inf"):
+        convert(source, out)
+    assert_nothing_written(out)
