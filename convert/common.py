@@ -1,5 +1,6 @@
-"""What every conversion recipe shares: the options asked for, casting, quantizing, the NaN/Inf check, and saving
-weights, config and tokenizer files (into the folder `mlx_dllm.staging.staged_folder` provides)."""
+"""What every conversion recipe shares: the options asked for, casting, quantizing, the NaN/Inf check, the chat
+template check, and saving weights, config and tokenizer files (into the folder `mlx_dllm.staging.staged_folder`
+provides)."""
 
 import glob
 import shutil
@@ -13,6 +14,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 from tqdm import tqdm
 
+from mlx_dllm import loading
+from mlx_dllm.chat_template import render
 from mlx_dllm.checkpoint_files import (
     LORA_FOLDER,
     TOKENIZER_PATTERNS,
@@ -121,6 +124,32 @@ def copy_lora(source: Path, destination: Path) -> None:
     (destination / LORA_FOLDER).mkdir()
     for file in sorted((source / LORA_FOLDER).iterdir()):
         shutil.copy(file, destination / LORA_FOLDER / file.name)
+
+
+def load_tokenizer(source: Path, config: Dict):
+    """The tokenizer `load` will need, its chat template rendered once: either is refused now, not after writing."""
+    tokenizer = loading.load_tokenizer_checked(source, config)
+    check_chat_template(tokenizer, template_origin(source))
+    return tokenizer
+
+
+def template_origin(source: Path) -> str:
+    """Where transformers read the chat template from: its own file wins over tokenizer_config.json's entry."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (source / name).is_file():
+            return str(source / name)
+    return f"{source / 'tokenizer_config.json'} (chat_template)"
+
+
+def check_chat_template(tokenizer, origin: str) -> None:
+    """`generate` renders the template for every prompt, so one that fails, hangs or floods on a plain user message
+    is refused now, under the same budget: a copy would only fail later (mlx-lm's convert copies it unread)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return
+    try:
+        render(tokenizer, [{"role": "user", "content": "hello"}])
+    except DLLMError as error:
+        raise DLLMError(f"{origin}: {error}; fix or remove it to convert") from error
 
 
 def write_model(model: nn.Module, config: Dict, source: Path, mlx_path: Path, options: Options) -> None:

@@ -14,7 +14,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from mlx_dllm import loading
 from mlx_dllm.checkpoint_files import finite_screen, is_nonfinite, nonfinite_message, weight_files
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES, Model, ModelArgs
@@ -25,6 +24,7 @@ from .common import (
     DEFAULT_GROUP_SIZE,
     Options,
     copy_tokenizer_files,
+    load_tokenizer,
     nonfinite_hint,
     write_config,
 )
@@ -175,7 +175,7 @@ def build_lazy_model(config: Dict) -> Model:
 def convert_checkpoint(source: Path, mlx_path: Path, config: Dict, options: Options) -> None:
     """Stream `source` into `mlx_path`; a quantization recipe implies quantization (it is one)."""
     model = build_lazy_model(config)
-    loading.load_tokenizer_checked(source, config)  # `load` needs it: refuse now, not after writing
+    load_tokenizer(source, config)  # `load` needs it: refuse now, not after writing
     plan = {}
     if options.quantize or options.quant_recipe is not None:
         group_size, bits = options.q_group_size or DEFAULT_GROUP_SIZE, options.q_bits or DEFAULT_BITS

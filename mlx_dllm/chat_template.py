@@ -56,7 +56,8 @@ def render(tokenizer, messages: List[Dict], options: Optional[Dict] = None, add_
         raise DLLMError(f"the chat template did not finish rendering within {RENDER_SECONDS:g} s") from None
     except MemoryError:
         raise DLLMError("the chat template's output does not fit in memory") from None
-    except (TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as error:
+    except (TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError,
+            RecursionError) as error:  # ArithmeticError: `1 / 0`, and the sandbox's range limit (OverflowError)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DLLMError(f"the chat template failed: {message}") from error
     if not isinstance(text, str):

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_dllm import DLLMError, convert, load, staging
+from mlx_dllm import DLLMError, chat_template, convert, load, staging
 from mlx_dllm.benchmark.tiny import build_tiny
 from mlx_dllm.blas import REEXEC_GUARD
 from mlx_dllm.checkpoint_files import LORA_FOLDER
@@ -294,4 +294,62 @@ def test_a_non_finite_lora_adapter_is_refused_at_convert(tiny, tmp_path, out, va
     mx.save_safetensors(str(adapter), weights)
     with pytest.raises(DLLMError, match=f"tensor {name} in {LORA_FOLDER}/adapter_model.safetensors holds NaN or Inf"):
         convert(source, out)
+    assert_nothing_written(out)
+
+
+# Chat templates: rendered once at convert, under generate's budget; a broken one is refused by where it lives
+
+
+BROKEN_TEMPLATES = {
+    "syntax": ("{% for m in messages %}", "the chat template failed: "),
+    "raises": ("{{ raise_exception('no user role here') }}", "the chat template failed: no user role here"),
+    "divides by zero": ("{{ 1 / 0 }}", "the chat template failed: division by zero"),
+    "range too big": ("{% for i in range(10**9) %}{% endfor %}", "the chat template failed: "),
+    "hangs": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "the chat template did not finish rendering within 0.2 s",
+    ),
+    "floods": (
+        "{% for i in range(1000) %}{{ 'w5 ' * 100 }}{% endfor %}",
+        "the chat template rendered 300,000 characters, more than 1,000",
+    ),
+}
+
+
+@pytest.mark.parametrize("file", [False, True], ids=["tokenizer_config", "jinja_file"])
+@pytest.mark.parametrize("kind", list(BROKEN_TEMPLATES))
+def test_a_broken_chat_template_is_refused_by_where_it_lives(tiny, tmp_path, out, monkeypatch, kind, file):
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.2)  # the budget's size is not under test
+    monkeypatch.setattr(chat_template, "RENDER_CHARACTERS", 1000)
+    template, message = BROKEN_TEMPLATES[kind]
+    source = with_template(tiny["target"], tmp_path / "target", template, file)
+    where = source / "chat_template.jinja" if file else f"{source / 'tokenizer_config.json'} (chat_template)"
+    result = run("convert", "--hf-path", source, "--mlx-path", out)
+    assert_user_error(result, f"Error: {where}: {message}")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("name", ["nemotron", "diffusion-gemma"])
+def test_our_families_check_their_template_too(tiny, tmp_path, out, name):
+    source = with_template(tiny[name], tmp_path / name, "{{ raise_exception('nope') }}")
+    with pytest.raises(DLLMError, match="tokenizer_config.json \\(chat_template\\): the chat template failed: nope"):
+        convert(source, out)
+    assert_nothing_written(out)
+
+
+def test_a_working_chat_template_is_rendered_and_copied(tiny, tmp_path, out):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} w9{% endif %}"
+    source = with_template(tiny["target"], tmp_path / "target", template, file=True)
+    convert(source, out, quiet=True)
+    assert (out / "chat_template.jinja").read_text() == template
+
+
+def test_a_broken_gguf_chat_template_is_refused(tmp_path, out, monkeypatch):
+    pytest.importorskip("torch")
+    from tests.reference import gguf_files
+
+    monkeypatch.setattr(gguf_files, "CHATML_TEMPLATE", "{{ raise_exception('bad gguf template') }}")
+    file = gguf_file(tmp_path)
+    result = run("convert", "--hf-path", file, "--mlx-path", out)
+    assert_user_error(result, f"{file} (tokenizer.chat_template): the chat template failed: bad gguf template")
     assert_nothing_written(out)
