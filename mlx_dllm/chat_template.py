@@ -64,6 +64,10 @@ def render(tokenizer, messages: List[Dict], options: Optional[Dict] = None, add_
         raise DLLMError(f"the chat template rendered {type(text).__name__}, not text")
     if len(text) > RENDER_CHARACTERS:
         raise DLLMError(f"the chat template rendered {len(text):,} characters, more than {RENDER_CHARACTERS:,}")
+    try:
+        text.encode("utf-8")  # a lone surrogate (a JSON "\udcff" in the template or its options) no tokenizer takes
+    except UnicodeEncodeError as error:
+        raise DLLMError(f"the chat template rendered text that is not UTF-8 (at character {error.start})") from None
     return text
 
 

@@ -60,6 +60,10 @@ def parked_error(path_or_repo: str, parked) -> DLLMError:
 def check_path_type(value, what: str, kind: str = "a folder path or a hub repo id") -> None:
     if not isinstance(value, (str, os.PathLike)):
         raise DLLMError(f"{what} must be {kind}, got {type(value).__name__}")
+    try:
+        os.fsdecode(value).encode("utf-8")  # MLX and tokenizers take UTF-8 paths only (MLX: "std::bad_cast")
+    except UnicodeEncodeError:
+        raise DLLMError(f"{what} {os.fsdecode(value)!r} is not UTF-8 text, which MLX cannot open; rename it") from None
 
 
 def download(repo: str, revision: Optional[str]) -> Path:

@@ -163,6 +163,43 @@ def test_valid_quantization_values_still_convert(tiny, out):
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
 
 
+# Text arguments: Python hands undecodable argv bytes over as lone surrogates
+
+
+@pytest.mark.parametrize("flag", ["-p", "--system-prompt", "--stop", "--chat-template-config"])
+def test_text_flags_that_are_not_utf8_are_one_error(flag):
+    result = run("generate", "--model", "never loaded", flag, "w5 \udcff\udcfe")
+    assert_user_error(result, "not UTF-8 text (byte 0xff)")
+    assert flag in result.stderr
+
+
+def test_a_non_utf8_prompt_from_a_real_shell_is_one_error():
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_dllm.cli", "generate", "--model", "never loaded", "-p", b"\xff\xfe"],
+        capture_output=True, text=True, env=ENVIRONMENT,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: Invalid value for '-p' / '--prompt': not UTF-8")
+
+
+def test_a_template_that_renders_lone_surrogates_is_one_error(tiny, tmp_path):
+    """Valid JSON can still carry one (`"\\udcff"`), e.g. through --chat-template-config."""
+    source = with_template(tiny["target"], tmp_path / "target", "{{ messages[0]['content'] }}{{ extra }}")
+    target = convert(source, tmp_path / "converted", quiet=True)
+    result = run("generate", "--model", target, "-p", "w5", "-m", 2, "--chat-template-config", '{"extra": "\\udcff"}')
+    assert_user_error(result, "the chat template rendered text that is not UTF-8")
+
+
+def test_paths_that_are_not_utf8_are_one_error(tiny, tmp_path):
+    """Legal on Linux, but MLX cannot open them (it throws `std::bad_cast`), nor can the tokenizer."""
+    odd = os.fsdecode(bytes(tmp_path) + b"/out\xff")
+    result = run("convert", "--hf-path", tiny["target"], "--mlx-path", odd)
+    assert_user_error(result, "mlx_path '" + odd.encode("unicode_escape").decode() + "' is not UTF-8 text")
+    assert entries(tmp_path) == []
+    with pytest.raises(DLLMError, match="the model path .* is not UTF-8 text"):
+        load(odd)
+
+
 # SIGTERM: a real process, stopped at a known point, unwinds like Ctrl-C
 
 SIGNALLED = """
