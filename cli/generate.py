@@ -12,6 +12,7 @@ from mlx_dllm.chat_template import template_ids
 from mlx_dllm.default_model import NAME, default_drafter, names_default
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.loading import load_pair
+from mlx_dllm.output import echo
 from mlx_dllm.sampler import summary
 from mlx_dllm.sampler.arguments import SEED_LIMIT, stop_strings, whole_number
 from mlx_dllm.sampler.common import check_sampling
@@ -237,15 +238,15 @@ def generate_command(
         if view is not None:
             view.clear()
         if verbose and index == 0:
-            click.echo("=" * 10)  # after the first response: a bad flag fails before anything is printed
+            echo("=" * 10)  # after the first response: a bad flag fails before anything is printed
             if view is not None:
                 view.committed("\n")
-        click.echo(response.text, nl=False)
+        echo(response.text, nl=False)
         if view is not None:
             view.committed(response.text)
-    click.echo()
+    echo()
     if verbose and response is not None:
-        click.echo("=" * 10)
-        click.echo(summary(response))
+        echo("=" * 10)
+        echo(summary(response))
         # The BLAS the speeds above ran on; stderr, since stdout carries the text and the summary only.
         click.echo(f"[INFO] BLAS: {blas.current_blas()}, device {mx.default_device()}", err=True)

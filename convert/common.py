@@ -26,6 +26,7 @@ from mlx_dllm.checkpoint_files import (
 )
 from mlx_dllm.configs import read_json, write_json
 from mlx_dllm.errors import DLLMError
+from mlx_dllm.output import echo
 from mlx_dllm.staging import staged_folder
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -46,7 +47,7 @@ class Options:
 
     def info(self, line: str) -> None:
         if not self.quiet:
-            print(f"[INFO] {line}")
+            echo(f"[INFO] {line}")
 
 
 def check_quantization(group_size, bits) -> None:

@@ -200,6 +200,48 @@ def test_paths_that_are_not_utf8_are_one_error(tiny, tmp_path):
         load(odd)
 
 
+# stdout: a full device is one line; a closed pipe ends quietly
+
+
+@pytest.fixture(scope="module")
+def converted_target(tiny, tmp_path_factory):
+    return convert(tiny["target"], tmp_path_factory.mktemp("converted") / "target", quiet=True)
+
+
+def run_cli(*args, stdout):
+    command = [sys.executable, "-m", "mlx_dllm.cli", *map(str, args)]
+    return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("command", [["generate", "-p", "w5", "-m", 3], ["generate", "-p", "w5", "--no-verbose"]])
+def test_generate_into_a_full_device_is_one_line(converted_target, command):
+    with open("/dev/full", "w") as full:
+        result = run_cli(*command, "--model", converted_target, stdout=full)
+    assert result.returncode == 1
+    assert problems(result.stderr) == ["Error: cannot write the output: No space left on device"], result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_convert_into_a_full_stdout_is_one_line_and_writes_nothing(tiny, out):
+    with open("/dev/full", "w") as full:
+        result = run_cli("convert", "--hf-path", tiny["target"], "--mlx-path", out, stdout=full)
+    assert result.returncode == 1
+    assert problems(result.stderr)[-1] == "Error: cannot write the output: No space left on device", result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_written(out)
+
+
+def test_generate_into_a_closed_pipe_ends_quietly(converted_target):
+    reader, writer = os.pipe()
+    os.close(reader)  # as `| head -c1` once it has its byte
+    try:
+        result = run_cli("generate", "--model", converted_target, "-p", "w5", "-m", 3, stdout=writer)
+    finally:
+        os.close(writer)
+    assert result.returncode != 0 and problems(result.stderr) == [], result.stderr
+
+
 # SIGTERM: a real process, stopped at a known point, unwinds like Ctrl-C
 
 SIGNALLED = """
