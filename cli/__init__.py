@@ -1,7 +1,7 @@
 """The `mlx-dllm` command line: `generate`, `convert`, `benchmark`, `train-drafter` and `serve`.
 
 Commands are imported when they run (MLX takes seconds to import), so `--help` is instant and a Ctrl-C during
-those imports ends like any other: one line and exit status 130.
+those imports ends like any other: one line and exit status 130. SIGTERM ends the same way, with status 143.
 """
 
 import importlib
@@ -12,6 +12,7 @@ from click.exceptions import NoArgsIsHelpError
 
 from mlx_dllm import __version__
 from mlx_dllm.errors import DLLMError
+from mlx_dllm.signals import Terminated, terminate_unwinds
 
 # module in this package -> its command
 COMMANDS = {
@@ -39,7 +40,8 @@ class Group(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
-            code = super().main(args, prog_name, complete_var, False, **extra)
+            with terminate_unwinds():
+                code = super().main(args, prog_name, complete_var, False, **extra)
         except NoArgsIsHelpError as error:
             error.show()
             sys.exit(error.exit_code)
@@ -50,6 +52,9 @@ class Group(click.Group):
         except click.Abort as error:  # click turns Ctrl-C (and EOF at a prompt) into Abort
             click.echo("Aborted!", err=True)
             sys.exit(INTERRUPTED if isinstance(error.__cause__, KeyboardInterrupt) else 1)
+        except Terminated as error:  # SIGTERM has unwound the command (a staged folder is gone) as Ctrl-C would
+            click.echo("Aborted!", err=True)
+            sys.exit(error.code)
         # Non-standalone click returns a command's value or an Exit's code (--help, --version).
         sys.exit(code if isinstance(code, int) else 0)
 

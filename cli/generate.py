@@ -12,6 +12,7 @@ from mlx_dllm.chat_template import template_ids
 from mlx_dllm.default_model import NAME, default_drafter, names_default
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.loading import load_pair
+from mlx_dllm.output import echo
 from mlx_dllm.sampler import summary
 from mlx_dllm.sampler.arguments import SEED_LIMIT, stop_strings, whole_number
 from mlx_dllm.sampler.common import check_sampling
@@ -21,6 +22,24 @@ from mlx_dllm.sampler.mode import all_modes, served_options, takers
 from .visualize import CanvasView
 
 DEFAULT_PROMPT = "hello"
+
+
+class Text(click.ParamType):
+    """Text that must be UTF-8: Python hands undecodable bytes of an argument over as lone surrogates, which no
+    tokenizer, template or JSON value takes, so they are refused here, by flag."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            byte = ord(value[error.start]) & 0xFF  # surrogateescape: byte 0xNN became U+DCNN
+            self.fail(f"not UTF-8 text (byte 0x{byte:02x})", param, ctx)
+        return value
+
+
+TEXT = Text()
 
 
 def read_prompt(prompt: str) -> str:
@@ -119,17 +138,20 @@ def mode_options(command):
 @click.option(
     "--num-draft-tokens", type=int, default=None, help="Tokens to draft per block, as mlx-lm (= --block-size - 1)."
 )
-@click.option("-p", "--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt text; '-' reads stdin.")
+@click.option(
+    "-p", "--prompt", type=TEXT, default=DEFAULT_PROMPT, show_default=True, help="Prompt text; '-' reads stdin."
+)
 @click.option("-m", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Sampling top-p.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sampling top-k (0: off).")
 @click.option("--min-p", type=float, default=0.0, show_default=True, help="Sampling min-p.")
 @click.option("--seed", type=int, default=None, help="Random seed.")
-@click.option("--system-prompt", default=None, help="System prompt for the chat template.")
+@click.option("--system-prompt", type=TEXT, default=None, help="System prompt for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as is.")
 @click.option(
     "--chat-template-config",
+    type=TEXT,
     default=None,
     help='JSON object of extra chat-template arguments, e.g. \'{"enable_thinking": false}\'.',
 )
@@ -144,7 +166,7 @@ def mode_options(command):
 )
 @click.option("--no-verbose", "quiet", is_flag=True, help="Print the generated text only.")
 @click.option("--prefill-step-size", type=int, default=2048, show_default=True, help="Prompt tokens per prefill chunk.")
-@click.option("--stop", multiple=True, help="Stop at this text (repeatable).")
+@click.option("--stop", type=TEXT, multiple=True, help="Stop at this text (repeatable).")
 @click.option("--image", multiple=True, help="Image input (not supported yet).")
 @click.option("--visualize", is_flag=True, help="diffusion: redraw the canvas at every step.")
 @click.option(
@@ -216,15 +238,15 @@ def generate_command(
         if view is not None:
             view.clear()
         if verbose and index == 0:
-            click.echo("=" * 10)  # after the first response: a bad flag fails before anything is printed
+            echo("=" * 10)  # after the first response: a bad flag fails before anything is printed
             if view is not None:
                 view.committed("\n")
-        click.echo(response.text, nl=False)
+        echo(response.text, nl=False)
         if view is not None:
             view.committed(response.text)
-    click.echo()
+    echo()
     if verbose and response is not None:
-        click.echo("=" * 10)
-        click.echo(summary(response))
+        echo("=" * 10)
+        echo(summary(response))
         # The BLAS the speeds above ran on; stderr, since stdout carries the text and the summary only.
         click.echo(f"[INFO] BLAS: {blas.current_blas()}, device {mx.default_device()}", err=True)

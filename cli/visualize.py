@@ -3,6 +3,7 @@
 import shutil
 import sys
 
+from mlx_dllm.output import writing_output
 from mlx_dllm.sampler.diffusion import StepState
 
 NOISE, ACCEPTED, RESET = "\x1b[2m", "\x1b[1;32m", "\x1b[0m"  # dim noise, bold green accepted tokens
@@ -37,12 +38,14 @@ class CanvasView:
         )
         # Scroll first (newlines, then back up and over) so the saved cursor stays valid while drawing below it.
         back = f"\x1b[{rows}A" + (f"\x1b[{self.column}C" if self.column else "")
-        self.stream.write("\n" * rows + back + SAVE + "\n" + header + painted)
-        self.stream.flush()
+        with writing_output():
+            self.stream.write("\n" * rows + back + SAVE + "\n" + header + painted)
+            self.stream.flush()
         self.drawn = True
 
     def clear(self) -> None:
         if self.drawn:
-            self.stream.write(RESTORE + ERASE_BELOW)
-            self.stream.flush()
+            with writing_output():
+                self.stream.write(RESTORE + ERASE_BELOW)
+                self.stream.flush()
             self.drawn = False

@@ -39,12 +39,13 @@ def convert(
     from mlx_dllm import loading
     from mlx_dllm.staging import check_apart_from_source, check_destination
 
-    from .common import Options, resolve_dtype
+    from .common import Options, check_quantization, resolve_dtype
     from .diffusion_gemma import QUANT_RECIPES
     from .gguf import convert_gguf, is_gguf
 
     loading.check_path_type(hf_path, "hf_path")
     loading.check_path_type(mlx_path, "mlx_path", "a folder path")
+    check_quantization(q_group_size, q_bits)
     given, mlx_path = Path(mlx_path), Path(os.path.abspath(mlx_path))  # `a/..` and `.` get a real name and parent
     options = Options(dtype, quantize, q_group_size, q_bits, quant_recipe, force, quiet)
     if is_gguf(hf_path):

@@ -1,5 +1,6 @@
-"""What every conversion recipe shares: the options asked for, casting, quantizing, the NaN/Inf check, and saving
-weights, config and tokenizer files (into the folder `mlx_dllm.staging.staged_folder` provides)."""
+"""What every conversion recipe shares: the options asked for, casting, quantizing, the NaN/Inf check, the chat
+template check, and saving weights, config and tokenizer files (into the folder `mlx_dllm.staging.staged_folder`
+provides)."""
 
 import glob
 import shutil
@@ -13,6 +14,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 from tqdm import tqdm
 
+from mlx_dllm import loading
+from mlx_dllm.chat_template import render
 from mlx_dllm.checkpoint_files import (
     LORA_FOLDER,
     TOKENIZER_PATTERNS,
@@ -23,9 +26,11 @@ from mlx_dllm.checkpoint_files import (
 )
 from mlx_dllm.configs import read_json, write_json
 from mlx_dllm.errors import DLLMError
+from mlx_dllm.output import echo
 from mlx_dllm.staging import staged_folder
 
 DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_GROUP_SIZE, DEFAULT_BITS = 64, 4  # MLX's affine defaults, as `mlx_lm.convert -q`
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,22 @@ class Options:
 
     def info(self, line: str) -> None:
         if not self.quiet:
-            print(f"[INFO] {line}")
+            echo(f"[INFO] {line}")
+
+
+def check_quantization(group_size, bits) -> None:
+    """`q_group_size` and `q_bits` (None: the default) as MLX's affine quantization takes them, asked of MLX itself
+    on a one-group array, before any work."""
+    for name, value in (("q_group_size", group_size), ("q_bits", bits)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise DLLMError(f"{name} must be a whole number, got {value!r}")
+        if value is not None and value < 1:  # MLX divides by the group size: a zero kills the process (SIGFPE)
+            raise DLLMError(f"{name} must be at least 1, got {value}")
+    group_size, bits = group_size or DEFAULT_GROUP_SIZE, bits or DEFAULT_BITS
+    try:
+        mx.quantize(mx.zeros((1, group_size)), group_size, bits)
+    except (ValueError, OverflowError) as error:
+        raise DLLMError(f"cannot quantize: {str(error).splitlines()[0]}") from error
 
 
 def resolve_dtype(dtype: Optional[str], config: Dict) -> Optional[str]:
@@ -107,8 +127,36 @@ def copy_lora(source: Path, destination: Path) -> None:
         shutil.copy(file, destination / LORA_FOLDER / file.name)
 
 
+def load_tokenizer(source: Path, config: Dict):
+    """The tokenizer `load` will need, its chat template rendered once: either is refused now, not after writing."""
+    tokenizer = loading.load_tokenizer_checked(source, config)
+    check_chat_template(tokenizer, template_origin(source))
+    return tokenizer
+
+
+def template_origin(source: Path) -> str:
+    """Where transformers read the chat template from: its own file wins over tokenizer_config.json's entry."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (source / name).is_file():
+            return str(source / name)
+    return f"{source / 'tokenizer_config.json'} (chat_template)"
+
+
+def check_chat_template(tokenizer, origin: str) -> None:
+    """`generate` renders the template for every prompt, so one that fails, hangs or floods on a plain user message
+    is refused now, under the same budget: a copy would only fail later (mlx-lm's convert copies it unread)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return
+    try:
+        render(tokenizer, [{"role": "user", "content": "hello"}])
+    except DLLMError as error:
+        raise DLLMError(f"{origin}: {error}; fix or remove it to convert") from error
+
+
 def write_model(model: nn.Module, config: Dict, source: Path, mlx_path: Path, options: Options) -> None:
     """Cast, quantize and save a whole (lazily read) model into `mlx_path`, atomically."""
+    if (source / LORA_FOLDER).is_dir():  # copied as is, so only a look before can refuse its NaN
+        check_finite_files(sorted((source / LORA_FOLDER).glob("*.safetensors")), root=source)
     cast_parameters(model, options.dtype, config)
     if options.quantize:
         check_finite_files(weight_files(source))  # quantizing turns a NaN into a number: look before
@@ -133,11 +181,13 @@ def nonfinite_hint(dtype: Optional[str]) -> str:
     return " (float16 overflows beyond 65504: keep bfloat16 or float32)" if dtype == "float16" else ""
 
 
-def check_finite_files(files: List[Path], dtype: Optional[str] = None) -> None:
-    """Refuse a NaN/Inf tensor by name, reading one tensor at a time (peak memory: the largest tensor)."""
+def check_finite_files(files: List[Path], dtype: Optional[str] = None, root: Optional[Path] = None) -> None:
+    """Refuse a NaN/Inf tensor by name (and its file's, from `root`), reading one tensor at a time (peak memory:
+    the largest tensor)."""
     for file in files:
+        where = str(file.relative_to(root)) if root is not None else file.name
         tensors = mx.load(str(file))
         while tensors:
             name, value = tensors.popitem()
             if mx.issubdtype(value.dtype, mx.floating) and is_nonfinite(value, finite_screen(value)):
-                raise DLLMError(nonfinite_message(name, file.name) + nonfinite_hint(dtype))
+                raise DLLMError(nonfinite_message(name, where) + nonfinite_hint(dtype))

@@ -20,10 +20,17 @@ from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES, Model, ModelArgs
 from mlx_dllm.staging import staged_folder
 
-from .common import Options, copy_tokenizer_files, nonfinite_hint, write_config
+from .common import (
+    DEFAULT_BITS,
+    DEFAULT_GROUP_SIZE,
+    Options,
+    copy_tokenizer_files,
+    load_tokenizer,
+    nonfinite_hint,
+    write_config,
+)
 
 QUANT_RECIPES = ("mixed",)
-DEFAULT_GROUP_SIZE, DEFAULT_BITS = 64, 4  # MLX's affine defaults, as `mlx_lm.convert -q`
 # The mixed recipe's 8-bit modules (mlx-vlm's): embed_tokens is also the LM head and the self-conditioning matrix.
 EIGHT_BIT = {"group_size": 64, "bits": 8}
 
@@ -56,13 +63,6 @@ def quantization_config(plan: Dict[str, Dict], group_size: int, bits: int, recip
     if recipe == "mixed":
         config.update({path: params for path, params in plan.items() if is_eight_bit(path)})
     return config
-
-
-def check_quantization(group_size: int, bits: int) -> None:
-    try:
-        mx.quantize(mx.zeros((1, group_size)), group_size, bits)
-    except ValueError as error:
-        raise DLLMError(f"cannot quantize: {str(error).splitlines()[0]}") from error
 
 
 def read_shard(file: Path, model: Model) -> Dict[str, mx.array]:
@@ -176,11 +176,10 @@ def build_lazy_model(config: Dict) -> Model:
 def convert_checkpoint(source: Path, mlx_path: Path, config: Dict, options: Options) -> None:
     """Stream `source` into `mlx_path`; a quantization recipe implies quantization (it is one)."""
     model = build_lazy_model(config)
-    loading.load_tokenizer_checked(source, config)  # `load` needs it: refuse now, not after writing
+    load_tokenizer(source, config)  # `load` needs it: refuse now, not after writing
     plan = {}
     if options.quantize or options.quant_recipe is not None:
         group_size, bits = options.q_group_size or DEFAULT_GROUP_SIZE, options.q_bits or DEFAULT_BITS
-        check_quantization(group_size, bits)
         plan = quantization_plan(model, group_size, bits, options.quant_recipe)
         config["quantization"] = quantization_config(plan, group_size, bits, options.quant_recipe)
     record_dtype(config, options.dtype)

@@ -22,7 +22,7 @@ from mlx_dllm.configs import check_sizes
 from mlx_dllm.errors import DLLMError, first_line
 from mlx_dllm.staging import check_destination, staged_folder
 
-from .common import Options, cast_parameters, check_finite_files, quantize_weights, write_config
+from .common import Options, cast_parameters, check_chat_template, check_finite_files, quantize_weights, write_config
 
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 GROUP_SIZE = 32  # the block size of Q4_0, Q4_1 and Q8_0
@@ -315,6 +315,7 @@ def save_tokenizer(metadata: Dict, file: Path, folder: Path) -> None:
         )
     except Exception as error:
         raise DLLMError(f"cannot rebuild the tokenizer of {file.name}: {first_line(error)}") from error
+    check_chat_template(tokenizer, f"{file} (tokenizer.chat_template)")
     tokenizer.save_pretrained(str(folder))
 
 

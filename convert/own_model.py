@@ -6,11 +6,11 @@ from typing import Dict
 
 from mlx_dllm import loading
 
-from .common import Options, write_model
+from .common import Options, load_tokenizer, write_model
 
 
 def convert_checkpoint(source: Path, mlx_path: Path, config: Dict, options: Options) -> None:
-    loading.load_tokenizer_checked(source, config)  # `load` needs it: refuse now, not after writing
+    load_tokenizer(source, config)  # `load` needs it: refuse now, not after writing
     model, config = loading.build_model(source, config, lazy=True)
     config.pop("generation_config", None)  # the loader's copy of generation_config.json, which is copied as is
     write_model(model, config, source, mlx_path, options)

@@ -5,11 +5,11 @@ from typing import Dict
 
 from mlx_dllm import loading
 
-from .common import Options, write_model
+from .common import Options, load_tokenizer, write_model
 
 
 def convert_checkpoint(source: Path, mlx_path: Path, config: Dict, options: Options) -> None:
     loading.check_target_architecture(config)
-    loading.load_tokenizer_checked(source, config)  # `load` needs a target's tokenizer: refuse now, not after writing
+    load_tokenizer(source, config)  # `load` needs a target's tokenizer: refuse now, not after writing
     model, config = loading.build_model(source, config, lazy=True)  # mlx-lm may add `quantization` (packed weights)
     write_model(model, config, source, mlx_path, options)

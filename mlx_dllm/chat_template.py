@@ -56,13 +56,18 @@ def render(tokenizer, messages: List[Dict], options: Optional[Dict] = None, add_
         raise DLLMError(f"the chat template did not finish rendering within {RENDER_SECONDS:g} s") from None
     except MemoryError:
         raise DLLMError("the chat template's output does not fit in memory") from None
-    except (TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as error:
+    except (TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError,
+            RecursionError) as error:  # ArithmeticError: `1 / 0`, and the sandbox's range limit (OverflowError)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DLLMError(f"the chat template failed: {message}") from error
     if not isinstance(text, str):
         raise DLLMError(f"the chat template rendered {type(text).__name__}, not text")
     if len(text) > RENDER_CHARACTERS:
         raise DLLMError(f"the chat template rendered {len(text):,} characters, more than {RENDER_CHARACTERS:,}")
+    try:
+        text.encode("utf-8")  # a lone surrogate (a JSON "\udcff" in the template or its options) no tokenizer takes
+    except UnicodeEncodeError as error:
+        raise DLLMError(f"the chat template rendered text that is not UTF-8 (at character {error.start})") from None
     return text
 
 

@@ -3,7 +3,9 @@ and reading its weights with NaN/Inf refused by name."""
 
 import math
 import os
+import re
 import stat
+import uuid
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
@@ -45,6 +47,21 @@ TOKENIZER_PATTERNS = (
     "generation_config.json",
     "chat_template*",
 )
+
+
+def sibling(folder: Path, kind: str) -> Path:
+    """A new hidden name beside `folder` (same filesystem, so renames between them are atomic): `.NAME.<hex>.KIND`."""
+    return folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.{kind}"
+
+
+def parked_copies(folder: Path) -> List[Path]:
+    """The `old` siblings of `folder`: a previous conversion that a replacement killed midway left aside."""
+    name = re.compile(rf"\.{re.escape(folder.name)}\.[0-9a-f]{{8}}\.old")
+    try:
+        entries = [entry for entry in folder.parent.iterdir() if name.fullmatch(entry.name)]
+    except OSError:
+        return []
+    return sorted(entry for entry in entries if entry.is_dir() and not entry.is_symlink())
 
 
 def checkpoint_root(folder: Path) -> Path:

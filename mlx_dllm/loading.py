@@ -19,6 +19,7 @@ from .checkpoint_files import (
     check_checkpoint_files,
     check_dtypes,
     evaluate_finite,
+    parked_copies,
     read_weights,
 )
 from .configs import check_ids, check_layer_count, check_sizes, read_json, target_fields
@@ -39,6 +40,8 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     if path.exists():
         if not path.is_dir():
             raise DLLMError(f"{path_or_repo} is not a folder")
+    elif parked := parked_copies(path):
+        raise parked_error(path_or_repo, parked)
     elif path.is_absolute() or path_or_repo.startswith((".", "~")) or path_or_repo.count("/") != 1:
         raise DLLMError(f"{path_or_repo} does not exist (and is not a hub repo id)")
     else:
@@ -47,9 +50,22 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     return path
 
 
+def parked_error(path_or_repo: str, parked) -> DLLMError:
+    """`convert --force` killed between its two renames left the previous conversion aside (see staging)."""
+    where = ", ".join(str(folder) for folder in parked)
+    return DLLMError(
+        f"{path_or_repo} does not exist: an interrupted conversion left its previous contents in {where}; "
+        f"rename that folder back to {Path(path_or_repo).name} (the next convert into it does)"
+    )
+
+
 def check_path_type(value, what: str, kind: str = "a folder path or a hub repo id") -> None:
     if not isinstance(value, (str, os.PathLike)):
         raise DLLMError(f"{what} must be {kind}, got {type(value).__name__}")
+    try:
+        os.fsdecode(value).encode("utf-8")  # MLX and tokenizers take UTF-8 paths only (MLX: "std::bad_cast")
+    except UnicodeEncodeError:
+        raise DLLMError(f"{what} {os.fsdecode(value)!r} is not UTF-8 text, which MLX cannot open; rename it") from None
 
 
 def download(repo: str, revision: Optional[str]) -> Path:

@@ -2,35 +2,43 @@
 and an atomic swap into place.
 
 `--force` replaces only a previous conversion; a failure (an error, Ctrl-C, SIGTERM, a full disk) leaves the
-old folder, or nothing, behind.
+old folder, or nothing, behind. Where no atomic exchange exists, a kill between the two renames of a replacement
+leaves the old folder aside: the next conversion into `mlx_path` puts it back, and `load` says where it is.
 """
 
 import ctypes
 import errno
 import os
+import re
 import shutil
-import signal
-import threading
-import uuid
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterator, Optional
 
 from . import __version__, loading
-from .checkpoint_files import INDEX_FILE, LORA_FOLDER, TOKENIZER_PATTERNS, checkpoint_root
+from .checkpoint_files import INDEX_FILE, LORA_FOLDER, TOKENIZER_PATTERNS, checkpoint_root, parked_copies, sibling
 from .configs import write_json
 from .errors import DLLMError
+from .signals import terminate_unwinds
 
 # Written last into every conversion: `--force` replaces only a folder that has it (and nothing we did not write).
 MARKER = "mlx_dllm_conversion.json"
 CONVERSION_PATTERNS = (MARKER, "config.json", "model*.safetensors", INDEX_FILE, *TOKENIZER_PATTERNS)
 CONVERSION_FOLDERS = (LORA_FOLDER,)
 IGNORED_ENTRIES = (".DS_Store",)  # Finder's, not the user's
+# Errors that are always about the folder being written, whichever file (a copy's source) they name.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+# MLX's file writer throws these without errno (mlx/io/load.h, safetensors.cpp as of mlx 0.32).
+MLX_WRITE_FAILURE = re.compile(r"\[write\] Unable to write (\d+) bytes")
+MLX_OPEN_FAILURE = re.compile(r"\[save\w*\] Failed to open file (.+)")
 
 
 def check_destination(mlx_path: Path, force: bool) -> None:
-    """Refuse any `mlx_path` whose replacement could delete something that is not a previous conversion."""
+    """Refuse any `mlx_path` whose replacement could delete something that is not a previous conversion.
+
+    A previous conversion that an interrupted replacement left aside is put back first, so it is never lost."""
+    restored = restore_parked(mlx_path)
     if mlx_path.is_symlink():
         raise DLLMError(f"{mlx_path} is a symbolic link; give the folder it points to")
     if mlx_path.exists() and not mlx_path.is_dir():
@@ -40,9 +48,36 @@ def check_destination(mlx_path: Path, force: bool) -> None:
         raise DLLMError(f"{mlx_path} is (or holds) the current directory; give a new folder for the MLX model")
     if not mlx_path.is_dir() or not any(mlx_path.iterdir()):
         return
+    if not force and restored is not None:
+        raise DLLMError(f"{mlx_path} was restored from {restored.name}, where an interrupted --force had left it; "
+                        "use --force to replace it")
     if not force:
         raise DLLMError(f"{mlx_path} already exists and is not empty (use --force to replace it)")
     check_previous_conversion(mlx_path)
+
+
+def restore_parked(mlx_path: Path) -> Optional[Path]:
+    """Put back the previous conversion that a replacement killed between its two renames left aside (see
+    `_replace`); returns where it was, None when there was nothing to restore."""
+    if os.path.lexists(mlx_path):
+        return None
+    parked = parked_copies(mlx_path)
+    if len(parked) > 1:
+        names = ", ".join(str(folder) for folder in parked)
+        raise DLLMError(
+            f"{mlx_path} is missing: interrupted replacements left earlier conversions of it in {names}; "
+            f"rename the one to keep back to {mlx_path.name}"
+        )
+    if not parked:
+        return None
+    try:
+        os.rename(parked[0], mlx_path)
+    except OSError as error:
+        raise DLLMError(
+            f"{mlx_path} is missing and its previous conversion is in {parked[0]}, which cannot be renamed back: "
+            f"{error.strerror}"
+        ) from error
+    return parked[0]
 
 
 def check_previous_conversion(mlx_path: Path) -> None:
@@ -71,22 +106,18 @@ def check_apart_from_source(mlx_path: Path, source: Path) -> None:
         raise DLLMError(f"{mlx_path} overlaps the checkpoint in {source}; give a folder outside it")
 
 
-def _sibling(mlx_path: Path, kind: str) -> Path:
-    # Same parent, same filesystem: the final rename is atomic.
-    return mlx_path.parent / f".{mlx_path.name}.{uuid.uuid4().hex[:8]}.{kind}"
-
-
 @contextmanager
 def staged_folder(mlx_path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `mlx_path`; once filled and loadable it becomes `mlx_path`, else it goes.
 
-    A full disk, a read-only folder or an I/O error is one line naming `mlx_path`; SIGTERM unwinds like Ctrl-C.
+    A full disk (MLX's writers included), a read-only folder or an I/O error is one line naming `mlx_path`;
+    SIGTERM unwinds like Ctrl-C.
     """
     check_destination(mlx_path, force)
     with terminate_unwinds():
         try:
             mlx_path.parent.mkdir(parents=True, exist_ok=True)
-            staging = _sibling(mlx_path, "partial")
+            staging = sibling(mlx_path, "partial")
             staging.mkdir()  # unlike mkdtemp, honours the umask: the folder ends up as mlx_path
         except OSError as error:
             raise write_error(mlx_path, error) from error
@@ -95,19 +126,38 @@ def staged_folder(mlx_path: Path, force: bool) -> Iterator[Path]:
             write_json(staging / MARKER, {"format": "mlx-dllm conversion", "version": __version__})
             check_loads(staging, mlx_path)
             _replace(staging, mlx_path)
-        except OSError as error:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
-            raise write_error(mlx_path, error, staging) from error
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            failure = write_failure(error)
+            if failure is None:
+                raise
+            raise write_error(mlx_path, failure, staging) from error
+
+
+def write_failure(error: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed write: itself, or the one MLX's writers report as a bare RuntimeError."""
+    if isinstance(error, OSError):
+        return error
+    if not isinstance(error, RuntimeError):
+        return None
+    message = str(error)
+    written = MLX_WRITE_FAILURE.match(message)
+    if written is not None:  # write() failed: on a local file a full disk, rarely a quota or I/O error
+        reason = f"No space left on device (or an I/O error: MLX could not write {written[1]} bytes)"
+        return OSError(errno.ENOSPC, reason)
+    opened = MLX_OPEN_FAILURE.match(message)
+    if opened is not None:
+        return OSError(f"MLX could not create {Path(opened[1]).name}")
+    return None
 
 
 def write_error(mlx_path: Path, error: OSError, staging: Optional[Path] = None) -> DLLMError:
     """One line for a full disk, read-only folder or I/O error; it names the source file when reading failed."""
     reason = error.strerror or str(error).splitlines()[0]
     culprit = str(error.filename) if error.filename is not None else None
-    if culprit is not None and (staging is None or not culprit.startswith(str(staging))):
+    # A copy that fills the disk names its source (shutil), but the disk being written is the culprit.
+    read_failure = culprit is not None and error.errno not in WRITE_ERRNOS
+    if read_failure and (staging is None or not culprit.startswith(str(staging))):
         return DLLMError(f"cannot convert into {mlx_path}: {culprit}: {reason}; nothing was written there")
     return DLLMError(f"cannot write {mlx_path}: {reason}; nothing was written there")
 
@@ -121,23 +171,6 @@ def check_loads(staging: Path, mlx_path: Path) -> None:
         raise DLLMError(f"the conversion would not load, so {mlx_path} is left as it was: {message}") from error
 
 
-@contextmanager
-def terminate_unwinds() -> Iterator[None]:
-    """SIGTERM raises SystemExit like Ctrl-C raises KeyboardInterrupt, so the staged folder is removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, _exit_on_terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def _exit_on_terminate(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _replace(staging: Path, mlx_path: Path) -> None:
     """Put the finished folder at `mlx_path`; an old one is swapped out in one step, so it never goes missing."""
     if not os.path.lexists(mlx_path):
@@ -146,7 +179,9 @@ def _replace(staging: Path, mlx_path: Path) -> None:
     if exchange(staging, mlx_path):
         shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old conversion
         return
-    old = _sibling(mlx_path, "old")  # no atomic exchange here: a kill between the renames leaves it at `old`
+    # No atomic exchange here: a kill between the renames leaves the old folder at `old`, where `restore_parked`
+    # (the next conversion) and `load` (which names it) find it.
+    old = sibling(mlx_path, "old")
     os.rename(mlx_path, old)
     try:
         os.rename(staging, mlx_path)
