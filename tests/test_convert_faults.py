@@ -223,6 +223,15 @@ def test_generate_into_a_full_device_is_one_line(converted_target, command):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_benchmark_into_a_full_device_is_one_line():
+    with open("/dev/full", "w") as full:
+        result = run_cli("benchmark", "--tiny", "dflash", "--num-prompts", 1, "--max-tokens", 4, "--repeats", 1,
+                         stdout=full)
+    assert result.returncode == 1
+    assert problems(result.stderr) == ["Error: cannot write the output: No space left on device"], result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
 def test_convert_into_a_full_stdout_is_one_line_and_writes_nothing(tiny, out):
     with open("/dev/full", "w") as full:
         result = run_cli("convert", "--hf-path", tiny["target"], "--mlx-path", out, stdout=full)

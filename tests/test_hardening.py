@@ -181,3 +181,12 @@ def test_a_prompt_chunk_whose_attention_cannot_fit_is_refused_for_any_target(tin
     with pytest.raises(DLLMError, match="attention over 64 x 64 positions"):
         next(mlx_dllm.stream_generate(model, tokenizer, prompt, 2, prefill_step_size=4096))
     assert next(mlx_dllm.stream_generate(model, tokenizer, prompt, 2, prefill_step_size=32)).tokens  # 32 x 64 fits
+
+
+def test_api_text_that_is_not_utf8_is_one_line(tiny_folders):
+    # The CLI refuses such bytes by flag; the API took them to the tokenizer, which raised a traceback's error.
+    model, tokenizer = mlx_dllm.load(str(tiny_folders["dflash"][0]))
+    with pytest.raises(DLLMError, match="the prompt is not UTF-8 text \\(a lone surrogate at character 3\\)"):
+        next(mlx_dllm.stream_generate(model, tokenizer, "w5 \udcff", 2))
+    with pytest.raises(DLLMError, match="a stop string is not UTF-8 text"):
+        next(mlx_dllm.stream_generate(model, tokenizer, "w5 w6", 2, stop=["\udcfe"]))

@@ -81,7 +81,7 @@ def time_case(case: Case, dtype, repeats: int) -> Dict[str, float]:
 
 
 def run_kernel_benchmark(env: dict, repeats: Optional[int] = None) -> dict:
-    import click
+    from ..output import echo
     import mlx.core as mx
 
     if not mx.metal.is_available():
@@ -89,14 +89,14 @@ def run_kernel_benchmark(env: dict, repeats: Optional[int] = None) -> dict:
             f"--kernels times Metal kernels: this machine runs MLX on {env['device']}, with no Metal device to run them"
         )
     rows = {}
-    click.echo(f"{'shape':<36} {'dtype':>8} {'sdpa ms':>9} {'kernel ms':>10} {'speedup':>8}")
+    echo(f"{'shape':<36} {'dtype':>8} {'sdpa ms':>9} {'kernel ms':>10} {'speedup':>8}")
     for case in cases():
         for dtype in (mx.float16, mx.bfloat16):
             row = time_case(case, dtype, repeats or REPEATS)
             rows[f"{case.name}, {dtype}"] = row
-            click.echo(
+            echo(
                 f"{case.name:<36} {str(dtype).split('.')[-1]:>8} {row['sdpa_ms']:>9.3f} {row['kernel_ms']:>10.3f} "
                 f"{row['speedup']:>7.2f}x"
             )
-    click.echo(f"Medians of {repeats or REPEATS} runs; sdpa = mx.fast.scaled_dot_product_attention (mask built once).")
+    echo(f"Medians of {repeats or REPEATS} runs; sdpa = mx.fast.scaled_dot_product_attention (mask built once).")
     return {"benchmark": "kernels", "cases": rows, **env}

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-import click
-
 from .. import blas
 from ..errors import DLLMError
+from ..output import echo
 from ..sampler.mode import modes_of
 from . import forward_cost, overhead, prompts, report, roofline, runner, tiny
 
@@ -98,7 +97,7 @@ def environment(device: str) -> dict:
 
 
 def announce(env: dict) -> None:
-    click.echo(f"BLAS: {env['blas']}, device {env['device']}, mlx {env['mlx']}, mlx-lm {env['mlx_lm']}")
+    echo(f"BLAS: {env['blas']}, device {env['device']}, mlx {env['mlx']}, mlx-lm {env['mlx_lm']}")
     blas.warn_reference_blas()
 
 
@@ -115,7 +114,7 @@ def run(options: Options) -> None:
     if options.kernels:
         from .kernels import run_kernel_benchmark
 
-        return click.echo(report.json_line(run_kernel_benchmark(env)))
+        return echo(report.json_line(run_kernel_benchmark(env)))
     with loaded_models(options) as (model, tokenizer, draft):
         if options.forward_cost:
             return run_forward_cost(options, model, env)
@@ -128,17 +127,17 @@ def run(options: Options) -> None:
         samples, mismatches = measure(model, tokenizer, draft, ids, run_method, options)
         shares = outside_shares(model, tokenizer, draft, ids[0], run_method, options.max_tokens)
     table = report.summarize(samples, mismatches, shares, exact)
-    click.echo("\n" + "\n".join(report.table_lines(table)))
-    click.echo(
+    echo("\n" + "\n".join(report.table_lines(table)))
+    echo(
         f"Medians over {options.repeats} repeat(s) x {len(ids)} prompt(s) of '{options.prompts}', greedy, "
         f"{options.max_tokens} tokens at most; vs mlx_lm = median of paired tokens/s ratios."
     )
-    click.echo(
+    echo(
         "outside = share of wall time outside model forwards (selection, acceptance, rollback, detokenizing,\n"
         "  Python), from a separate run that evaluates every forward on the spot: an upper bound on its cost."
     )
     for line in report.mismatch_lines(mismatches):
-        click.echo(line)
+        echo(line)
     record = {
         "benchmark": "generation",
         "model": model_label(options),
@@ -162,8 +161,8 @@ def run(options: Options) -> None:
 
         title = f"{model_label(options)} - {env['device']}, BLAS {env['blas']}"
         write_plot(options.plot, table, samples, title, roofline.block_tokens(model, draft, options.block_size))
-        click.echo(f"Plot: {options.plot}")
-    click.echo(report.json_line(record))
+        echo(f"Plot: {options.plot}")
+    echo(report.json_line(record))
 
 
 def measure(model, tokenizer, draft, ids, run_method, options: Options):
@@ -188,12 +187,12 @@ def projection(chips: str, model, draft, table: dict, block_size: Optional[int])
     tokens = {m: row["tokens_per_forward"] for m, row in table.items() if m != runner.MLX_LM}
     names = list(roofline.CHIPS) if chips == "all" else [chips]
     result = {chip: roofline.project(chip, model, draft, tokens, block_size) for chip in names}
-    click.echo("PROJECTION (roofline, not a measurement): speedup over AR from the measured tokens per step,")
-    click.echo("  t_forward = max(weight bytes / bandwidth, 2 x params x tokens / peak FLOPs)")
+    echo("PROJECTION (roofline, not a measurement): speedup over AR from the measured tokens per step,")
+    echo("  t_forward = max(weight bytes / bandwidth, 2 x params x tokens / peak FLOPs)")
     for chip, speedups in result.items():
         bandwidth, flops = roofline.CHIPS[chip]
         cells = ", ".join(f"{mode} {value:.2f}x" for mode, value in speedups.items())
-        click.echo(f"  {chip} (assumed {bandwidth / 1e9:.0f} GB/s, {flops / 1e12:.0f} TFLOPs): {cells}")
+        echo(f"  {chip} (assumed {bandwidth / 1e9:.0f} GB/s, {flops / 1e12:.0f} TFLOPs): {cells}")
     return result
 
 
@@ -201,8 +200,8 @@ def run_forward_cost(options: Options, model, env: dict) -> None:
     from ..sampler.front import embedding_rows
 
     milliseconds = forward_cost.forward_cost(model, embedding_rows(model), max(options.repeats, 5))
-    click.echo(f"\nForward cost over a {forward_cost.CACHE_TOKENS}-token cache (median ms, each forward alone):")
-    click.echo("\n".join(forward_cost.cost_lines(milliseconds)))
+    echo(f"\nForward cost over a {forward_cost.CACHE_TOKENS}-token cache (median ms, each forward alone):")
+    echo("\n".join(forward_cost.cost_lines(milliseconds)))
     record = {
         "benchmark": "forward-cost",
         "model": model_label(options),
@@ -211,4 +210,4 @@ def run_forward_cost(options: Options, model, env: dict) -> None:
         "ratio_to_one_token": {n: ms / milliseconds[1] for n, ms in milliseconds.items()},
         **env,
     }
-    click.echo(report.json_line(record))
+    echo(report.json_line(record))

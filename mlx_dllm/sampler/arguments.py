@@ -45,8 +45,18 @@ def embedding_rows(model: nn.Module) -> Optional[int]:
     return min(rows) if rows else None
 
 
+def check_text(name: str, text: str) -> str:
+    """Text a tokenizer can take: a lone surrogate (undecodable bytes Python carried over) is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DLLMError(f"{name} is not UTF-8 text (a lone surrogate at character {error.start})") from None
+    return text
+
+
 def _prompt_ids(tokenizer: TokenizerWrapper, prompt) -> List:
     if isinstance(prompt, str):
+        check_text("the prompt", prompt)
         bos = tokenizer.bos_token
         return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
     if isinstance(prompt, mx.array):
@@ -87,4 +97,4 @@ def stop_strings(stop) -> tuple:
         raise DLLMError(f"stop must be a string or a list of strings, got {stop!r}")
     if any(s == "" for s in stops):
         raise DLLMError("stop strings must not be empty")
-    return tuple(stops)
+    return tuple(check_text("a stop string", s) for s in stops)
