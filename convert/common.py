@@ -19,9 +19,9 @@ from mlx_dllm.chat_template import render
 from mlx_dllm.checkpoint_files import (
     LORA_FOLDER,
     TOKENIZER_PATTERNS,
+    fault_message,
     finite_screen,
-    is_nonfinite,
-    nonfinite_message,
+    weight_fault,
     weight_files,
 )
 from mlx_dllm.configs import read_json, write_json
@@ -189,5 +189,6 @@ def check_finite_files(files: List[Path], dtype: Optional[str] = None, root: Opt
         tensors = mx.load(str(file))
         while tensors:
             name, value = tensors.popitem()
-            if mx.issubdtype(value.dtype, mx.floating) and is_nonfinite(value, finite_screen(value)):
-                raise DLLMError(nonfinite_message(name, where) + nonfinite_hint(dtype))
+            fault = weight_fault(value, finite_screen(value)) if mx.issubdtype(value.dtype, mx.floating) else None
+            if fault:
+                raise DLLMError(fault_message(name, where, fault) + nonfinite_hint(dtype))

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from mlx_dllm import loading
-from mlx_dllm.checkpoint_files import check_dtypes, finite_screen, is_nonfinite, nonfinite_message, weight_files
+from mlx_dllm.checkpoint_files import check_dtypes, fault_message, finite_screen, weight_fault, weight_files
 from mlx_dllm.errors import DLLMError
 from mlx_dllm.models.diffusion_gemma import VISION_PREFIXES, Model, ModelArgs
 from mlx_dllm.staging import staged_folder
@@ -142,8 +142,9 @@ def write_shards(
                     mx.eval(converted, screen)
                 except Exception as error:
                     raise DLLMError(f"cannot read {name} from {file.name}: {str(error).splitlines()[0]}") from error
-                if is_nonfinite(cast, screen):
-                    raise DLLMError(nonfinite_message(name, file.name) + nonfinite_hint(dtype))
+                fault = weight_fault(cast, screen)
+                if fault:
+                    raise DLLMError(fault_message(name, file.name, fault) + nonfinite_hint(dtype))
                 index["metadata"]["total_parameters"] += value.size
                 shard.update(converted)
                 del value

@@ -8,7 +8,7 @@ import stat
 import uuid
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -170,8 +170,13 @@ def check_dtypes(tensors: Iterable[Tuple[str, mx.array]], parameters: Dict[str, 
             raise DLLMError(f"tensor {name} in {where} is {dtype_name(value.dtype)}, where the model needs {needed}")
 
 
-def nonfinite_message(name: str, where: str) -> str:
-    return f"tensor {name} in {where} holds NaN or Inf"
+# A weight beyond 2^64 overflows float32 once a norm squares it: activations turn into Inf, or into zeros
+# that decode as token 0 ("w0 w0 w0"). No trained model comes near it.
+MAX_WEIGHT = 2.0**64
+
+
+def fault_message(name: str, where: str, fault: str) -> str:
+    return f"tensor {name} in {where} {fault}"
 
 
 def finite_screen(value: mx.array) -> mx.array:
@@ -179,9 +184,16 @@ def finite_screen(value: mx.array) -> mx.array:
     return mx.sum(value)
 
 
-def is_nonfinite(value: mx.array, screen: mx.array) -> bool:
-    """Exact; the element-wise pass is paid only when the screen fails, since a finite sum can also overflow."""
-    return not math.isfinite(screen.item()) and not mx.isfinite(value).all().item()
+def weight_fault(value: mx.array, screen: mx.array) -> Optional[str]:
+    """What makes a floating tensor unusable, or None. Exact; the element-wise passes are paid only when the screen
+    fails, which a sum past the dtype's range (huge weights, or a float16 table's plain total) also does."""
+    if math.isfinite(screen.item()):
+        return None
+    if not mx.isfinite(value).all().item():
+        return "holds NaN or Inf"
+    if mx.abs(value).max().item() > MAX_WEIGHT:
+        return "holds values beyond 2^64, whose squares overflow float32"
+    return None
 
 
 def evaluate_finite(model: nn.Module, path: Path) -> None:
@@ -190,5 +202,6 @@ def evaluate_finite(model: nn.Module, path: Path) -> None:
     screens = [finite_screen(value) for _, value in floating]
     mx.eval(model.parameters(), screens)
     for (name, value), screen in zip(floating, screens):
-        if is_nonfinite(value, screen):
-            raise DLLMError(nonfinite_message(name, str(path)))
+        fault = weight_fault(value, screen)
+        if fault:
+            raise DLLMError(fault_message(name, str(path), fault))

@@ -190,3 +190,21 @@ def test_api_text_that_is_not_utf8_is_one_line(tiny_folders):
         next(mlx_dllm.stream_generate(model, tokenizer, "w5 \udcff", 2))
     with pytest.raises(DLLMError, match="a stop string is not UTF-8 text"):
         next(mlx_dllm.stream_generate(model, tokenizer, "w5 w6", 2, stop=["\udcfe"]))
+
+
+def test_weights_whose_squares_overflow_are_refused_at_load_by_name(tiny_folders, tmp_path):
+    # Before: every weight at 3e38 loaded, and its norms turned the overflow into zeros: "w0 w0 w0 w0", exit 0.
+    source = tiny_folders["dflash"][0]
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    for file in source.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    weights = mx.load(str(folder / "model.safetensors"))
+    weights["model.embed_tokens.weight"] = mx.full(weights["model.embed_tokens.weight"].shape, 3e38)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    with pytest.raises(DLLMError, match="tensor model.embed_tokens.weight in .* holds values beyond 2\\^64"):
+        mlx_dllm.load(str(folder))
+    # A float16 tensor whose plain sum overflows (the screen fails) but whose values are sound still loads.
+    weights["model.embed_tokens.weight"] = mx.full(weights["model.embed_tokens.weight"].shape, 2000.0)
+    mx.save_safetensors(str(folder / "model.safetensors"), {k: v.astype(mx.float16) for k, v in weights.items()})
+    assert mlx_dllm.load(str(folder))[0] is not None
