@@ -6,11 +6,12 @@ array (or MLX's "causal" string, or None), for `mx.fast.scaled_dot_product_atten
 """
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Tuple, Union
 
 import mlx.core as mx
 
-BIDIRECTIONAL, CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL_WINDOW, QUADRATIC = range(5)
+BIDIRECTIONAL, CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL_WINDOW, QUADRATIC, TREE = range(6)
+KERNEL_KINDS = (BIDIRECTIONAL, CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL_WINDOW, QUADRATIC)  # the Metal kernel's
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,18 @@ class Pattern:
       bidirectional: |distance| <= window.
     - quadratic(prefix, rows): `prefix` cache keys seen by all, then a layout of `rows` rows of rows + 1 tokens
       [d_i, masks]: d tokens see d_0..d_row, masks see d_0..d_row and their whole row.
+    - tree(prefix, parents): `prefix` cache keys seen by all, then block rows that see their ancestors and
+      themselves (`parents[k]` < k is row k's parent, -1 for a root).
     """
 
     kind: int
     a: int = 0
     b: int = 0
     c: int = 0
+    parents: Tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.kind not in range(5):
+        if self.kind not in range(6):
             raise ValueError(f"unknown attention pattern kind {self.kind}")
 
 
@@ -55,6 +59,22 @@ def quadratic(prefix: int, rows: int) -> Pattern:
     return Pattern(QUADRATIC, a=prefix, c=rows)
 
 
+def tree(prefix: int, parents: Sequence[int]) -> Pattern:
+    if any(not -1 <= parent < row for row, parent in enumerate(parents)):
+        raise ValueError("a tree row's parent must be an earlier row (or -1 for a root)")
+    return Pattern(TREE, a=prefix, parents=tuple(parents))
+
+
+def ancestors(parents: Sequence[int]) -> mx.array:
+    """Boolean [N, N]: row k sees row j iff j is k or one of its ancestors."""
+    rows = []
+    for row, parent in enumerate(parents):
+        seen = list(rows[parent]) if parent >= 0 else [False] * len(parents)
+        seen[row] = True
+        rows.append(seen)
+    return mx.array(rows, dtype=mx.bool_).reshape(len(parents), len(parents))
+
+
 def visible(pattern: Pattern, Tq: int, Tk: int) -> mx.array:
     """Boolean [Tq, Tk]: the rule the kernel applies, as an array."""
     i, j = mx.arange(Tq)[:, None], mx.arange(Tk)[None, :]
@@ -66,6 +86,10 @@ def visible(pattern: Pattern, Tq: int, Tk: int) -> mx.array:
     if kind in (CAUSAL_WINDOW, BIDIRECTIONAL_WINDOW):
         distance = (a + i) - (c + j)
         return (distance >= 0) & (distance < b) if kind == CAUSAL_WINDOW else mx.abs(distance) <= b
+    if kind == TREE:
+        if Tq != len(pattern.parents) or Tk != a + Tq:
+            raise ValueError(f"a tree of {len(pattern.parents)} rows after {a} keys is not a [{Tq}, {Tk}] attention")
+        return mx.concatenate([mx.ones((Tq, a), dtype=mx.bool_), ancestors(pattern.parents)], axis=1)
     width, layout_key = c + 1, j - a
     same_row = layout_key // width == i // width
     sees_drafts = (layout_key % width == 0) & (layout_key // width <= i // width)

@@ -48,7 +48,7 @@ def mlx_vector_path(call: Call) -> bool:
 def route(call: Call) -> str:
     if call.backend != "metal" or call.head_dim not in HEAD_DIMS or call.dtype not in DTYPES:
         return SDPA
-    if call.queries > MAX_KERNEL_QUERIES:
+    if call.queries > MAX_KERNEL_QUERIES or call.pattern.kind not in patterns.KERNEL_KINDS:
         return SDPA
     mlx_mask = patterns.mask(call.pattern, call.queries, call.keys)
     if mlx_mask is None or isinstance(mlx_mask, str):

@@ -1,0 +1,131 @@
+"""Draft trees (issue 23, first step): best-first growth from per-depth distributions, the path the target follows,
+and the tree as an attention pattern, against brute force."""
+
+import itertools
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_dllm import DLLMError
+from mlx_dllm.kernels import attention, patterns, routing
+from mlx_dllm.sampler.tree import DraftTree, follow, grow_tree
+
+# Three depths, three candidates each, most probable first.
+TOKENS = [[10, 11, 12], [20, 21, 22], [30, 31, 32]]
+PROBS = [[0.6, 0.3, 0.1], [0.9, 0.05, 0.05], [0.5, 0.4, 0.1]]
+LOG_PROBS = [[math.log(p) for p in row] for row in PROBS]
+
+
+def brute_force_tree(budget):
+    """Every prefix (a choice of rank per depth, for the first d depths), scored; the `budget` best."""
+    prefixes = []
+    for depth in range(1, len(TOKENS) + 1):
+        for ranks in itertools.product(range(3), repeat=depth):
+            score = sum(LOG_PROBS[d][r] for d, r in enumerate(ranks))
+            prefixes.append((score, tuple(TOKENS[d][r] for d, r in enumerate(ranks))))
+    return sorted(prefixes, key=lambda item: -item[0])[:budget]
+
+
+def paths(tree: DraftTree):
+    """Each node's token path from the anchor (exclusive)."""
+    found = []
+    for row in range(1, len(tree)):
+        path, node = [], row
+        while node > 0:
+            path.append(tree.tokens[node])
+            node = tree.parents[node]
+        found.append(tuple(reversed(path)))
+    return found
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2, 5, 8, 13, 39, 100])
+def test_the_tree_holds_the_best_prefixes_best_first_and_parents_first(budget):
+    tree = grow_tree(7, TOKENS, LOG_PROBS, budget)
+    assert tree.tokens[0] == 7 and tree.parents[0] == -1 and tree.depths[0] == 0
+    expected = brute_force_tree(budget)
+    assert len(tree) - 1 == len(expected) == min(budget, 39)  # 3 + 9 + 27 prefixes in all
+    assert sorted(paths(tree)) == sorted(path for _, path in expected)
+    scores = [sum(LOG_PROBS[d][TOKENS[d].index(t)] for d, t in enumerate(p)) for p in paths(tree)]
+    assert scores == sorted(scores, reverse=True)  # popped best first
+    assert all(0 <= tree.parents[row] < row for row in range(1, len(tree)))
+    assert all(tree.depths[row] == tree.depths[tree.parents[row]] + 1 for row in range(1, len(tree)))
+
+
+def test_a_budget_of_the_block_is_the_chain_when_the_drafter_is_sure():
+    sure = [[math.log(0.99), math.log(0.01)]] * 3
+    tree = grow_tree(1, [[5, 6], [7, 8], [9, 4]], sure, 3)
+    assert tree == DraftTree((1, 5, 7, 9), (-1, 0, 1, 2), (0, 1, 2, 3))
+
+
+def test_bad_growth_input_is_one_line():
+    with pytest.raises(DLLMError, match="budget must be at least 0"):
+        grow_tree(1, TOKENS, LOG_PROBS, -1)
+    with pytest.raises(DLLMError, match="same shape"):
+        grow_tree(1, TOKENS, LOG_PROBS[:2], 4)
+
+
+def test_the_target_follows_the_longest_matching_path_and_adds_its_bonus():
+    tree = grow_tree(7, TOKENS, LOG_PROBS, 8)
+    row = {path: k + 1 for k, path in enumerate(paths(tree))}
+    choices = [99] * len(tree)
+    assert follow(tree, choices) == ([], 99)  # the first draft rejected: the bonus is the target's own token
+    choices[0], choices[row[(11,)]] = 11, 20  # the second-ranked first token, then the top second one
+    choices[row[(11, 20)]] = 77
+    assert follow(tree, choices) == ([row[(11,)], row[(11, 20)]], 77)
+    choices[0], choices[row[(10,)]], choices[row[(10, 20)]], choices[row[(10, 20, 30)]] = 10, 20, 30, 5
+    assert follow(tree, choices) == ([row[(10,)], row[(10, 20)], row[(10, 20, 30)]], 5)
+
+
+def brute_force_visible(prefix, parents):
+    n = len(parents)
+    seen = np.zeros((n, prefix + n), dtype=bool)
+    seen[:, :prefix] = True
+    for row in range(n):
+        node = row
+        while node >= 0:
+            seen[row, prefix + node] = True
+            node = parents[node]
+    return seen
+
+
+@pytest.mark.parametrize("prefix", [0, 5])
+def test_the_tree_pattern_sees_the_prefix_the_ancestors_and_itself(prefix):
+    tree = grow_tree(7, TOKENS, LOG_PROBS, 13)
+    pattern = patterns.tree(prefix, tree.parents)
+    n = len(tree)
+    expected = brute_force_visible(prefix, tree.parents)
+    np.testing.assert_array_equal(np.array(patterns.visible(pattern, n, prefix + n)), expected)
+    np.testing.assert_array_equal(np.array(patterns.mask(pattern, n, prefix + n)), expected)
+
+
+def test_tree_attention_equals_each_path_attended_alone():
+    """Every row of one tree forward equals the causal attention over its own path: what the verify relies on."""
+    tree = grow_tree(7, TOKENS, LOG_PROBS, 9)
+    prefix, n, dim = 4, len(tree), 8
+    rng = np.random.default_rng(0)
+    q, k, v = (
+        mx.array(rng.standard_normal((1, 2, length, dim)).astype(np.float32)) for length in (n, prefix + n, prefix + n)
+    )
+    out = attention(q, k, v, dim**-0.5, patterns.tree(prefix, tree.parents))
+    for row in range(n):
+        lineage, node = [], row
+        while node >= 0:
+            lineage.insert(0, node)
+            node = tree.parents[node]
+        keys = list(range(prefix)) + [prefix + node for node in lineage]
+        alone = mx.fast.scaled_dot_product_attention(
+            q[:, :, row : row + 1], k[:, :, keys], v[:, :, keys], scale=dim**-0.5
+        )
+        np.testing.assert_allclose(np.array(out[:, :, row]), np.array(alone[:, :, 0]), atol=1e-5)
+
+
+def test_trees_stay_off_the_metal_kernel_until_it_computes_them():
+    call = routing.Call("metal", 16, 64, 128, 1, mx.float16, patterns.tree(48, [-1] + list(range(15))))
+    assert routing.route(call) == routing.SDPA
+
+
+def test_a_tree_refuses_a_parent_after_its_child():
+    with pytest.raises(ValueError, match="earlier row"):
+        patterns.tree(3, [-1, 2, 0])
