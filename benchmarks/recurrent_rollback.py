@@ -76,7 +76,7 @@ def measure(model, block: int, context: int, trials: int):
     target = Target(model, [0])
     cache = target.make_cache()
     ids = mx.random.randint(2, VOCAB - 1, (1, context + block), key=mx.random.key(1))
-    mx.eval(target(ids[:, :context], cache), [c.state for c in cache])
+    mx.eval(target(ids[:, :context], cache)[0], [c.state for c in cache])
     recurrent = [r for r in cache.rollbacks if isinstance(r, RecurrentRollback)]
     prefix = [list(r.cache.cache) for r in recurrent]
 
@@ -90,7 +90,7 @@ def measure(model, block: int, context: int, trials: int):
     def verify():
         cache.mark()
         start = time.perf_counter()
-        mx.eval(target(ids[:, context:], cache))
+        mx.eval(target(ids[:, context:], cache)[0])
         return 1e3 * (time.perf_counter() - start)
 
     verify_ms, keep_ms, recorded = [], {1: [], block // 2: []}, 0.0

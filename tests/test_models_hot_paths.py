@@ -191,8 +191,8 @@ def test_last_layer_feature_is_the_final_normed_hidden_state(hf_checkpoints, mlx
     expected = torch.cat([hidden[i + 1] for i in harness.LAST_LAYER_IDS], dim=-1).detach().numpy()
     model, _ = load(str(mlx_checkpoints[name]["target"]))
     target = Target(model, harness.LAST_LAYER_IDS)
-    target(mx.array([ids]), target.make_cache())
-    np.testing.assert_allclose(np.array(target.features()), expected, atol=1e-4, rtol=0)
+    _, features = target(mx.array([ids]), target.make_cache())
+    np.testing.assert_allclose(np.array(features), expected, atol=1e-4, rtol=0)
 
 
 def _record_transformers_drafts(monkeypatch):

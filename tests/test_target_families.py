@@ -100,8 +100,7 @@ def test_captured_features_are_layer_outputs(family):
     model = make_target(family)
     target = Target(model, [2, 0])
     ids = mx.array([[3, 9, 27, 81]])
-    target(ids, target.make_cache())
-    features = target.features()
+    _, features = target(ids, target.make_cache())
     # An independent probe: record every layer's output on a second run.
     outputs = {}
     for index, layer in enumerate(model.layers):

@@ -10,7 +10,9 @@ import pytest
 
 from mlx_dllm import DLLMError
 from mlx_dllm.kernels import attention, patterns, routing
+from mlx_dllm.models.target import Target
 from mlx_dllm.sampler.tree import DraftTree, follow, grow_tree
+from tests.test_target_families import LAYERS, VOCAB, make_target
 
 # Three depths, three candidates each, most probable first.
 TOKENS = [[10, 11, 12], [20, 21, 22], [30, 31, 32]]
@@ -129,3 +131,51 @@ def test_trees_stay_off_the_metal_kernel_until_it_computes_them():
 def test_a_tree_refuses_a_parent_after_its_child():
     with pytest.raises(ValueError, match="earlier row"):
         patterns.tree(3, [-1, 2, 0])
+
+
+def lineage(tree: DraftTree, row: int):
+    rows = []
+    while row >= 0:
+        rows.insert(0, row)
+        row = tree.parents[row]
+    return rows
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_a_tree_verify_equals_each_path_run_causally_and_keeps_exactly_the_accepted_path(family):
+    """One forward over [anchor, nodes] at per-node positions under the tree pattern: every row's logits and
+    features are those of a causal run over its own path; keeping a path leaves the cache a fresh prefill's."""
+    model = make_target(family)
+    target = Target(model, [0, LAYERS - 1])
+    prompt = [5, 17, 42, 9, 3]
+    tokens = [[t % VOCAB for t in row] for row in TOKENS]
+    tree = grow_tree(11, tokens, LOG_PROBS, 9)
+    cache = target.make_cache()
+    target(mx.array([prompt]), cache)
+    cache.mark()
+    positions = mx.array([len(prompt) + depth for depth in tree.depths])
+    logits, features = target(mx.array([list(tree.tokens)]), cache, patterns.tree(len(prompt), tree.parents), positions)
+    for row in range(len(tree)):
+        text = prompt + [tree.tokens[k] for k in lineage(tree, row)]
+        expected_logits, expected_features = target(mx.array([text]), target.make_cache())
+        np.testing.assert_allclose(np.array(logits[0, row]), np.array(expected_logits[0, -1]), atol=1e-4)
+        np.testing.assert_allclose(np.array(features[0, row]), np.array(expected_features[0, -1]), atol=1e-4)
+    path = lineage(tree, len(tree) - 1)  # the anchor and a deepest node's ancestors
+    cache.keep(path)
+    fresh = target.make_cache()
+    target(mx.array([prompt + [tree.tokens[k] for k in path]]), fresh)
+    for ours, expected in zip(cache, fresh):
+        assert ours.offset == expected.offset
+        for name in ("keys", "values"):  # the buffers' rows in use
+            used = slice(0, ours.offset)
+            ours_rows, expected_rows = getattr(ours, name)[..., used, :], getattr(expected, name)[..., used, :]
+            np.testing.assert_allclose(np.array(ours_rows), np.array(expected_rows), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])  # both with sliding-window layers here
+def test_a_tree_verify_is_refused_in_one_line_where_caches_are_not_plain_kv(family):
+    target = Target(make_target(family), [0])
+    cache = target.make_cache()
+    target(mx.array([[5, 17, 42]]), cache)
+    with pytest.raises(DLLMError, match="a tree verify needs plain K/V caches; this target has WindowKVCache layers"):
+        target(mx.array([[1, 2]]), cache, patterns.tree(3, [-1, 0]), mx.array([3, 4]))

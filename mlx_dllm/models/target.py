@@ -2,12 +2,14 @@
 
 import threading
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
+from ..kernels.patterns import Pattern
+from .positioned import positioned
 from .rollback import SpeculativeCache, speculative_cache
 
 
@@ -106,7 +108,6 @@ class Target:
         if self.num_layers - 1 in self.capture_layer_ids and self._final_norm is None:
             raise DLLMError(f"target '{self.family}' has no final norm for its last layer's features")
         self.make_cache()  # fail early on caches that cannot roll back
-        self._features = None
 
     @property
     def final_norm(self) -> Optional[nn.Module]:
@@ -141,18 +142,22 @@ class Target:
             return self._lm_head(hidden)
         return self.embed_tokens.as_linear(hidden)
 
-    def __call__(self, ids: mx.array, cache: List) -> mx.array:
-        """Logits for `ids` [1, N]; the captured features are then available from `features()`. A marked
-        `SpeculativeCache` records, during this forward, what its recurrent layers need to roll back."""
+    def __call__(
+        self, ids: mx.array, cache: List, pattern: Optional[Pattern] = None, positions: Optional[mx.array] = None
+    ) -> Tuple[mx.array, Optional[mx.array]]:
+        """(logits, features) for `ids` [1, N]: the features concatenate the captured layers' outputs (None
+        without any). With a `pattern` and `positions` (a tree verify), row k sits at positions[k] and sees what
+        the pattern says. A marked `SpeculativeCache` records what its recurrent layers need to roll back."""
         outputs = {}
         recording = cache.recording() if isinstance(cache, SpeculativeCache) else nullcontext()
-        with recording_layers(self._running_layers, set(self.capture_layer_ids), outputs), recording:
+        placed = positioned(self.model, cache, pattern, positions) if pattern is not None else nullcontext()
+        # Placed first: it finds the attention modules before the layers are wrapped for capture.
+        with placed, recording_layers(self._running_layers, set(self.capture_layer_ids), outputs), recording:
             logits = self.model(ids, cache=cache)
         unseen = [i for i in self.capture_layer_ids if i not in outputs]
         if unseen:
             raise DLLMError(f"target '{self.family}' did not run layer {unseen[0]} from its `layers` list")
-        self._features = self._concatenate_features(outputs)
-        return logits
+        return logits, self._concatenate_features(outputs)
 
     def _concatenate_features(self, outputs: Dict[int, mx.array]) -> Optional[mx.array]:
         if not self.capture_layer_ids:
@@ -161,10 +166,6 @@ class Target:
         if last in outputs:
             outputs[last] = self._final_norm(outputs[last])
         return mx.concatenate([outputs[i] for i in self.capture_layer_ids], axis=-1)
-
-    def features(self) -> mx.array:
-        """[1, N, K*H]: captured layer outputs of the last call, in `capture_layer_ids` order."""
-        return self._features
 
     def make_cache(self) -> SpeculativeCache:
         """A prompt cache whose every layer can roll back a rejected block (`mark` before a verify, `keep` after)."""

@@ -121,7 +121,7 @@ def _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_
     draft_cache = draft_model.make_cache()
 
     def target_forward(ids: mx.array):
-        return target(ids[None], cache), target.features()
+        return target(ids[None], cache)
 
     kept, (logits, last_features) = prefill_chunks(
         target_forward, prompt, prefill_step_size, cache, keep=lambda output: output[1]

@@ -32,8 +32,7 @@ class TargetFeatures:
                 return mx.load(str(file))["features"]
             except (OSError, ValueError, RuntimeError, KeyError):
                 pass  # unreadable (a foreign file): recompute and replace it
-        self.target(mx.array(ids, dtype=mx.int32)[None], self.target.make_cache())
-        features = self.target.features()
+        _, features = self.target(mx.array(ids, dtype=mx.int32)[None], self.target.make_cache())
         mx.eval(features)
         if file is not None:
             partial = file.with_name(f".{file.stem}.partial.safetensors")
