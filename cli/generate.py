@@ -116,7 +116,8 @@ def mode_options(command):
             flag = click.option(option.cli_flag, option.name, flag_value=False, default=None,
                                 help=f"{where}: turn off: {option.help}.")
         else:
-            flag = click.option(option.cli_flag, type=option.kind, default=None, help=f"{where}: {option.help}.")
+            kind = click.Choice(option.choices) if option.kind is str else option.kind
+            flag = click.option(option.cli_flag, type=kind, default=None, help=f"{where}: {option.help}.")
         command = flag(command)
     return command
 

@@ -28,6 +28,13 @@ class PositionedRoPE:
         return self.rope(x.transpose(2, 1, 0, 3), offset=self.positions).transpose(2, 1, 0, 3)
 
 
+def check_plain_kv(cache: List) -> None:
+    """Trees need K/V caches whose rows can be gathered; sliding windows and recurrent states are not (yet)."""
+    kinds = sorted({type(layer).__name__ for layer in cache if type(layer) is not KVCache})
+    if kinds:
+        raise DLLMError(f"a tree verify needs plain K/V caches; this target has {', '.join(kinds)} layers")
+
+
 def attention_modules(model: nn.Module) -> List[nn.Module]:
     return [module for _, module in model.named_modules() if isinstance(module.get("rope"), nn.Module)]
 
@@ -36,9 +43,7 @@ def attention_modules(model: nn.Module) -> List[nn.Module]:
 def positioned(model: nn.Module, cache: List, pattern: Pattern, positions: mx.array) -> Iterator[None]:
     """Run the next forward of `model` over len(positions) rows at `positions`, each row seeing what `pattern`
     says among the cache's rows and the block's."""
-    kinds = sorted({type(layer).__name__ for layer in cache if type(layer) is not KVCache})
-    if kinds:
-        raise DLLMError(f"a tree verify needs plain K/V caches; this target has {', '.join(kinds)} layers")
+    check_plain_kv(cache)
     attentions = attention_modules(model)
     if not attentions:
         raise DLLMError("a tree verify needs the target's attention layers to hold their `rope`; these do not")

@@ -14,12 +14,22 @@ from mlx.utils import tree_flatten
 from ..errors import DLLMError
 from ..models.drafter import Drafter, is_drafter
 from ..models.dtypes import compute_dtype
+from ..kernels import patterns
+from ..models.positioned import check_plain_kv
 from ..models.target import Target
 from .arguments import whole_number
 from .common import Stats, TokenSelector, prefill_chunks
 from .mode import Mode, Option
+from .tree import follow, grow_tree
 
 BLOCK_SIZE = Option("block_size", int, "draft block size (default: the drafter's)", minimum=2, label="block size")
+SPECULATION = Option(
+    "speculation",
+    str,
+    "verify the drafter's best chain or a tree of its top tokens (DDTree)",
+    choices=("chain", "tree"),
+)
+TREE_BUDGET = Option("tree_budget", int, "draft tree nodes (default: the block size - 1)", minimum=1)
 
 
 def block_size_option(block_size, num_draft_tokens) -> Optional[int]:
@@ -76,21 +86,41 @@ class DraftHead:
             self.ids = mx.array(vocab, dtype=mx.int32)
             self.weight, self.bias = target.head_rows(vocab)
 
-    def __call__(self, hidden: mx.array) -> mx.array:
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The drafter's logits over its vocabulary (the target's, or the `draft_vocab` rows)."""
         if self.ids is None:
-            return mx.argmax(self.draft.logits(self.target.lm_head(hidden)), axis=-1)
+            return self.draft.logits(self.target.lm_head(hidden))
         logits = hidden @ self.weight.T
-        logits = logits if self.bias is None else logits + self.bias
-        return self.ids[mx.argmax(self.draft.logits(logits), axis=-1)]
+        return self.draft.logits(logits if self.bias is None else logits + self.bias)
+
+    def token_ids(self, indices: mx.array) -> mx.array:
+        return indices if self.ids is None else self.ids[indices]
+
+    def __call__(self, hidden: mx.array) -> mx.array:
+        return self.token_ids(mx.argmax(self.logits(hidden), axis=-1))
+
+    def top(self, hidden: mx.array, width: int):
+        """(token ids, log-probabilities), [positions, width] each, most probable first."""
+        logits = self.logits(hidden).astype(mx.float32)
+        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        width = min(width, log_probs.shape[-1])
+        best = mx.argpartition(-log_probs, kth=width - 1, axis=-1)[..., :width]  # no sort of the whole vocabulary
+        chosen = mx.take_along_axis(log_probs, best, axis=-1)
+        order = mx.argsort(-chosen, axis=-1)
+        return self.token_ids(mx.take_along_axis(best, order, axis=-1)), mx.take_along_axis(chosen, order, axis=-1)
+
+
+def draft_hidden(draft: Drafter, target: Target, anchor: int, features: mx.array, draft_cache, size: int):
+    """One drafter forward over `[anchor, mask x (size-1)]`: its hidden states for positions 1..size-1."""
+    block = mx.array([[anchor] + [draft.mask_token_id] * (size - 1)])
+    return draft(target.embed(block), features, draft_cache, start=1)[0]
 
 
 def propose_block(
     draft: Drafter, target: Target, anchor: int, features: mx.array, draft_cache, size: int, head: DraftHead
 ) -> mx.array:
-    """One drafter forward over `[anchor, mask x (size-1)]`: the proposals for positions 1..size-1."""
-    block = mx.array([[anchor] + [draft.mask_token_id] * (size - 1)])
-    hidden = draft(target.embed(block), features, draft_cache, start=1)
-    return head(hidden)[0]
+    """The chain's proposals for positions 1..size-1: the drafter's most probable token at each."""
+    return head(draft_hidden(draft, target, anchor, features, draft_cache, size))
 
 
 def generate_dflash(
@@ -106,25 +136,75 @@ def generate_dflash(
     **_,
 ) -> Iterator[List[int]]:
     """Yield the tokens committed by each round (the first yield is the prefill's token)."""
+    options = options or {}
     target = bind_target(draft_model, model)  # first: it checks that the drafter is one
     trained = draft_model.block_size
-    block_size = (options or {}).get("block_size") or trained
+    block_size = options.get("block_size") or trained
     if not 2 <= block_size <= trained:
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
     head = DraftHead(draft_model, target)
-    yield from _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_size, prefill_step_size)
+    budget = options.get("tree_budget")
+    if options.get("speculation", "tree" if budget else "chain") == "chain":
+        if budget is not None:
+            raise DLLMError("tree_budget applies to speculation='tree', not to a chain")
+        verify = ChainVerify(draft_model, target, head, select)
+    else:
+        verify = TreeVerify(draft_model, target, head, select, budget or block_size - 1)
+    yield from _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size)
 
 
-def _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_size, prefill_step_size):
+class ChainVerify:
+    """The drafter's most probable token at each position, verified as one causal block."""
+
+    def __init__(self, draft: Drafter, target: Target, head: DraftHead, select: TokenSelector):
+        self.draft, self.target, self.head, self.select = draft, target, head, select
+
+    def propose(self, anchor: int, features: mx.array, draft_cache, size: int) -> mx.array:
+        return propose_block(self.draft, self.target, anchor, features, draft_cache, size, self.head)
+
+    def __call__(self, anchor: int, proposal: mx.array, cache, position: int):
+        """(committed tokens, what the caches keep, the features of the kept block rows)."""
+        logits, features = self.target(mx.concatenate([mx.array([anchor]), proposal.astype(mx.int32)])[None], cache)
+        target_tokens = self.select(logits[0], drafts=proposal)
+        mx.eval(target_tokens, proposal)
+        draft_tokens, target_tokens = proposal.tolist(), target_tokens.tolist()
+        accepted = _accepted_prefix(draft_tokens, target_tokens)
+        return draft_tokens[:accepted] + [target_tokens[accepted]], accepted + 1, features[:, : accepted + 1]
+
+
+class TreeVerify:
+    """A draft tree of `budget` nodes from the drafter's top tokens per position (DDTree), verified in one forward
+    whose rows see their ancestors, at position anchor + depth. The target chooses its own token after every row,
+    as it would after that row's path; walking its choices down the tree commits exactly what AR would (greedy or
+    sampled: each committed token is the target's own draw given the tokens before it)."""
+
+    def __init__(self, draft: Drafter, target: Target, head: DraftHead, select: TokenSelector, budget: int):
+        if select.processors:
+            raise DLLMError("logits_processors do not apply to a tree verify yet: use speculation='chain'")
+        check_plain_kv(target.make_cache())
+        self.draft, self.target, self.head, self.select, self.budget = draft, target, head, select, budget
+
+    def propose(self, anchor: int, features: mx.array, draft_cache, size: int):
+        hidden = draft_hidden(self.draft, self.target, anchor, features, draft_cache, size)
+        return self.head.top(hidden, self.budget)
+
+    def __call__(self, anchor: int, proposal, cache, position: int):
+        tokens, log_probs = (part.tolist() for part in proposal)  # the round's host sync before the verify
+        tree = grow_tree(anchor, tokens, log_probs, self.budget)
+        positions = mx.array([position + depth for depth in tree.depths])
+        pattern = patterns.tree(position, tree.parents)
+        logits, features = self.target(mx.array([list(tree.tokens)]), cache, pattern, positions)
+        path, bonus = follow(tree, self.select(logits[0]).tolist())
+        rows = [0] + path
+        return [tree.tokens[row] for row in path] + [bonus], rows, features[:, mx.array(rows)]
+
+
+def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size):
     """Prefill, then draft -> verify -> accept -> roll back, one round per yield."""
     cache = target.make_cache()
     draft_cache = draft_model.make_cache()
-
-    def target_forward(ids: mx.array):
-        return target(ids[None], cache)
-
     kept, (logits, last_features) = prefill_chunks(
-        target_forward, prompt, prefill_step_size, cache, keep=lambda output: output[1]
+        lambda ids: target(ids[None], cache), prompt, prefill_step_size, cache, keep=lambda output: output[1]
     )
     features = mx.concatenate(kept + [last_features], axis=1)  # the drafter reads every prompt row
     anchor = int(select(logits[:, -1]).item())
@@ -133,11 +213,13 @@ def _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_
     stats.forwards, stats.prefill_forwards, stats.prefill_tokens = 1, 1, 1
     generated, produced = [anchor], 1
 
-    def draft(anchor: int, features: mx.array, size: int) -> mx.array:
-        return propose_block(draft_model, target, anchor, features, draft_cache, size, head)
+    def draft(anchor: int, features: mx.array):
+        size = min(block_size, max_tokens - produced + 1)
+        if size < 2:
+            return None
+        return verify.propose(anchor, features, draft_cache, size)
 
-    size = min(block_size, max_tokens - produced + 1)
-    proposal = draft(anchor, features, size) if size >= 2 else None
+    proposal = draft(anchor, features)
     while True:
         if proposal is not None:
             mx.async_eval(proposal)  # the drafter runs while the front streams the last tokens
@@ -146,22 +228,17 @@ def _decode(target, draft_model, head, prompt, select, stats, max_tokens, block_
             return
         stats.draft_forwards += 1
         cache.mark()
-        logits, features = target_forward(mx.concatenate([mx.array([anchor]), proposal.astype(mx.int32)]))
-        target_tokens = select(logits[0], drafts=proposal)
-        mx.eval(target_tokens, proposal)
+        # The cache holds the prompt and every committed token but the anchor, which sits next.
+        committed, kept, features = verify(anchor, proposal, cache, prompt.shape[0] + produced - 1)
         stats.forwards += 1
-        draft_tokens, target_tokens = proposal.tolist(), target_tokens.tolist()
-        accepted = _accepted_prefix(draft_tokens, target_tokens)
         # A last round may verify one token past max_tokens: that token is neither emitted nor counted.
-        generated = (draft_tokens[:accepted] + [target_tokens[accepted]])[: max_tokens - produced]
+        generated = committed[: max_tokens - produced]
         select.commit(generated)
         stats.accept_lengths.append(len(generated))
-        cache.keep(accepted + 1)
-        features = features[:, : accepted + 1]
+        cache.keep(kept)
         anchor = generated[-1]
         produced += len(generated)
-        size = min(block_size, max_tokens - produced + 1)
-        proposal = draft(anchor, features, size) if size >= 2 else None
+        proposal = draft(anchor, features)
 
 
 MODE = Mode(
@@ -171,7 +248,7 @@ MODE = Mode(
     samples=True,
     honours_sampler=True,  # the target's verify logits choose every token
     step_forwards=lambda model, draft, block: [(model, block), (draft, block)],  # one verify, one draft
-    options=(BLOCK_SIZE,),
+    options=(BLOCK_SIZE, SPECULATION, TREE_BUDGET),
     drafter=True,
     reports=("acceptance_length",),
 )

@@ -23,7 +23,7 @@ class Option:
     """A keyword a mode takes beyond the common ones; its type and range are checked here, once."""
 
     name: str
-    kind: type  # int, float or bool (a CLI flag and a server field); callable or object: the Python API only
+    kind: type  # int, float, bool or str (a CLI flag and a server field); callable or object: the API only
     help: str
     minimum: Optional[float] = None
     maximum: Optional[float] = None
@@ -32,11 +32,12 @@ class Option:
     public: bool = True  # False: Python callers only (hooks, and values the front derives itself)
     flag: Optional[str] = None  # the CLI flag that sets it, where not derived from its name
     nullable: bool = False  # None is a value of its own (else None means: the default)
+    choices: Tuple[str, ...] = ()  # a str option's values
 
     @property
     def served(self) -> bool:
         """Whether the CLI and the server take it: a public plain value."""
-        return self.public and self.kind in (int, float, bool)
+        return self.public and self.kind in (int, float, bool, str)
 
     @property
     def cli_flag(self) -> str:
@@ -50,6 +51,10 @@ class Option:
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise DLLMError(f"{label} must be true or false, got {value!r}")
+            return value
+        if self.kind is str:
+            if value not in self.choices:
+                raise DLLMError(f"{label} must be one of {', '.join(self.choices)}, got {value!r}")
             return value
         if self.kind is callable:
             if not callable(value):
