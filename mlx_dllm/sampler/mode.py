@@ -110,12 +110,11 @@ class Mode:
 
 def _whose(name: str) -> str:
     """Where an option another mode takes belongs, for the message that refuses it."""
-    takers = [mode for mode in all_modes() if any(option.name == name for option in mode.options)]
-    if not takers:
+    option = next((o for mode in all_modes() for o in mode.options if o.name == name), None)
+    if option is None:
         return ""
-    option = next(option for option in takers[0].options if option.name == name)
     called = f"{name}, {option.cli_flag}," if option.public or option.flag else name
-    return f" ({called} is for {' and '.join(dict.fromkeys(mode.name for mode in takers))})"
+    return f" ({called} is for {' and '.join(takers(option))})"
 
 
 def declaration(file: str) -> Mode:
@@ -148,5 +147,5 @@ def served_options() -> List[Option]:
 
 
 def takers(option: Option) -> List[str]:
-    """The names of the modes that take `option`, for help texts."""
+    """The names of the modes that take `option`, for help texts and messages."""
     return list(dict.fromkeys(m.name for m in all_modes() if any(o.name == option.name for o in m.options)))
