@@ -80,24 +80,30 @@ def test_the_target_follows_the_longest_matching_path_and_adds_its_bonus():
     assert follow(tree, choices) == ([row[(10,)], row[(10, 20)], row[(10, 20, 30)]], 5)
 
 
-def brute_force_visible(prefix, parents):
+def brute_force_visible(prefix, parents, window=0):
+    """By positions: the anchor at `prefix`, a node at its parent's + 1, prefix key j at j."""
     n = len(parents)
+    position = []
+    for parent in parents:
+        position.append(prefix if parent < 0 else position[parent] + 1)
     seen = np.zeros((n, prefix + n), dtype=bool)
-    seen[:, :prefix] = True
     for row in range(n):
+        for key in range(prefix):
+            seen[row, key] = not window or position[row] - key < window
         node = row
         while node >= 0:
-            seen[row, prefix + node] = True
+            seen[row, prefix + node] = not window or position[row] - position[node] < window
             node = parents[node]
     return seen
 
 
-@pytest.mark.parametrize("prefix", [0, 5])
-def test_the_tree_pattern_sees_the_prefix_the_ancestors_and_itself(prefix):
+@pytest.mark.parametrize("prefix, window", [(0, 0), (5, 0), (5, 1), (5, 2), (5, 4), (9, 3), (0, 2)])
+def test_the_tree_pattern_sees_the_prefix_the_ancestors_and_itself(prefix, window):
     tree = grow_tree(7, TOKENS, LOG_PROBS, 13)
-    pattern = patterns.tree(prefix, tree.parents)
+    pattern = patterns.tree(prefix, tree.parents, window)
     n = len(tree)
-    expected = brute_force_visible(prefix, tree.parents)
+    expected = brute_force_visible(prefix, tree.parents, window)
+    assert window == 0 or not expected.all()  # the window cuts something
     np.testing.assert_array_equal(np.array(patterns.visible(pattern, n, prefix + n)), expected)
     np.testing.assert_array_equal(np.array(patterns.mask(pattern, n, prefix + n)), expected)
 

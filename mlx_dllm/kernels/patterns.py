@@ -24,8 +24,10 @@ class Pattern:
       bidirectional: |distance| <= window.
     - quadratic(prefix, rows): `prefix` cache keys seen by all, then a layout of `rows` rows of rows + 1 tokens
       [d_i, masks]: d tokens see d_0..d_row, masks see d_0..d_row and their whole row.
-    - tree(prefix, parents): `prefix` cache keys seen by all, then block rows that see their ancestors and
-      themselves (`parents[k]` < k is row k's parent, -1 for a root).
+    - tree(prefix, parents, window): `prefix` cache keys, then block rows that see their ancestors and themselves
+      (`parents[k]` < k is row k's parent, -1 for a root). Row k sits `depth(k)` positions after the last prefix
+      key's successor (a root at depth 0), so with a sliding `window` (b > 0) it sees prefix key j iff
+      (prefix - j) + depth(k) < window, and an ancestor m iff depth(k) - depth(m) < window.
     """
 
     kind: int
@@ -59,10 +61,21 @@ def quadratic(prefix: int, rows: int) -> Pattern:
     return Pattern(QUADRATIC, a=prefix, c=rows)
 
 
-def tree(prefix: int, parents: Sequence[int]) -> Pattern:
+def tree(prefix: int, parents: Sequence[int], window: int = 0) -> Pattern:
+    """A draft tree after `prefix` keys; `window` > 0 for a sliding-window layer (0: none)."""
     if any(not -1 <= parent < row for row, parent in enumerate(parents)):
         raise ValueError("a tree row's parent must be an earlier row (or -1 for a root)")
-    return Pattern(TREE, a=prefix, parents=tuple(parents))
+    if window < 0:
+        raise ValueError(f"a tree's sliding window must be at least 1 (or 0 for none), not {window}")
+    return Pattern(TREE, a=prefix, b=window, parents=tuple(parents))
+
+
+def depths(parents: Sequence[int]) -> Tuple[int, ...]:
+    """Each row's depth below its root (a root is at 0)."""
+    found = []
+    for parent in parents:
+        found.append(0 if parent < 0 else found[parent] + 1)
+    return tuple(found)
 
 
 def ancestors(parents: Sequence[int]) -> mx.array:
@@ -89,7 +102,12 @@ def visible(pattern: Pattern, Tq: int, Tk: int) -> mx.array:
     if kind == TREE:
         if Tq != len(pattern.parents) or Tk != a + Tq:
             raise ValueError(f"a tree of {len(pattern.parents)} rows after {a} keys is not a [{Tq}, {Tk}] attention")
-        return mx.concatenate([mx.ones((Tq, a), dtype=mx.bool_), ancestors(pattern.parents)], axis=1)
+        seen = mx.concatenate([mx.ones((Tq, a), dtype=mx.bool_), ancestors(pattern.parents)], axis=1)
+        if b == 0:
+            return seen
+        depth = mx.array(depths(pattern.parents))
+        key_depth = mx.concatenate([mx.arange(-a, 0), depth])  # prefix key j sits at depth j - a
+        return seen & (depth[:, None] - key_depth[None, :] < b)
     width, layout_key = c + 1, j - a
     same_row = layout_key // width == i // width
     sees_drafts = (layout_key % width == 0) & (layout_key // width <= i // width)
