@@ -1,6 +1,7 @@
 """Checkpoint JSON files read defensively, and config sizes checked before any model is built."""
 
 import json
+import os
 import re
 import stat
 from pathlib import Path
@@ -68,7 +69,13 @@ def read_json(file: Path) -> Dict:
 
 
 def write_json(file: Path, content: Dict) -> None:
-    file.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Atomic: a kill leaves the old file or none, never half of one."""
+    partial = file.with_name(f".{file.name}.partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, file)
 
 
 def check_sizes(config: Dict, where: str = "config.json") -> None:

@@ -86,3 +86,16 @@ def hybrid_checkpoints(tmp_path_factory):
             "target_model": target,
         }
     return checkpoints
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cost_curves(tmp_path_factory):
+    """Adaptive speculation's measured cost curves go to a folder of the session's, not the user's cache (the
+    variable reaches the CLI's subprocesses too)."""
+    import os
+
+    from mlx_dllm.sampler.cost_curve import FOLDER_VARIABLE
+
+    os.environ[FOLDER_VARIABLE] = str(tmp_path_factory.mktemp("cost-curves"))
+    yield
+    os.environ.pop(FOLDER_VARIABLE, None)

@@ -69,7 +69,7 @@ def test_lossless_with_high_acceptance(loaded, monkeypatch, name):
     reference = _mlx_lm_greedy(target, prompt, max_tokens)
     oracle = Oracle(dflash_strategy.propose_block, reference, len(prompt), [7, 0, 3, 7, 1, 5, 2], harness.VOCAB)
     monkeypatch.setattr(dflash_strategy, "propose_block", oracle)
-    ours, last = _generate(target, tokenizer, prompt, max_tokens, draft_model=draft, block_size=8)
+    ours, last = _generate(target, tokenizer, prompt, max_tokens, draft_model=draft, block_size=8, speculation="chain")
     assert ours == reference
     assert last.acceptance_length == pytest.approx(np.mean(oracle.expected_accepts))
     assert last.acceptance_length > 2.5
@@ -114,7 +114,7 @@ def test_sampled_dflash_follows_target_distribution(loaded, monkeypatch, broken)
     mx.random.seed(1234)
     counts = np.zeros(harness.VOCAB)
     for _ in range(samples):
-        tokens, _ = _generate(target, tokenizer, prompt, 2, draft_model=draft, temp=1.0)
+        tokens, _ = _generate(target, tokenizer, prompt, 2, draft_model=draft, temp=1.0, speculation="chain")
         counts[tokens[1]] += 1
     p_value = _chi_square_p_value(counts, _second_token_distribution(target, prompt), samples)
     if broken:

@@ -50,7 +50,7 @@ def test_greedy_dflash_equals_mlx_lm_ar(loaded, monkeypatch, name):
     reference = mlx_lm_greedy(target, PROMPT, 64)
     oracle = Oracle(dflash_strategy.propose_block, reference, len(PROMPT), PATTERN, VOCAB)
     monkeypatch.setattr(dflash_strategy, "propose_block", oracle)
-    tokens, last = run(target, tokenizer, PROMPT, 64, draft_model=draft)
+    tokens, last = run(target, tokenizer, PROMPT, 64, draft_model=draft, speculation="chain")
     assert tokens == reference
     assert {1, 8} <= set(oracle.expected_accepts) and any(1 < a < 8 for a in oracle.expected_accepts)
     assert last.acceptance_length == pytest.approx(np.mean(oracle.expected_accepts))
@@ -135,7 +135,7 @@ def test_sampled_dflash_follows_the_target_distribution(loaded, monkeypatch, bro
     if broken:
         monkeypatch.setattr(RecurrentRollback, "keep", lambda self, n: setattr(self, "saved", None))
     mx.random.seed(1234)
-    runs = [run(target, tokenizer, prompt, 3, draft_model=draft, temp=1.0, block_size=2)[0] for _ in range(samples)]
+    runs = [run(target, tokenizer, prompt, 3, draft_model=draft, temp=1.0, block_size=2, speculation="chain")[0] for _ in range(samples)]
     p_value = ks_uniform_p_value(randomized_pit(target, prompt, runs))
     if broken:
         assert p_value < 1e-3, "the test cannot tell a missing rollback apart"

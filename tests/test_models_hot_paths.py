@@ -233,7 +233,8 @@ def test_last_layer_drafter_drafts_as_transformers_does(
     theirs = _record_transformers_drafts(monkeypatch)
     expected = harness.reference_dflash_greedy(hf_checkpoints[name]["target_model"], torch_draft, prompt, max_tokens)
     ours = _record_our_drafts(monkeypatch)
-    tokens = [t for r in stream_generate(target, tokenizer, prompt, max_tokens, draft_model=draft) for t in r.tokens]
+    chain = stream_generate(target, tokenizer, prompt, max_tokens, draft_model=draft, speculation="chain")
+    tokens = [t for r in chain for t in r.tokens]
     assert tokens == expected
     # Near the end we shrink the block to the tokens left and transformers does not: compare full blocks.
     full = [i for i, (a, b) in enumerate(zip(ours, theirs)) if len(a) == len(b) == 7]

@@ -23,13 +23,14 @@ def greedy_ar(target, prompt, max_tokens):
     return [int(token) for token, _ in generate_step(mx.array(prompt), target, max_tokens=max_tokens)]
 
 
-@pytest.mark.parametrize("budget", [1, 3, 8, 16])
-def test_greedy_tree_output_is_mlx_lm_greedy_ar(models, budget):
+@pytest.mark.parametrize("speculation, budget", [("tree", 1), ("tree", 3), ("tree", 8), ("tree", 16), ("auto", None)])
+def test_greedy_tree_output_is_mlx_lm_greedy_ar(models, speculation, budget):
     target, tokenizer, draft = models
     for prompt in PROMPTS:
-        ours, last = run(target, tokenizer, prompt, 40, draft_model=draft, speculation="tree", tree_budget=budget)
+        ours, last = run(target, tokenizer, prompt, 40, draft_model=draft, speculation=speculation, tree_budget=budget)
         assert ours == greedy_ar(target, prompt, 40)[: len(ours)] and len(ours) >= 30
-        assert last.mode == "dflash" and last.acceptance_length >= 1.0
+        shares = sum(last.speculation[k] for k in ("ar", "chain", "tree"))
+        assert last.mode == "dflash" and shares == pytest.approx(1, abs=0.01)
 
 
 def second_choice_is_right(monkeypatch, target, prompt, width):
@@ -38,8 +39,10 @@ def second_choice_is_right(monkeypatch, target, prompt, width):
     reference = greedy_ar(target, prompt, 64)
     real = dflash_strategy.TreeVerify.propose
 
-    def propose(self, anchor, features, draft_cache, size):
-        real(self, anchor, features, draft_cache, size)  # the drafter's cache moves as in a real run
+    def propose(self, anchor, features, size, cache, draft_cache):
+        step = real(self, anchor, features, size, cache, draft_cache)  # the drafter's cache moves as in a real run
+        if isinstance(step, dflash_strategy.Step):
+            return step
         start = draft_cache[0].offset - len(prompt)  # the anchor's index in the generated text
         truth = reference[start + 1 : start + size]
         tokens = [[(t + 1) % 256, t] + [(t + 2 + k) % 256 for k in range(width - 2)] for t in truth]
@@ -50,16 +53,41 @@ def second_choice_is_right(monkeypatch, target, prompt, width):
     return reference
 
 
-def test_a_tree_accepts_what_the_chain_rejects(models, monkeypatch):
+@pytest.mark.parametrize("speculation", ["tree", "auto"])
+def test_a_tree_accepts_what_the_chain_rejects(models, monkeypatch, speculation):
     target, tokenizer, draft = models
     prompt = PROMPTS[1]
     reference = second_choice_is_right(monkeypatch, target, prompt, 4)
-    ours, last = run(target, tokenizer, prompt, 32, draft_model=draft, speculation="tree", tree_budget=16, block_size=4)
+    ours, last = run(target, tokenizer, prompt, 32, draft_model=draft, speculation=speculation, tree_budget=16,
+                     block_size=4)
     assert ours == reference[:32]
     assert last.acceptance_length > 2.5  # up to 3 drafts + the bonus per round
+    assert last.speculation["tree"] > 0.5
 
 
-def test_sampled_tree_follows_the_target_distribution(models, monkeypatch):
+def test_auto_goes_ar_when_the_drafter_is_always_wrong_and_stays_lossless(models, monkeypatch):
+    """Sure of a wrong token at every depth: after a few drafted rounds, auto stops paying the drafter."""
+    target, tokenizer, draft = models
+    prompt = PROMPTS[0]
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    real = dflash_strategy.TreeVerify.propose
+
+    def propose(self, anchor, features, size, cache, draft_cache):
+        step = real(self, anchor, features, size, cache, draft_cache)
+        if isinstance(step, dflash_strategy.Step):
+            return step
+        wrong = [[(anchor + 1 + k) % 256 for k in range(4)] for _ in range(size - 1)]  # the target never says these
+        return mx.array(wrong), mx.array([[-0.01, -5.0, -6.0, -7.0]] * (size - 1))
+
+    monkeypatch.setattr(dflash_strategy.TreeVerify, "propose", propose)
+    monkeypatch.setattr(dflash_strategy, "follow", lambda tree, chosen: ([], chosen[0]))  # it never matches
+    ours, last = run(target, tokenizer, prompt, 48, draft_model=draft)
+    assert ours == greedy_ar(target, prompt, 48)
+    assert last.speculation["ar"] > 0.7 and last.draft_forwards < 15
+
+
+@pytest.mark.parametrize("speculation", ["tree", "auto"])
+def test_sampled_tree_follows_the_target_distribution(models, monkeypatch, speculation):
     """Trees of the drafter's top-2 at 2 depths at temperature 1; each third token is checked against the target's
     own distribution given the two before it. The control commits the drafter's first choice without looking at
     the target's draws: the test must tell it apart."""
@@ -81,14 +109,15 @@ def test_sampled_tree_follows_the_target_distribution(models, monkeypatch):
                 draft_model=draft,
                 temp=1.0,
                 block_size=3,
-                speculation="tree",
+                speculation=speculation,
                 tree_budget=4,
             )[0]
             for _ in range(samples)
         ]
 
     assert ks_uniform_p_value(randomized_pit(target, prompt, sample(False))) > 1e-3
-    assert ks_uniform_p_value(randomized_pit(target, prompt, sample(True))) < 1e-3
+    if speculation == "tree":  # auto's second round may be an AR step, which the control does not bend
+        assert ks_uniform_p_value(randomized_pit(target, prompt, sample(True))) < 1e-3
 
 
 def test_trees_are_refused_in_one_line_where_they_cannot_run(mlx_checkpoints, models):
@@ -97,7 +126,7 @@ def test_trees_are_refused_in_one_line_where_they_cannot_run(mlx_checkpoints, mo
     sliding_draft, _ = load(str(mlx_checkpoints["ministral_sliding"]["draft"]))
     with pytest.raises(DLLMError, match="a tree verify needs plain K/V caches; this target has WindowKVCache"):
         next(stream_generate(sliding, tokenizer, PROMPTS[0], 8, draft_model=sliding_draft, speculation="tree"))
-    with pytest.raises(DLLMError, match="tree_budget applies to speculation='tree', not to a chain"):
+    with pytest.raises(DLLMError, match="tree_budget applies to speculation='tree' or 'auto', not to a chain"):
         next(stream_generate(target, tokenizer, PROMPTS[0], 8, draft_model=draft, speculation="chain", tree_budget=4))
-    with pytest.raises(DLLMError, match="speculation must be one of chain, tree, got 'bush'"):
+    with pytest.raises(DLLMError, match="speculation must be one of auto, chain, tree, got 'bush'"):
         next(stream_generate(target, tokenizer, PROMPTS[0], 8, draft_model=draft, speculation="bush"))

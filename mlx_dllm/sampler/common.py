@@ -4,7 +4,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
@@ -23,7 +23,10 @@ class GenerationResponse:
       passes, quadratic-spec's first draft);
     - `tokens_per_forward`: tokens those decoding forwards produced / `forwards` (the prefill's own token
       left out, so plain AR reads 1.00, a little less when the forward that produced an EOS counts);
-    - `acceptance_length`: mean tokens committed per verify round (speculative modes, else None).
+    - `acceptance_length`: mean tokens committed per verify round (speculative modes, else None); DFlash counts
+      the rounds that verified drafted tokens;
+    - `speculation`: DFlash's rounds by what they verified, as shares ("ar": no drafted token, "chain", "tree"),
+      and "mean_budget", the mean drafted tokens verified by the others.
     """
 
     text: str
@@ -42,6 +45,7 @@ class GenerationResponse:
     tokens_per_forward: float = 0.0
     acceptance_length: Optional[float] = None
     canvases: int = 0
+    speculation: Optional[Dict[str, float]] = None
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Stats:
     prefill_forwards: int = 0  # forwards counted in `forwards` that processed the prompt
     prefill_tokens: int = 0  # tokens the prefill's own logits chose (1 after a causal prefill)
     prefill_done: Optional[float] = None  # perf_counter when the first token was ready
+    rounds: Dict[str, int] = field(default_factory=dict)  # DFlash rounds by what they verified
+    verified_nodes: int = 0  # drafted tokens those rounds verified
 
     def mark_prefill(self):
         self.prefill_done = time.perf_counter()
@@ -62,6 +68,22 @@ class Stats:
     @property
     def decoding_forwards(self) -> int:
         return self.forwards - self.prefill_forwards
+
+    def count_round(self, kind: str, nodes: int, committed: int) -> None:
+        """A DFlash round that verified `nodes` drafted tokens as `kind` ("ar", "chain" or "tree")."""
+        self.rounds[kind] = self.rounds.get(kind, 0) + 1
+        self.verified_nodes += nodes
+        if kind != "ar":
+            self.accept_lengths.append(committed)
+
+    @property
+    def speculation(self) -> Optional[Dict[str, float]]:
+        total = sum(self.rounds.values())
+        if not total:
+            return None
+        shares = {kind: round(self.rounds.get(kind, 0) / total, 3) for kind in ("ar", "chain", "tree")}
+        drafted = total - self.rounds.get("ar", 0)
+        return {**shares, "mean_budget": round(self.verified_nodes / drafted, 2) if drafted else 0.0}
 
     @property
     def acceptance_length(self) -> Optional[float]:
@@ -88,8 +110,9 @@ class TokenSelector:
     NOT_FINITE for a row whose logits are not, read from values the selection computes anyway.
 
     mlx-lm `logits_processors` see, for row i, the committed tokens (`history`, the prompt first) plus the
-    first i `drafts` fed after it: the history row i predicts after, so a verified block selects what AR
-    would, token by token. Strategies `commit` every token they emit.
+    first i `drafts` fed after it, or for a tree its own `lineages[i]` (the drafted tokens from the root to row i):
+    the history row i predicts after, so a verified block selects what AR would, token by token. Strategies
+    `commit` every token they emit.
     """
 
     def __init__(self, sampler: Optional[Callable] = None, processors: Sequence[LogitsProcessor] = (), history=None):
@@ -97,9 +120,9 @@ class TokenSelector:
         self.processors = list(processors)
         self.history = history if history is not None else mx.array([], dtype=mx.int32)
 
-    def __call__(self, logits: mx.array, drafts=None) -> mx.array:
+    def __call__(self, logits: mx.array, drafts=None, lineages=None) -> mx.array:
         if self.processors:
-            logits = self._process(logits, drafts)
+            logits = self._process(logits, drafts, lineages)
         if self.sampler is None:
             tokens = mx.argmax(logits, axis=-1)
             witness = mx.take_along_axis(logits, tokens[..., None], axis=-1)  # argmax picks a NaN where there is one
@@ -113,12 +136,13 @@ class TokenSelector:
         if self.processors:
             self.history = mx.concatenate([self.history, _ids(tokens, self.history.dtype)])
 
-    def _process(self, logits: mx.array, drafts) -> mx.array:
+    def _process(self, logits: mx.array, drafts, lineages) -> mx.array:
         rows = logits.reshape(-1, logits.shape[-1])
         drafts = _ids(drafts if drafts is not None else [], self.history.dtype)
         processed = []
         for i in range(rows.shape[0]):
-            history, row = mx.concatenate([self.history, drafts[:i]]), rows[i : i + 1]
+            fed = drafts[:i] if lineages is None else _ids(lineages[i], self.history.dtype)
+            history, row = mx.concatenate([self.history, fed]), rows[i : i + 1]
             for processor in self.processors:
                 row = processor(history, row)
             processed.append(row)

@@ -5,7 +5,7 @@ temp 0), and a proposal is accepted iff it equals that sample. That is rejection
 one-hot proposal, so the output follows the target's distribution exactly (lossless).
 """
 
-from typing import Iterator, List, Optional
+from typing import Iterator, List, NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,19 +17,27 @@ from ..models.dtypes import compute_dtype
 from ..kernels import patterns
 from ..models.positioned import check_plain_kv
 from ..models.target import Target
+from .adaptive import Adaptive, Pinned, kind
 from .arguments import whole_number
 from .common import Stats, TokenSelector, prefill_chunks
+from .cost_curve import CONTEXT, cost_curve, curve_key
 from .mode import Mode, Option
-from .tree import follow, grow_tree
+from .tree import follow
 
 BLOCK_SIZE = Option("block_size", int, "draft block size (default: the drafter's)", minimum=2, label="block size")
 SPECULATION = Option(
     "speculation",
     str,
-    "verify the drafter's best chain or a tree of its top tokens (DDTree)",
-    choices=("chain", "tree"),
+    "per round: auto (AR, a chain or a tree, whichever this machine runs fastest; the default), the drafter's best "
+    "chain, or a tree of its top tokens (DDTree)",
+    choices=("auto", "chain", "tree"),
 )
-TREE_BUDGET = Option("tree_budget", int, "draft tree nodes (default: the block size - 1)", minimum=1)
+TREE_BUDGET = Option(
+    "tree_budget", int, "draft tree nodes: a tree's (alone it pins one; default: the block size - 1), or the most "
+    "auto verifies (default: 32)", minimum=1,
+)
+AUTO_BUDGET = 32  # the most drafted tokens auto verifies in a round, unless tree_budget says otherwise
+AUTO_WIDTH = 4  # candidates per position auto's trees choose from: a fifth-ranked token is rarely worth a node
 
 
 def block_size_option(block_size, num_draft_tokens) -> Optional[int]:
@@ -144,63 +152,134 @@ def generate_dflash(
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
     head = DraftHead(draft_model, target)
     budget = options.get("tree_budget")
-    if options.get("speculation", "tree" if budget else "chain") == "chain":
+    speculation = options.get("speculation", "tree" if budget else "auto")
+    if speculation == "chain":
         if budget is not None:
-            raise DLLMError("tree_budget applies to speculation='tree', not to a chain")
+            raise DLLMError("tree_budget applies to speculation='tree' or 'auto', not to a chain")
         verify = ChainVerify(draft_model, target, head, select)
+    elif speculation == "tree":
+        check_plain_kv(target.make_cache())
+        budget = budget or block_size - 1
+        verify = TreeVerify(draft_model, target, head, select, Pinned(budget), width=budget)
     else:
-        verify = TreeVerify(draft_model, target, head, select, budget or block_size - 1)
+        budget = budget or AUTO_BUDGET
+        width = AUTO_WIDTH if trees_run_on(target) else 1  # else chains only: every tree of width 1 is a path
+        curve = measured_costs(target, draft_model, head, block_size, budget + 1, width)
+        verify = TreeVerify(draft_model, target, head, select, Adaptive(curve, budget), width)
     yield from _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size)
 
 
+def trees_run_on(target: Target) -> bool:
+    try:
+        check_plain_kv(target.make_cache())
+    except DLLMError:
+        return False
+    return True
+
+
+def measured_costs(target: Target, draft: Drafter, head: DraftHead, block_size: int, largest: int, width: int):
+    """This machine's cost curve for the pair, from the user's cache or measured now on scratch caches."""
+    cache, draft_cache = target.make_cache(), draft.make_cache()
+    context = mx.arange(CONTEXT)[None] % target.embed_tokens.weight.shape[0]
+    features = target(context, cache)[1]
+    mx.eval(features, [layer.state for layer in cache])
+
+    def verify(tokens: int) -> None:
+        cache.mark()
+        mx.eval(target(mx.zeros((1, tokens), dtype=mx.int32), cache))
+        cache.keep(0)
+
+    def draft_forward() -> None:  # one context row more each time, as in a round
+        mx.eval(head.top(draft_hidden(draft, target, 0, features[:, -1:], draft_cache, block_size), width))
+
+    draft_hidden(draft, target, 0, features, draft_cache, block_size)  # the drafter reads the context once
+    return cost_curve(curve_key(target.model, draft), largest, verify, draft_forward)
+
+
+class Step(NamedTuple):
+    """An AR round: the target's token after the anchor and the anchor's features, queued before the yield."""
+
+    token: mx.array
+    features: mx.array
+
+
+class Verified(NamedTuple):
+    """A round's outcome: the committed tokens, the features of the rows the caches kept, and what was verified."""
+
+    committed: List[int]
+    features: mx.array
+    kind: str  # "ar", "chain" or "tree"
+    nodes: int  # drafted tokens verified
+
+
 class ChainVerify:
-    """The drafter's most probable token at each position, verified as one causal block."""
+    """The drafter's most probable token at each position, verified as one causal block. The proposal stays on the
+    device: the drafter and the verify run as one graph, with no host sync between them."""
 
     def __init__(self, draft: Drafter, target: Target, head: DraftHead, select: TokenSelector):
         self.draft, self.target, self.head, self.select = draft, target, head, select
 
-    def propose(self, anchor: int, features: mx.array, draft_cache, size: int) -> mx.array:
+    def propose(self, anchor: int, features: mx.array, size: int, cache, draft_cache) -> mx.array:
         return propose_block(self.draft, self.target, anchor, features, draft_cache, size, self.head)
 
-    def __call__(self, anchor: int, proposal: mx.array, cache, position: int):
-        """(committed tokens, what the caches keep, the features of the kept block rows)."""
+    def __call__(self, anchor: int, proposal: mx.array, cache, position: int) -> Verified:
+        cache.mark()
         logits, features = self.target(mx.concatenate([mx.array([anchor]), proposal.astype(mx.int32)])[None], cache)
         target_tokens = self.select(logits[0], drafts=proposal)
         mx.eval(target_tokens, proposal)
         draft_tokens, target_tokens = proposal.tolist(), target_tokens.tolist()
         accepted = _accepted_prefix(draft_tokens, target_tokens)
-        return draft_tokens[:accepted] + [target_tokens[accepted]], accepted + 1, features[:, : accepted + 1]
+        cache.keep(accepted + 1)
+        committed = draft_tokens[:accepted] + [target_tokens[accepted]]
+        return Verified(committed, features[:, : accepted + 1], "chain", len(draft_tokens))
 
 
 class TreeVerify:
-    """A draft tree of `budget` nodes from the drafter's top tokens per position (DDTree), verified in one forward
-    whose rows see their ancestors, at position anchor + depth. The target chooses its own token after every row,
-    as it would after that row's path; walking its choices down the tree commits exactly what AR would (greedy or
-    sampled: each committed token is the target's own draw given the tokens before it)."""
+    """Each round a tree that `policy` shapes from the drafter's top `width` tokens per position (DDTree), verified
+    in one forward whose rows see their ancestors, at position anchor + depth (a tree that is one path, or the
+    anchor alone, runs as a plain causal block). The target chooses its own token after every row, as it would
+    after that row's path; walking its choices down the tree commits exactly what AR would (greedy or sampled:
+    each committed token is the target's own draw given the tokens before it). A policy that skips the drafter
+    makes the round one AR step, queued before the yield as AR's are."""
 
-    def __init__(self, draft: Drafter, target: Target, head: DraftHead, select: TokenSelector, budget: int):
-        if select.processors:
-            raise DLLMError("logits_processors do not apply to a tree verify yet: use speculation='chain'")
-        check_plain_kv(target.make_cache())
-        self.draft, self.target, self.head, self.select, self.budget = draft, target, head, select, budget
+    def __init__(self, draft: Drafter, target: Target, head: DraftHead, select: TokenSelector, policy, width: int):
+        self.draft, self.target, self.head, self.select = draft, target, head, select
+        self.policy, self.width = policy, width
+        self.unread = None  # features of AR steps' rows, for the drafter's next forward
 
-    def propose(self, anchor: int, features: mx.array, draft_cache, size: int):
-        hidden = draft_hidden(self.draft, self.target, anchor, features, draft_cache, size)
-        return self.head.top(hidden, self.budget)
+    def propose(self, anchor: int, features: mx.array, size: int, cache, draft_cache):
+        if self.unread is not None:
+            features = mx.concatenate([self.unread, features], axis=1)
+        if not self.policy.drafts():
+            self.unread = features
+            logits, step_features = self.target(mx.array([[anchor]]), cache)
+            return Step(self.select(logits[0]), step_features)
+        self.unread = None
+        return self.head.top(draft_hidden(self.draft, self.target, anchor, features, draft_cache, size), self.width)
 
-    def __call__(self, anchor: int, proposal, cache, position: int):
+    def __call__(self, anchor: int, proposal, cache, position: int) -> Verified:
+        if isinstance(proposal, Step):
+            return Verified(proposal.token.tolist(), proposal.features, "ar", 0)
         tokens, log_probs = (part.tolist() for part in proposal)  # the round's host sync before the verify
-        tree = grow_tree(anchor, tokens, log_probs, self.budget)
-        positions = mx.array([position + depth for depth in tree.depths])
-        pattern = patterns.tree(position, tree.parents)
-        logits, features = self.target(mx.array([list(tree.tokens)]), cache, pattern, positions)
-        path, bonus = follow(tree, self.select(logits[0]).tolist())
+        tree = self.policy.shape(anchor, tokens, log_probs)
+        shape = kind(tree)
+        cache.mark()
+        ids = mx.array([list(tree.tokens)])
+        if shape == "tree":
+            positions = mx.array([position + depth for depth in tree.depths])
+            logits, features = self.target(ids, cache, patterns.tree(position, tree.parents), positions)
+        else:
+            logits, features = self.target(ids, cache)
+        lineages = [tree.lineage(row) for row in range(len(tree))] if self.select.processors else None
+        path, bonus = follow(tree, self.select(logits[0], lineages=lineages).tolist())
+        self.policy.observe(tree, path)
         rows = [0] + path
-        return [tree.tokens[row] for row in path] + [bonus], rows, features[:, mx.array(rows)]
+        cache.keep(rows)
+        return Verified([tree.tokens[row] for row in path] + [bonus], features[:, mx.array(rows)], shape, len(tree) - 1)
 
 
 def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size):
-    """Prefill, then draft -> verify -> accept -> roll back, one round per yield."""
+    """Prefill, then draft (or queue an AR step) -> verify -> accept -> roll back, one round per yield."""
     cache = target.make_cache()
     draft_cache = draft_model.make_cache()
     kept, (logits, last_features) = prefill_chunks(
@@ -217,28 +296,26 @@ def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, bloc
         size = min(block_size, max_tokens - produced + 1)
         if size < 2:
             return None
-        return verify.propose(anchor, features, draft_cache, size)
+        return verify.propose(anchor, features, size, cache, draft_cache)
 
     proposal = draft(anchor, features)
     while True:
         if proposal is not None:
-            mx.async_eval(proposal)  # the drafter runs while the front streams the last tokens
+            mx.async_eval(proposal)  # the drafter (or an AR step) runs while the front streams the last tokens
         yield generated
         if proposal is None:
             return
-        stats.draft_forwards += 1
-        cache.mark()
         # The cache holds the prompt and every committed token but the anchor, which sits next.
-        committed, kept, features = verify(anchor, proposal, cache, prompt.shape[0] + produced - 1)
+        outcome = verify(anchor, proposal, cache, prompt.shape[0] + produced - 1)
         stats.forwards += 1
+        stats.draft_forwards += not isinstance(proposal, Step)
         # A last round may verify one token past max_tokens: that token is neither emitted nor counted.
-        generated = committed[: max_tokens - produced]
+        generated = outcome.committed[: max_tokens - produced]
         select.commit(generated)
-        stats.accept_lengths.append(len(generated))
-        cache.keep(kept)
+        stats.count_round(outcome.kind, outcome.nodes, len(generated))
         anchor = generated[-1]
         produced += len(generated)
-        proposal = draft(anchor, features)
+        proposal = draft(anchor, outcome.features)
 
 
 MODE = Mode(
@@ -250,5 +327,5 @@ MODE = Mode(
     step_forwards=lambda model, draft, block: [(model, block), (draft, block)],  # one verify, one draft
     options=(BLOCK_SIZE, SPECULATION, TREE_BUDGET),
     drafter=True,
-    reports=("acceptance_length",),
+    reports=("acceptance_length", "speculation"),
 )

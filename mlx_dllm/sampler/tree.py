@@ -29,6 +29,14 @@ class DraftTree:
     def children(self, row: int) -> List[int]:
         return [k for k, parent in enumerate(self.parents) if parent == row]
 
+    def lineage(self, row: int) -> List[int]:
+        """The drafted tokens from the anchor (exclusive) down to `row` (inclusive)."""
+        tokens = []
+        while row > 0:
+            tokens.append(self.tokens[row])
+            row = self.parents[row]
+        return tokens[::-1]
+
 
 def grow_tree(
     anchor: int, top_tokens: Sequence[Sequence[int]], top_log_probs: Sequence[Sequence[float]], budget: int

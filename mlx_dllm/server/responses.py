@@ -46,7 +46,7 @@ def stats(response) -> Dict:
     """Ours, beside OpenAI's fields: how the tokens were made."""
     return {"mode": response.mode, "forwards": response.forwards, "tokens_per_forward":
             round(response.tokens_per_forward, 3), "acceptance_length": response.acceptance_length,
-            "generation_tps": round(response.generation_tps, 3)}
+            "generation_tps": round(response.generation_tps, 3), "speculation": response.speculation}
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

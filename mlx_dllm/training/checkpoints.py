@@ -5,7 +5,6 @@ on disk, names the one to resume. Older folders are removed after the switch.
 """
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Dict, Optional
@@ -13,6 +12,7 @@ from typing import Dict, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..configs import write_json
 from ..errors import DLLMError
 
 LATEST = "latest.json"
@@ -27,15 +27,6 @@ def latest(work: Path) -> Optional[Path]:
     return folder if folder.is_dir() and folder.parent == work else None
 
 
-def _write_json(file: Path, value: Dict) -> None:
-    partial = file.with_name(f".{file.name}.partial")
-    with open(partial, "w") as handle:
-        json.dump(value, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, file)
-
-
 def save(work: Path, draft, optimizer, step: int, options: Dict, seconds: float) -> None:
     folder = work / f"checkpoint-{step:07d}"
     previous = latest(work)
@@ -44,8 +35,8 @@ def save(work: Path, draft, optimizer, step: int, options: Dict, seconds: float)
     folder.mkdir(parents=True)
     mx.save_safetensors(str(folder / "drafter.safetensors"), dict(tree_flatten(draft.parameters())))
     mx.save_safetensors(str(folder / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    _write_json(folder / "trainer.json", {"step": step, "options": options, "seconds": round(seconds, 1)})
-    _write_json(work / LATEST, {"checkpoint": folder.name})
+    write_json(folder / "trainer.json", {"step": step, "options": options, "seconds": round(seconds, 1)})
+    write_json(work / LATEST, {"checkpoint": folder.name})
     if previous is not None and previous != folder:
         shutil.rmtree(previous, ignore_errors=True)
 
