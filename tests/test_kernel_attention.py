@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_dllm.kernels import attention, metal, patterns, routing
+from mlx_dllm.sampler.tree import grow_tree
 
 TOLERANCE = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 
@@ -111,6 +112,34 @@ def test_split_keys_combine_to_one_pass(metal_route, monkeypatch, pattern):
     monkeypatch.setattr(metal, "KEYS_PER_SPLIT", 16)
     assert metal.splits_for(100, 1) == 7
     check(1, 8, 2, 16, 70, 30, 64, mx.float32, pattern)
+
+
+# A draft tree as DFlash grows it (25 rows: one root, four depths), and a 40-row forest of two roots whose rows past
+# 32 have ancestors in the first ancestor word and themselves in the second.
+GROWN = grow_tree(7, [[1, 2, 3]] * 4, [[-0.1, -1.0, -2.0]] * 4, 24).parents
+FOREST = tuple(-1 if row in (0, 17) else (row - 1 if row % 3 else row // 2) for row in range(40))
+
+
+@pytest.mark.parametrize(
+    "parents, prefix, window, gqa, block, dtype",
+    [
+        (GROWN, 0, 0, 2, False, mx.float32),  # no prefix; the tree's keys in the one input
+        (FOREST, 37, 0, 4, True, mx.float16),
+        (FOREST, 37, 3, 1, True, mx.float32),
+        (GROWN, 10, 1, 2, False, mx.float16),  # a window of 1: each row sees itself alone
+    ],
+)
+def test_tree(metal_route, parents, prefix, window, gqa, block, dtype):
+    n = len(parents)
+    Tc, Tb = (prefix, n) if block else (prefix + n, 0)
+    check(1, 2 * gqa, 2, n, Tc, Tb, 64, dtype, patterns.tree(prefix, parents, window))
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_tree_with_split_keys(metal_route, monkeypatch, window):
+    monkeypatch.setattr(metal, "SPLIT_FROM_KEYS", 1)
+    monkeypatch.setattr(metal, "KEYS_PER_SPLIT", 16)
+    check(1, 4, 2, len(FOREST), 60, len(FOREST), 64, mx.float32, patterns.tree(60, FOREST, window))
 
 
 def test_the_entry_point_routes_a_verify_to_the_kernel(metal_route, monkeypatch):

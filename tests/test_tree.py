@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_dllm import DLLMError
-from mlx_dllm.kernels import attention, patterns, routing
+from mlx_dllm.kernels import attention, metal, patterns, routing
 from mlx_dllm.models.target import Target
 from mlx_dllm.sampler.tree import DraftTree, follow, grow_tree
 from tests.test_target_families import LAYERS, VOCAB, make_target
@@ -129,9 +129,27 @@ def test_tree_attention_equals_each_path_attended_alone():
         np.testing.assert_allclose(np.array(out[:, :, row]), np.array(alone[:, :, 0]), atol=1e-5)
 
 
-def test_trees_stay_off_the_metal_kernel_until_it_computes_them():
-    call = routing.Call("metal", 16, 64, 128, 1, mx.float16, patterns.tree(48, [-1] + list(range(15))))
-    assert routing.route(call) == routing.SDPA
+def test_a_tree_verify_routes_to_the_metal_kernel_where_it_runs():
+    verify = patterns.tree(48, [-1] + list(range(15)))
+    assert routing.route(routing.Call("metal", 16, 64, 128, 4, mx.float16, verify)) == routing.KERNEL
+    assert routing.route(routing.Call("metal", 16, 64, 64, 1, mx.float32, verify)) == routing.KERNEL
+    assert routing.route(routing.Call("cpu", 16, 64, 128, 4, mx.float16, verify)) == routing.SDPA
+    assert routing.route(routing.Call("metal", 16, 64, 96, 4, mx.float16, verify)) == routing.SDPA
+    wide = patterns.tree(8, [-1] + [0] * 299)  # past the kernel's 256 queries
+    assert routing.route(routing.Call("metal", 300, 308, 128, 4, mx.float16, wide)) == routing.SDPA
+
+
+def test_tree_words_hold_the_ancestor_rows_as_bits():
+    parents = [-1, 0, 1, -1] + [row - 1 if row % 3 else row // 2 for row in range(4, 40)]
+    words = np.array(patterns.tree_words(parents), dtype="<u4").reshape(40, 2)
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :40]
+    np.testing.assert_array_equal(bits.astype(bool), np.array(patterns.ancestors(parents)))
+
+
+def test_the_kernel_refuses_a_tree_of_other_shapes():
+    q, k = mx.zeros((1, 1, 2, 64)), mx.zeros((1, 1, 4, 64))
+    with pytest.raises(ValueError, match=r"2 rows after 3 keys is not a \[2, 4\]"):
+        metal.block_attention(q, k, k, 1.0, patterns.tree(3, [-1, 0]))
 
 
 def test_a_tree_refuses_a_parent_after_its_child():

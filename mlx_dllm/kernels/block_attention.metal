@@ -10,12 +10,16 @@
 // sums, maxima and running totals, and block_attention_reduce.metal combines them.
 //
 // Template: T (dtype), D (head dim; lane l holds elements l, l + 32, ...), KIND (0 bidirectional, 1 causal,
-// 2 causal window, 3 bidirectional window, 4 quadratic layout), ROWS (rows per simdgroup), KEYS (keys per tile),
-// SPLIT.
+// 2 causal window, 3 bidirectional window, 4 quadratic layout, 5 draft tree), ROWS (rows per simdgroup), KEYS (keys
+// per tile), SPLIT.
 // params: Tq, Tc (cache keys), Tb (block keys), G (GQA group), Hkv, a, b, c, splits, where
 //   causal: key j is visible to query i iff j <= a + i;
 //   windows: query position a + i, key position c + j, window b;
-//   quadratic: a cache keys seen by all, then `c` rows of c + 1 tokens ([d_i, masks]).
+//   quadratic: a cache keys seen by all, then `c` rows of c + 1 tokens ([d_i, masks]);
+//   tree: a prefix keys, then the Tq rows; window b (0: none).
+// tree (read by KIND 5 only): the rows' depths, then each row's lineage as ceil(Tq / 32) words (bit m set iff row m
+// is the row or an ancestor). Row i sees prefix key j iff b == 0 or (a - j) + depth[i] < b, and block key a + m
+// iff bit m is set and (b == 0 or depth[i] - depth[m] < b).
 // Inputs are read through their strides: the cache is a slice of a larger buffer, and is never copied.
 
 constexpr int LANE_ELEMS = (D + 31) / 32;
@@ -24,6 +28,7 @@ const int pa = params[5], pb = params[6], pc = params[7];
 const int splits = params[8];
 const int Tk = Tc + Tb;
 const int R = G * Tq;  // query rows of this KV head's group
+const int words = (Tq + 31) / 32;  // per tree row
 
 const uint lane = thread_index_in_simdgroup;
 const uint simd = simdgroup_index_in_threadgroup;
@@ -64,6 +69,8 @@ if (KIND == 1) {
 } else if (KIND == 2 || KIND == 3) {
   key_begin = max(0, pa - pc - pb);
   key_end = min(Tk, pa + Tq - pc + pb + 1);
+} else if (KIND == 5 && pb > 0) {
+  key_begin = max(0, pa - pb + 1);  // a root (depth 0) sees the last b - 1 prefix keys, deeper rows fewer
 }
 if (SPLIT) {  // this threadgroup's share of the keys, in whole tiles
   const int share = ((key_end - key_begin + splits - 1) / splits + KEYS - 1) / KEYS * KEYS;
@@ -97,6 +104,7 @@ for (int start = key_begin; start < key_end; start += KEYS) {
     if (i < 0) {
       continue;  // uniform across the simdgroup: every lane shares the row
     }
+    const int depth = KIND == 5 ? int(tree[i]) : 0;
     for (int t = 0; t < tile_end; ++t) {
       const int j = start + t;
       bool visible = true;
@@ -112,6 +120,14 @@ for (int start = key_begin; start < key_end; start += KEYS) {
         const int jj = j - pa;
         visible = jj < 0 || (jj % width == 0 && jj / width <= i / width) ||
                   (i % width != 0 && jj / width == i / width);
+      } else if (KIND == 5) {
+        const int m = j - pa;
+        if (m < 0) {
+          visible = pb == 0 || (pa - j) + depth < pb;
+        } else {
+          visible = ((tree[Tq + i * words + m / 32] >> (m % 32)) & 1u) != 0 &&
+                    (pb == 0 || depth - int(tree[m]) < pb);
+        }
       }
       if (!visible) {
         continue;

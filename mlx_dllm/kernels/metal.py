@@ -4,14 +4,15 @@
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from . import patterns
 from .patterns import Pattern
 
 FOLDER = Path(__file__).parent
-INPUTS = ["queries", "keys", "values", "block_keys", "block_values", "params", "scale"]
+INPUTS = ["queries", "keys", "values", "block_keys", "block_values", "params", "scale", "tree"]
 PARTIALS = ["partial_sums", "partial_max", "partial_total"]
 THREADGROUP_BYTES = 16384  # the K and V tiles together: half of Apple's 32 KiB per threadgroup
 MAX_SIMDGROUPS, MAX_ROWS_PER_SIMDGROUP = 16, 8  # 512 threads; a 16-query verify with GQA 8 in one threadgroup
@@ -47,6 +48,15 @@ def reduce_kernel(factory):
     )
 
 
+@lru_cache(maxsize=16)
+def tree_input(parents: Tuple[int, ...]) -> mx.array:
+    """The `tree` input: the rows' depths, then their ancestor words (`patterns.tree_words`); one unread word for
+    every other pattern. Cached because each layer of a verify asks for the same tree."""
+    if not parents:
+        return mx.zeros((1,), dtype=mx.uint32)
+    return mx.array([*patterns.depths(parents), *patterns.tree_words(parents)], dtype=mx.uint32)
+
+
 def splits_for(keys: int, threadgroups: int) -> int:
     if keys < SPLIT_FROM_KEYS or threadgroups >= FEW_THREADGROUPS:
         return 1
@@ -79,14 +89,17 @@ def block_attention(
     Tb = 0 if block_keys is None else block_keys.shape[2]
     if block_keys is None:  # never read (Tb = 0), but the signature has them
         block_keys, block_values = keys, values
+    if pattern.kind == patterns.TREE:  # the kernel reads each row's words without bounds
+        patterns.check_tree(pattern, Tq, Tc + Tb)
     gqa = Hq // Hkv
     simdgroups, per_simdgroup, tiles = layout(gqa * Tq)
     splits = splits_for(Tc + Tb, B * Hkv * tiles)
     params = mx.array([Tq, Tc, Tb, gqa, Hkv, pattern.a, pattern.b, pattern.c, splits], dtype=mx.int32)
     dtype, threads, rows = queries.dtype, 32 * simdgroups, B * Hq * Tq
+    tree = tree_input(pattern.parents)
     split_shapes = [(splits, rows, D), (splits, rows), (splits, rows)] if splits > 1 else [(1,)] * 3
     outputs = attention_kernel(mx.fast.metal_kernel)(
-        inputs=[queries, keys, values, block_keys, block_values, params, mx.array(scale, dtype=mx.float32)],
+        inputs=[queries, keys, values, block_keys, block_values, params, mx.array(scale, dtype=mx.float32), tree],
         template=[
             ("T", dtype),
             ("D", D),

@@ -11,12 +11,13 @@ from typing import Sequence, Tuple, Union
 import mlx.core as mx
 
 BIDIRECTIONAL, CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL_WINDOW, QUADRATIC, TREE = range(6)
-KERNEL_KINDS = (BIDIRECTIONAL, CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL_WINDOW, QUADRATIC)  # the Metal kernel's
+KERNEL_KINDS = (BIDIRECTIONAL, CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL_WINDOW, QUADRATIC, TREE)  # the Metal kernel's
 
 
 @dataclass(frozen=True)
 class Pattern:
-    """kind, and the integers the kind reads (the kernel's params a, b, c):
+    """kind, and the integers the kind reads (the kernel's params a, b, c; a tree's `parents` reach the kernel as
+    depths and ancestor bit words, `tree_words`):
 
     - bidirectional: every key.
     - causal(offset): query i sees key j iff j <= offset + i (offset = Tk - Tq is MLX's "causal").
@@ -78,14 +79,32 @@ def depths(parents: Sequence[int]) -> Tuple[int, ...]:
     return tuple(found)
 
 
+def lineages(parents: Sequence[int]) -> Tuple[int, ...]:
+    """Each row's lineage as an integer: bit j is set iff row j is the row itself or one of its ancestors."""
+    found = []
+    for row, parent in enumerate(parents):
+        found.append((found[parent] if parent >= 0 else 0) | 1 << row)
+    return tuple(found)
+
+
 def ancestors(parents: Sequence[int]) -> mx.array:
     """Boolean [N, N]: row k sees row j iff j is k or one of its ancestors."""
-    rows = []
-    for row, parent in enumerate(parents):
-        seen = list(rows[parent]) if parent >= 0 else [False] * len(parents)
-        seen[row] = True
-        rows.append(seen)
-    return mx.array(rows, dtype=mx.bool_).reshape(len(parents), len(parents))
+    n = len(parents)
+    rows = [[lineage >> j & 1 for j in range(n)] for lineage in lineages(parents)]
+    return mx.array(rows, dtype=mx.bool_).reshape(n, n)
+
+
+def tree_words(parents: Sequence[int]) -> Tuple[int, ...]:
+    """The kernel's form of `ancestors`: row k's lineage as ceil(N / 32) unsigned 32-bit words, row after row (bit
+    j % 32 of word j // 32 is row j), N * ceil(N / 32) integers instead of N * N booleans."""
+    width = (len(parents) + 31) // 32
+    return tuple(lineage >> 32 * word & 0xFFFFFFFF for lineage in lineages(parents) for word in range(width))
+
+
+def check_tree(pattern: Pattern, Tq: int, Tk: int) -> None:
+    rows, prefix = len(pattern.parents), pattern.a
+    if Tq != rows or Tk != prefix + Tq:
+        raise ValueError(f"a tree of {rows} rows after {prefix} keys is not a [{Tq}, {Tk}] attention")
 
 
 def visible(pattern: Pattern, Tq: int, Tk: int) -> mx.array:
@@ -100,8 +119,7 @@ def visible(pattern: Pattern, Tq: int, Tk: int) -> mx.array:
         distance = (a + i) - (c + j)
         return (distance >= 0) & (distance < b) if kind == CAUSAL_WINDOW else mx.abs(distance) <= b
     if kind == TREE:
-        if Tq != len(pattern.parents) or Tk != a + Tq:
-            raise ValueError(f"a tree of {len(pattern.parents)} rows after {a} keys is not a [{Tq}, {Tk}] attention")
+        check_tree(pattern, Tq, Tk)
         seen = mx.concatenate([mx.ones((Tq, a), dtype=mx.bool_), ancestors(pattern.parents)], axis=1)
         if b == 0:
             return seen
@@ -114,10 +132,13 @@ def visible(pattern: Pattern, Tq: int, Tk: int) -> mx.array:
     return (layout_key < 0) | sees_drafts | ((i % width != 0) & same_row)
 
 
+def named_by_mlx(pattern: Pattern, Tq: int, Tk: int) -> bool:
+    """Whether `mx.fast.scaled_dot_product_attention` takes the pattern without an array: no mask, or "causal"."""
+    return pattern.kind == BIDIRECTIONAL or (pattern.kind == CAUSAL and pattern.a == Tk - Tq)
+
+
 def mask(pattern: Pattern, Tq: int, Tk: int) -> Union[None, str, mx.array]:
     """What `mx.fast.scaled_dot_product_attention` takes for the pattern: None, "causal" or a boolean array."""
-    if pattern.kind == BIDIRECTIONAL:
-        return None
-    if pattern.kind == CAUSAL and pattern.a == Tk - Tq:
-        return "causal"
-    return visible(pattern, Tq, Tk)
+    if not named_by_mlx(pattern, Tq, Tk):
+        return visible(pattern, Tq, Tk)
+    return None if pattern.kind == BIDIRECTIONAL else "causal"

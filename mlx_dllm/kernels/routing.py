@@ -2,8 +2,8 @@
 
 The block kernel runs only on Metal, where MLX's own paths fall short for our modes: 9 to 64 queries (a DFlash
 verify, a diffusion block) pad to MLX's 32-row steel tile, or run unfused at head dim 256, and any pattern MLX
-cannot name (windows, the quadratic layout) costs a materialised [Tq, Tk] mask. Everything else, and every other
-backend, goes to `mx.fast.scaled_dot_product_attention`. No speed claim stands until a Mac measures it
+cannot name (windows, the quadratic layout, a draft tree) costs a materialised [Tq, Tk] mask. Everything else, and
+every other backend, goes to `mx.fast.scaled_dot_product_attention`. No speed claim stands until a Mac measures it
 (`benchmarks/kernel_attention.py`).
 """
 
@@ -50,8 +50,7 @@ def route(call: Call) -> str:
         return SDPA
     if call.queries > MAX_KERNEL_QUERIES or call.pattern.kind not in patterns.KERNEL_KINDS:
         return SDPA
-    mlx_mask = patterns.mask(call.pattern, call.queries, call.keys)
-    if mlx_mask is None or isinstance(mlx_mask, str):
+    if patterns.named_by_mlx(call.pattern, call.queries, call.keys):  # never a mask built only to be looked at
         return SDPA if mlx_vector_path(call) or call.queries > 64 else KERNEL
     return KERNEL  # MLX would read a materialised mask
 
