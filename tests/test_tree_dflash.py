@@ -8,10 +8,22 @@ from mlx_lm.generate import generate_step
 from mlx_dllm import DLLMError, load, stream_generate
 from mlx_dllm.sampler import dflash as dflash_strategy
 from tests.test_hybrid_dflash import ks_uniform_p_value, randomized_pit
+from tests.test_target_families import make_drafter, make_target
 
 pytest.importorskip("tests.reference.harness")
 
 PROMPTS = [[5, 17, 42, 9], [100, 3, 3, 250, 7, 64, 12]]
+
+
+@pytest.fixture(params=["qwen3_gqa", "ministral_sliding"])
+def either(request, models):
+    """(target, tokenizer, drafter): plain K/V, then sliding-window layers (a window of 8) beside full ones."""
+    if request.param == "qwen3_gqa":
+        return models
+    checkpoint = request.getfixturevalue("mlx_checkpoints")[request.param]
+    target, tokenizer = load(str(checkpoint["target"]))
+    draft, _ = load(str(checkpoint["draft"]))
+    return target, tokenizer, draft
 
 
 def run(target, tokenizer, prompt, max_tokens, **options):
@@ -24,8 +36,8 @@ def greedy_ar(target, prompt, max_tokens):
 
 
 @pytest.mark.parametrize("budget", [1, 3, 8, 16])
-def test_greedy_tree_output_is_mlx_lm_greedy_ar(models, budget):
-    target, tokenizer, draft = models
+def test_greedy_tree_output_is_mlx_lm_greedy_ar(either, budget):
+    target, tokenizer, draft = either
     for prompt in PROMPTS:
         ours, last = run(target, tokenizer, prompt, 40, draft_model=draft, speculation="tree", tree_budget=budget)
         assert ours == greedy_ar(target, prompt, 40)[: len(ours)] and len(ours) >= 30
@@ -50,8 +62,8 @@ def second_choice_is_right(monkeypatch, target, prompt, width):
     return reference
 
 
-def test_a_tree_accepts_what_the_chain_rejects(models, monkeypatch):
-    target, tokenizer, draft = models
+def test_a_tree_accepts_what_the_chain_rejects(either, monkeypatch):
+    target, tokenizer, draft = either
     prompt = PROMPTS[1]
     reference = second_choice_is_right(monkeypatch, target, prompt, 4)
     ours, last = run(target, tokenizer, prompt, 32, draft_model=draft, speculation="tree", tree_budget=16, block_size=4)
@@ -91,12 +103,11 @@ def test_sampled_tree_follows_the_target_distribution(models, monkeypatch):
     assert ks_uniform_p_value(randomized_pit(target, prompt, sample(True))) < 1e-3
 
 
-def test_trees_are_refused_in_one_line_where_they_cannot_run(mlx_checkpoints, models):
+def test_trees_are_refused_in_one_line_where_they_cannot_run(models):
     target, tokenizer, draft = models
-    sliding, _ = load(str(mlx_checkpoints["ministral_sliding"]["target"]))
-    sliding_draft, _ = load(str(mlx_checkpoints["ministral_sliding"]["draft"]))
-    with pytest.raises(DLLMError, match="a tree verify needs plain K/V caches; this target has WindowKVCache"):
-        next(stream_generate(sliding, tokenizer, PROMPTS[0], 8, draft_model=sliding_draft, speculation="tree"))
+    hybrid = make_target("qwen3_next")
+    with pytest.raises(DLLMError, match=r"ArraysCache \(recurrent\) layers: each tree node would need its own"):
+        next(stream_generate(hybrid, tokenizer, PROMPTS[0], 8, draft_model=make_drafter(), speculation="tree"))
     with pytest.raises(DLLMError, match="tree_budget applies to speculation='tree', not to a chain"):
         next(stream_generate(target, tokenizer, PROMPTS[0], 8, draft_model=draft, speculation="chain", tree_budget=4))
     with pytest.raises(DLLMError, match="speculation must be one of chain, tree, got 'bush'"):

@@ -15,7 +15,7 @@ from ..errors import DLLMError
 from ..models.drafter import Drafter, is_drafter
 from ..models.dtypes import compute_dtype
 from ..kernels import patterns
-from ..models.positioned import check_plain_kv
+from ..models.positioned import check_tree_caches
 from ..models.target import Target
 from .arguments import whole_number
 from .common import Stats, TokenSelector, prefill_chunks
@@ -181,7 +181,7 @@ class TreeVerify:
     def __init__(self, draft: Drafter, target: Target, head: DraftHead, select: TokenSelector, budget: int):
         if select.processors:
             raise DLLMError("logits_processors do not apply to a tree verify yet: use speculation='chain'")
-        check_plain_kv(target.make_cache())
+        check_tree_caches(target.make_cache())
         self.draft, self.target, self.head, self.select, self.budget = draft, target, head, select, budget
 
     def propose(self, anchor: int, features: mx.array, draft_cache, size: int):
