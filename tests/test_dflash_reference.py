@@ -299,7 +299,9 @@ def run_ours(family, truth, tokenizer):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dflash_strategy, "propose_block", recording)
         drafter = make_our_drafter(drafter_weights())
-        responses = list(stream_generate(make_target(family), tokenizer, PROMPT, MAX_TOKENS, draft_model=drafter, speculation="chain"))
+        chain = stream_generate(make_target(family), tokenizer, PROMPT, MAX_TOKENS, draft_model=drafter,
+                                speculation="chain")  # z-lab's loop verifies the whole block
+        responses = list(chain)
     last = responses[-1]
     chunks = [r.tokens for r in responses]
     return Run(chunks, rounds, verified, last.finish_reason, [], acceptance_length=last.acceptance_length)

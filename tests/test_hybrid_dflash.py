@@ -135,7 +135,8 @@ def test_sampled_dflash_follows_the_target_distribution(loaded, monkeypatch, bro
     if broken:
         monkeypatch.setattr(RecurrentRollback, "keep", lambda self, n: setattr(self, "saved", None))
     mx.random.seed(1234)
-    runs = [run(target, tokenizer, prompt, 3, draft_model=draft, temp=1.0, block_size=2, speculation="chain")[0] for _ in range(samples)]
+    options = dict(draft_model=draft, temp=1.0, block_size=2, speculation="chain")
+    runs = [run(target, tokenizer, prompt, 3, **options)[0] for _ in range(samples)]
     p_value = ks_uniform_p_value(randomized_pit(target, prompt, runs))
     if broken:
         assert p_value < 1e-3, "the test cannot tell a missing rollback apart"

@@ -89,7 +89,8 @@ def test_a_plain_string_is_one_stop_string(models, no_eos):
 
 
 SUMMARY_FIELDS = (
-    r"Mode: [a-z-]+, forwards: \d+, draft forwards: \d+, tokens per forward: [\d.]+, acceptance length: \S+"
+    r"Mode: [a-z-]+, forwards: \d+, draft forwards: \d+, tokens per forward: [\d.]+, acceptance length: \S+, "
+    r"rounds: (-|ar \d+%, chain \d+%, tree \d+%, mean budget [\d.]+)"
 )
 
 
@@ -97,7 +98,8 @@ def test_summary_line_has_the_same_fields_in_every_mode(models, nemotron, no_eos
     target, tokenizer, draft = models
     runs = {
         "ar": _run(target, tokenizer, 12)[2][-1],
-        "dflash": _run(target, tokenizer, 12, draft_model=draft)[2][-1],
+        "dflash": _run(target, tokenizer, 12, draft_model=draft, speculation="chain")[2][-1],
+        "dflash auto": _run(target, tokenizer, 12, draft_model=draft)[2][-1],
     }
     for mode in nemotron.modes:
         options = {} if mode == "ar" else {"block_length": 4}
@@ -108,6 +110,8 @@ def test_summary_line_has_the_same_fields_in_every_mode(models, nemotron, no_eos
     dflash = runs["dflash"]
     assert dflash.draft_forwards == dflash.forwards  # one drafter forward per verify
     assert dflash.tokens_per_forward == pytest.approx(11 / dflash.forwards)
+    assert "rounds: ar 0%, chain 100%, tree 0%" in summary(dflash) and "rounds: ar" in summary(runs["dflash auto"])
+    assert "rounds: -" in summary(runs["ar"])
     assert runs["nemotron linear-spec"].draft_forwards >= runs["nemotron linear-spec"].forwards - 1 > 0
     assert runs["nemotron ar"].tokens_per_forward == 1.0
     assert "acceptance length: -" in summary(runs["nemotron diffusion"]) and "length: -" in summary(runs["ar"])
@@ -271,8 +275,12 @@ def test_dflash_with_a_repetition_penalty_equals_ar_with_it(models, no_eos, monk
     assert _with_processors(target, tokenizer, max_tokens) != _run(target, tokenizer, max_tokens)[0]
     oracle = Oracle(dflash_strategy.propose_block, reference, len(PROMPT), [7, 0, 3, 7, 1, 5, 2], 256)
     monkeypatch.setattr(dflash_strategy, "propose_block", oracle)
-    assert _with_processors(target, tokenizer, max_tokens, draft_model=draft, block_size=8) == reference[:max_tokens]
+    chain = _with_processors(target, tokenizer, max_tokens, draft_model=draft, block_size=8, speculation="chain")
+    assert chain == reference[:max_tokens]
     assert max(oracle.expected_accepts) > 3  # rows past the first were verified with their draft prefix
+    for speculation in ("tree", "auto"):  # each tree row is processed after its own lineage
+        tree = _with_processors(target, tokenizer, max_tokens, draft_model=draft, speculation=speculation)
+        assert tree == reference[:max_tokens]
 
 
 class SelfOracle:
@@ -324,7 +332,7 @@ def test_num_draft_tokens_is_the_block_minus_its_anchor(models, no_eos, monkeypa
         return real(draft, target, anchor, features, draft_cache, size, head)
 
     monkeypatch.setattr(dflash_strategy, "propose_block", recording)
-    _run(target, tokenizer, 20, draft_model=draft, num_draft_tokens=3)
+    _run(target, tokenizer, 20, draft_model=draft, num_draft_tokens=3, speculation="chain")
     assert sizes[0] == 4
     with pytest.raises(DLLMError, match="between 2 and the drafter's trained 8, got 9"):
         next(stream_generate(target, tokenizer, PROMPT, draft_model=draft, num_draft_tokens=8))

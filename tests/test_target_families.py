@@ -60,13 +60,56 @@ FAMILIES = {
         "layer_types": ["sliding_attention", "full_attention"] * 2,
         "sliding_window": WINDOW,
     },
+    "gemma4_text": {  # per-layer inputs; the last layer reuses an earlier sliding layer's K/V
+        "global_head_dim": 32,
+        "vocab_size_per_layer_input": VOCAB,
+        "hidden_size_per_layer_input": 8,
+        "num_kv_shared_layers": 1,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        "sliding_window": WINDOW,
+    },
 }
 
 
-def make_target(family):
+# Hybrids with recurrent layers (Gated DeltaNet, Mamba-2) beside attention, built by mlx-lm alone.
+RECURRENT_FAMILIES = {
+    "qwen3_next": {
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "shared_expert_intermediate_size": 32,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 32,
+        "partial_rotary_factor": 0.5,
+        "full_attention_interval": 2,
+    },
+    "nemotron_h": {
+        "layers_block_type": ["attention", "mamba", "mlp", "mamba"],
+        "attention_bias": False,
+        "mamba_num_heads": 4,
+        "mamba_head_dim": 16,
+        "mamba_proj_bias": False,
+        "ssm_state_size": 16,
+        "conv_kernel": 4,
+        "n_groups": 2,
+        "mlp_bias": False,
+        "layer_norm_epsilon": 1e-5,
+        "use_bias": False,
+        "use_conv_bias": True,
+    },
+}
+
+
+def make_target(family, **overrides):
     module = importlib.import_module(f"mlx_lm.models.{family}")
     mx.random.seed(0)
-    model = module.Model(module.ModelArgs.from_dict({"model_type": family, **BASE, **FAMILIES[family]}))
+    config = {**FAMILIES, **RECURRENT_FAMILIES}[family]
+    model = module.Model(module.ModelArgs.from_dict({"model_type": family, **BASE, **config, **overrides}))
     mx.eval(model.parameters())
     return model
 
@@ -106,8 +149,9 @@ def test_captured_features_are_layer_outputs(family):
     for index, layer in enumerate(model.layers):
 
         def record(self, *args, _index=index, _cls=type(layer), **kwargs):
-            outputs[_index] = _cls.__call__(self, *args, **kwargs)
-            return outputs[_index]
+            output = _cls.__call__(self, *args, **kwargs)
+            outputs[_index] = output[0] if isinstance(output, tuple) else output  # Gemma 4: (h, K/V, offset)
+            return output
 
         layer.__class__ = type("Probe", (type(layer),), {"__call__": record})
     model(ids, cache=target.make_cache())
@@ -127,7 +171,8 @@ def test_dflash_is_lossless_on_family(family, tokenizer, monkeypatch):
     monkeypatch.setattr(dflash_strategy, "propose_block", oracle)
     monkeypatch.setattr(tokenizer, "eos_token_ids", [])
     tokens = []
-    for response in stream_generate(model, tokenizer, prompt, max_tokens, draft_model=make_drafter()):
+    chain = stream_generate(model, tokenizer, prompt, max_tokens, draft_model=make_drafter(), speculation="chain")
+    for response in chain:
         tokens += response.tokens
     assert tokens == reference
     assert response.acceptance_length == pytest.approx(np.mean(oracle.expected_accepts))
@@ -182,9 +227,8 @@ def test_dflash_is_lossless_on_a_quantized_target(tokenizer, monkeypatch):
     oracle = Oracle(dflash_strategy.propose_block, reference, len(prompt), [7, 0, 3, 2], VOCAB)
     monkeypatch.setattr(dflash_strategy, "propose_block", oracle)
     monkeypatch.setattr(tokenizer, "eos_token_ids", [])
-    tokens = [
-        t for r in stream_generate(model, tokenizer, prompt, max_tokens, draft_model=make_drafter()) for t in r.tokens
-    ]
+    chain = stream_generate(model, tokenizer, prompt, max_tokens, draft_model=make_drafter(), speculation="chain")
+    tokens = [t for r in chain for t in r.tokens]
     assert tokens == reference
 
 

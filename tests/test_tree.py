@@ -7,12 +7,15 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import KVCache
 
 from mlx_dllm import DLLMError
 from mlx_dllm.kernels import attention, metal, patterns, routing
+from mlx_dllm.models.cache import WindowKVCache
+from mlx_dllm.models.positioned import layer_tree
 from mlx_dllm.models.target import Target
 from mlx_dllm.sampler.tree import DraftTree, follow, grow_tree
-from tests.test_target_families import LAYERS, VOCAB, make_target
+from tests.test_target_families import FAMILIES, LAYERS, RECURRENT_FAMILIES, VOCAB, make_target
 
 # Three depths, three candidates each, most probable first.
 TOKENS = [[10, 11, 12], [20, 21, 22], [30, 31, 32]]
@@ -165,16 +168,43 @@ def lineage(tree: DraftTree, row: int):
     return rows
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_each_cache_kind_sees_the_tree_through_its_own_keys_and_window():
+    """A K/V layer's keys are all it holds; a sliding one's, the rows it kept. The window mlx-lm asks for wins."""
+    plain, sliding = KVCache(), WindowKVCache(4)
+    for layer in (plain, sliding):
+        layer.update_and_fetch(mx.zeros((1, 1, 6, 2)), mx.zeros((1, 1, 6, 2)))
+    parents = [-1, 0, 0, 1]
+    tree = patterns.tree(6, parents)
+    assert layer_tree(plain, tree, None) == tree
+    assert layer_tree(plain, tree, 3) == patterns.tree(6, parents, 3)
+    assert layer_tree(sliding, tree, None) == patterns.tree(3, parents, 4)
+    assert layer_tree(sliding, tree, 2) == patterns.tree(3, parents, 2)
+
+
+SLIDING = 3  # cuts the 5-token prompt and the deepest nodes' anchor off a sliding layer's view
+
+
+def rows_read_next(layer):
+    """The K/V rows a layer's next forward reads: all it holds, or the last window - 1 of a sliding window."""
+    end = layer.size()
+    start = end - min(end, layer.window - 1) if isinstance(layer, WindowKVCache) else 0
+    return [getattr(layer, name)[..., start:end, :] for name in ("keys", "values")]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_tree_verify_equals_each_path_run_causally_and_keeps_exactly_the_accepted_path(family):
     """One forward over [anchor, nodes] at per-node positions under the tree pattern: every row's logits and
-    features are those of a causal run over its own path; keeping a path leaves the cache a fresh prefill's."""
-    model = make_target(family)
+    features are those of a causal run over its own path; keeping a path leaves the cache a fresh prefill's
+    (within a sliding layer's window, where the window cuts both the prompt and the tree)."""
+    sliding = "sliding_window" in FAMILIES[family]
+    model = make_target(family, **({"sliding_window": SLIDING} if sliding else {}))
     target = Target(model, [0, LAYERS - 1])
     prompt = [5, 17, 42, 9, 3]
     tokens = [[t % VOCAB for t in row] for row in TOKENS]
     tree = grow_tree(11, tokens, LOG_PROBS, 9)
     cache = target.make_cache()
+    assert sliding == any(isinstance(layer, WindowKVCache) for layer in cache)
+    assert not sliding or max(tree.depths) >= SLIDING  # the window hides the anchor from the deepest nodes
     target(mx.array([prompt]), cache)
     cache.mark()
     positions = mx.array([len(prompt) + depth for depth in tree.depths])
@@ -190,16 +220,18 @@ def test_a_tree_verify_equals_each_path_run_causally_and_keeps_exactly_the_accep
     target(mx.array([prompt + [tree.tokens[k] for k in path]]), fresh)
     for ours, expected in zip(cache, fresh):
         assert ours.offset == expected.offset
-        for name in ("keys", "values"):  # the buffers' rows in use
-            used = slice(0, ours.offset)
-            ours_rows, expected_rows = getattr(ours, name)[..., used, :], getattr(expected, name)[..., used, :]
+        for ours_rows, expected_rows in zip(rows_read_next(ours), rows_read_next(expected)):
+            assert ours_rows.shape == expected_rows.shape
             np.testing.assert_allclose(np.array(ours_rows), np.array(expected_rows), atol=1e-5)
+    following = mx.array([[tokens[0][1]]])
+    np.testing.assert_allclose(np.array(target(following, cache)[0]), np.array(target(following, fresh)[0]), atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_oss"])  # both with sliding-window layers here
-def test_a_tree_verify_is_refused_in_one_line_where_caches_are_not_plain_kv(family):
+@pytest.mark.parametrize("family", list(RECURRENT_FAMILIES))
+def test_a_tree_verify_is_refused_in_one_line_on_recurrent_targets(family):
     target = Target(make_target(family), [0])
     cache = target.make_cache()
     target(mx.array([[5, 17, 42]]), cache)
-    with pytest.raises(DLLMError, match="a tree verify needs plain K/V caches; this target has WindowKVCache layers"):
+    refusal = r"a tree verify cannot run on this target's ArraysCache \(recurrent\) layers: each tree node would need"
+    with pytest.raises(DLLMError, match=refusal):
         target(mx.array([[1, 2]]), cache, patterns.tree(3, [-1, 0]), mx.array([3, 4]))

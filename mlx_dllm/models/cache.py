@@ -8,7 +8,7 @@ from ..kernels import patterns
 
 
 class WindowKVCache(_BaseCache):
-    """Sliding-window K/V in temporal order that can be trimmed by up to the rows of the last update.
+    """Sliding-window K/V in temporal order whose last update can be trimmed, or cut to a path of its rows.
 
     mlx-lm's RotatingKVCache overwrites rows once it is full, so it stops being trimmable past its
     window. This cache keeps the last `window - 1` rows before each update and appends the new ones,
@@ -47,6 +47,11 @@ class WindowKVCache(_BaseCache):
         window, over the rows kept before them and themselves."""
         return patterns.window(self.window, causal=True, query_start=self._kept_before_update())
 
+    def tree_pattern(self, parents, window_size=None):
+        """The attention pattern of a draft tree as the next update's rows (ask before `update_and_fetch`): the rows
+        kept before them, then the tree's, within this window (or `window_size`, where the model asks for one)."""
+        return patterns.tree(self._kept_before_update(), parents, window_size or self.window)
+
     def keys_and_values(self):
         return self.keys, self.values
 
@@ -76,6 +81,17 @@ class WindowKVCache(_BaseCache):
         self.values = self.values[..., : stored - n, :]
         self.offset -= n
         return n
+
+    def keep_path(self, since: int, path):
+        """Keep, of the rows appended since `offset` was `since` (within the last update), those at `path`
+        (increasing indices from there): the cache a prefill of the kept tokens leaves, within the window."""
+        stored, appended = self.keys.shape[2], self.offset - since
+        before = stored - appended
+        if before < min(since, self.window - 1):
+            raise RuntimeError("WindowKVCache cannot roll back past the rows of its last update")
+        rows = mx.concatenate([mx.arange(before), before + mx.array(path, dtype=mx.int32)])
+        self.keys, self.values = self.keys[..., rows, :], self.values[..., rows, :]
+        self.offset = since + len(path)
 
     def empty(self):
         return self.keys is None

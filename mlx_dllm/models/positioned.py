@@ -1,21 +1,22 @@
-"""One forward of an mlx-lm model at chosen positions under a chosen attention pattern (a draft tree's verify),
-with no copy of any family's code.
+"""One forward of an mlx-lm model at chosen positions under a draft tree's attention pattern (a tree verify), with
+no copy of any family's code.
 
 For the duration of the forward each attention's `rope` rotates block row k at `positions[k]` (the rows go into
-the batch dimension, where MLX's rope takes one offset per row), and each K/V cache hands the model the pattern's
-mask through `make_mask`, the hook mlx-lm's `create_attention_mask` asks first.
+the batch dimension, where MLX's rope takes one offset per row), and each K/V cache hands the model the tree's
+mask as its own keys see it through `make_mask`, the hook mlx-lm's `create_attention_mask` asks first.
 """
 
 from contextlib import contextmanager
-from typing import Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..errors import DLLMError
 from ..kernels import patterns
 from ..kernels.patterns import Pattern
+from .cache import WindowKVCache
 
 
 class PositionedRoPE:
@@ -28,11 +29,25 @@ class PositionedRoPE:
         return self.rope(x.transpose(2, 1, 0, 3), offset=self.positions).transpose(2, 1, 0, 3)
 
 
-def check_plain_kv(cache: List) -> None:
-    """Trees need K/V caches whose rows can be gathered; sliding windows and recurrent states are not (yet)."""
-    kinds = sorted({type(layer).__name__ for layer in cache if type(layer) is not KVCache})
-    if kinds:
-        raise DLLMError(f"a tree verify needs plain K/V caches; this target has {', '.join(kinds)} layers")
+def check_tree_caches(cache: List) -> None:
+    """A tree verify keeps the accepted path by gathering its K/V rows; a recurrent state cannot be gathered."""
+    for layer in cache:
+        kind = type(layer).__name__
+        if isinstance(layer, ArraysCache):
+            raise DLLMError(
+                f"a tree verify cannot run on this target's {kind} (recurrent) layers: each tree node would need its "
+                "own recurrent state; use speculation='chain'"
+            )
+        if type(layer) not in (KVCache, WindowKVCache):
+            raise DLLMError(f"a tree verify needs K/V caches; this target has {kind} layers")
+
+
+def layer_tree(layer, tree: Pattern, window_size: Optional[int]) -> Pattern:
+    """`tree` (after all the positions the caches hold) as `layer`'s attention sees it: a sliding-window layer's
+    keys are the rows it kept, and its window (or the one mlx-lm asks for) cuts the prefix and the ancestors."""
+    if isinstance(layer, WindowKVCache):
+        return layer.tree_pattern(tree.parents, window_size)
+    return patterns.tree(tree.a, tree.parents, window_size or tree.b)
 
 
 def attention_modules(model: nn.Module) -> List[nn.Module]:
@@ -40,23 +55,35 @@ def attention_modules(model: nn.Module) -> List[nn.Module]:
 
 
 @contextmanager
-def positioned(model: nn.Module, cache: List, pattern: Pattern, positions: mx.array) -> Iterator[None]:
-    """Run the next forward of `model` over len(positions) rows at `positions`, each row seeing what `pattern`
-    says among the cache's rows and the block's."""
-    check_plain_kv(cache)
+def positioned(model: nn.Module, cache: List, tree: Pattern, positions: mx.array) -> Iterator[None]:
+    """Run the next forward of `model` over len(positions) rows at `positions`, each row seeing what the `tree`
+    pattern says among the cache's rows and the block's (through each layer's own window)."""
+    check_tree_caches(cache)
+    if tree.kind != patterns.TREE:
+        raise ValueError("a positioned forward takes a tree pattern")
     attentions = attention_modules(model)
     if not attentions:
         raise DLLMError("a tree verify needs the target's attention layers to hold their `rope`; these do not")
-    if any(layer.offset != pattern.a for layer in cache):
-        raise ValueError(f"the pattern's prefix of {pattern.a} keys is not the cache's")
+    if any(layer.offset != tree.a for layer in cache):
+        raise ValueError(f"the pattern's prefix of {tree.a} keys is not the cache's")
     rows = positions.shape[0]
-    mask = patterns.visible(pattern, rows, pattern.a + rows)
+    masks: Dict[Pattern, mx.array] = {}  # one per layer kind: the model asks one layer of each kind
+
+    def mask_maker(layer):
+        def make_mask(N, return_array=False, window_size=None):
+            pattern = layer_tree(layer, tree, window_size)
+            if pattern not in masks:
+                masks[pattern] = patterns.visible(pattern, rows, pattern.a + rows)
+            return masks[pattern]
+
+        return make_mask
+
     originals = [module["rope"] for module in attentions]
     try:
         for module, rope in zip(attentions, originals):
             module["rope"] = PositionedRoPE(rope, positions)
         for layer in cache:
-            layer.make_mask = lambda N, return_array=False, window_size=None: mask  # noqa: E731
+            layer.make_mask = mask_maker(layer)
         yield
     finally:
         for module, rope in zip(attentions, originals):

@@ -5,7 +5,7 @@ A strategy calls `cache.mark()` before the verify forward and `cache.keep(accept
 from the mark). Each cache kind restores exactly the state after the kept tokens:
 
 - K/V caches forget rows (`trim`), or gather a path's rows into place;
-- the sliding window (`WindowKVCache`) trims within the rows of its last update;
+- the sliding window (`WindowKVCache`) trims, or keeps a path, within the rows of its last update;
 - recurrent layers (Gated DeltaNet, Mamba-2, short convolutions) replay their recurrence over the kept
   prefix of the inputs recorded during the verify (see `recurrent.py`).
 
@@ -41,8 +41,10 @@ class TrimmedKV:
             self.cache.trim(extra)
 
     def keep_path(self, path: List[int]) -> None:
-        """Gather the path's rows right after the mark (in the preallocated buffer, no copy of the cache)."""
+        """Gather the path's rows right after the mark (in KVCache's preallocated buffer, no copy of the cache)."""
         cache = self.cache
+        if isinstance(cache, WindowKVCache):
+            return cache.keep_path(self.start, path)
         if type(cache) is not KVCache:
             raise DLLMError(f"a {type(cache).__name__} keeps a chain of verified tokens, not a path")
         picks = self.start + mx.array(path)

@@ -15,7 +15,7 @@ from ..errors import DLLMError
 from ..models.drafter import Drafter, is_drafter
 from ..models.dtypes import compute_dtype
 from ..kernels import patterns
-from ..models.positioned import check_plain_kv
+from ..models.positioned import check_tree_caches
 from ..models.target import Target
 from .adaptive import Adaptive, Pinned, kind
 from .arguments import whole_number
@@ -158,7 +158,7 @@ def generate_dflash(
             raise DLLMError("tree_budget applies to speculation='tree' or 'auto', not to a chain")
         verify = ChainVerify(draft_model, target, head, select)
     elif speculation == "tree":
-        check_plain_kv(target.make_cache())
+        check_tree_caches(target.make_cache())
         budget = budget or block_size - 1
         verify = TreeVerify(draft_model, target, head, select, Pinned(budget), width=budget)
     else:
@@ -171,7 +171,7 @@ def generate_dflash(
 
 def trees_run_on(target: Target) -> bool:
     try:
-        check_plain_kv(target.make_cache())
+        check_tree_caches(target.make_cache())
     except DLLMError:
         return False
     return True

@@ -247,8 +247,8 @@ def summary(response: GenerationResponse) -> str:
 
 
 def _rounds(speculation) -> str:
-    """What DFlash's rounds verified: ", rounds: ar 12%, chain 70%, tree 18%, mean budget 4.6"."""
+    """What DFlash's rounds verified: ", rounds: ar 12%, chain 70%, tree 18%, mean budget 4.6" (else "-")."""
     if not speculation:
-        return ""
+        return ", rounds: -"
     shares = ", ".join(f"{kind} {speculation[kind]:.0%}" for kind in ("ar", "chain", "tree"))
     return f", rounds: {shares}, mean budget {speculation['mean_budget']:.1f}"
