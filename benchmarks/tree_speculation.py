@@ -22,9 +22,10 @@ BUDGETS = (4, 8, 16)
 def main(prompt_set: str, count: int) -> None:
     target, tokenizer, draft = load_pair(default_model.NAME, default_model.default_drafter())
     ids = [prompts.encode(tokenizer, text) for text in prompts.read_prompts(prompt_set, count)]
-    configs = {"ar": {"mode": "ar"}, "chain": {"draft_model": draft}}
+    configs = {"ar": {"mode": "ar"}, "chain": {"draft_model": draft, "speculation": "chain"}}
     for budget in BUDGETS:
         configs[f"tree {budget}"] = {"draft_model": draft, "speculation": "tree", "tree_budget": budget}
+    configs["auto"] = {"draft_model": draft}
     for options in configs.values():  # warm-up
         list(mlx_dllm.stream_generate(target, tokenizer, ids[0], 8, **options))
     rows = {}
@@ -34,6 +35,8 @@ def main(prompt_set: str, count: int) -> None:
             responses = list(mlx_dllm.stream_generate(target, tokenizer, prompt, MAX_TOKENS, **options))
             speeds.append(responses[-1].generation_tps)
             accepts.append(responses[-1].acceptance_length or 1.0)
+            if label == "auto":
+                print(prompt_set, responses[-1].speculation, flush=True)
             outputs.append([token for response in responses for token in response.tokens])
         rows[label] = (sum(speeds) / len(speeds), sum(accepts) / len(accepts), outputs)
     ar_speed, _, ar_outputs = rows["ar"]

@@ -29,7 +29,12 @@ def split_modes(ctx, param, value):
     metavar="FAMILY",
     help="Build a tiny random checkpoint of this model family instead (e.g. dflash; a wrong name lists them all).",
 )
-@click.option("--modes", callback=split_modes, help="Comma-separated modes (default: every mode the model runs).")
+@click.option(
+    "--modes",
+    callback=split_modes,
+    help="Comma-separated modes, each with options if wanted: dflash:speculation=tree:tree_budget=16 (default: every "
+    "mode the model runs).",
+)
 @click.option(
     "--prompts", default="gsm8k", show_default=True, help=f"Built-in set ({', '.join(BUILT_IN)}) or a jsonl/text file."
 )
@@ -38,6 +43,11 @@ def split_modes(ctx, param, value):
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Interleaved repeats.")
 @click.option(
     "--block-size", type=click.IntRange(2), help="DFlash: tokens per draft block, 2 up to the drafter's (default)."
+)
+@click.option(
+    "--sweep",
+    is_flag=True,
+    help="DFlash: chains at every block from 2 to the drafter's, trees of 4, 8, 16 and 32 nodes, and auto.",
 )
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write tokens/s and acceptance to a PNG.")
 @click.option("--project", type=click.Choice([*CHIPS, "all"]), help="Print a roofline projection for an Apple chip.")

@@ -24,6 +24,7 @@ ROW_KEYS = {
     "vs_mlx_lm",
     "identical_output",
     "outside_forward_share",
+    "rounds",
 }
 REFERENCE_MAPS = """\
 7f0000000000-7f0000001000 r-xp 00000000 08:01 42 /venv/lib/python3.11/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0
@@ -91,6 +92,22 @@ def test_benchmark_block_size_reaches_every_dflash_run(monkeypatch):
     assert len(blocks) >= 3 and set(blocks) == {3}  # warm-up, measured and instrumented runs
 
 
+def test_the_sweep_runs_every_chain_tree_and_auto_losslessly_and_plots_them_against_budget(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "sweep.png"
+    result = benchmark("--tiny", "dflash", "--sweep", "--plot", plot, *QUICK)
+    assert result.exit_code == 0, result.output
+    [record] = json_lines(result.output)
+    chains = [f"dflash:speculation=chain:block_size={b}" for b in range(2, 9)]
+    trees = [f"dflash:speculation=tree:tree_budget={b}" for b in (4, 8, 16, 32)]
+    assert list(record["methods"]) == ["mlx_lm", *chains, *trees, "dflash:speculation=auto"]
+    assert record["outputs_match"] is True
+    rows = record["methods"]
+    assert rows[chains[0]]["rounds"]["chain"] == 1.0 and rows[trees[0]]["rounds"]["tree"] > 0
+    assert rows["dflash:speculation=auto"]["rounds"] is not None and rows["mlx_lm"]["rounds"] is None
+    assert plot.stat().st_size > 0 and "Plot:" in result.output
+
+
 def test_benchmark_restores_the_forward_methods_it_times():
     import mlx.nn as nn
 
@@ -107,8 +124,8 @@ def test_benchmark_restores_the_forward_methods_it_times():
 def test_benchmark_reports_a_forced_mismatch(monkeypatch):
     real = runner.mode_runner
 
-    def corrupted(mode, block_size=None):
-        run = real(mode, block_size)
+    def corrupted(mode, block_size=None, options=None):
+        run = real(mode, block_size, options)
         if mode.name != "quadratic-spec":
             return run
 
@@ -171,6 +188,13 @@ def test_benchmark_forward_cost_curve():
         (["--tiny", "nemotron", "--block-size", "4", *QUICK], "--block-size is DFlash's"),
         (["--tiny", "dflash", "--block-size", "1", *QUICK], "Invalid value for '--block-size'"),
         (["--tiny", "dflash", "--block-size", "9", *QUICK], "between 2 and the drafter's trained 8, got 9"),
+        (["--tiny", "nemotron", "--sweep", *QUICK], "--sweep runs DFlash's chains and trees: it needs"),
+        (["--tiny", "dflash", "--modes", "dflash:tree_budget=x", *QUICK],
+         "--modes dflash:tree_budget=x: tree_budget must be an integer, got 'x'"),
+        (["--tiny", "dflash", "--modes", "dflash:bush=1", *QUICK], "--modes dflash:bush=1: dflash has no option bush"),
+        (["--tiny", "dflash", "--modes", "dflash:tree", *QUICK], "write a mode's options as NAME:OPTION=VALUE"),
+        (["--tiny", "dflash", "--modes", "dflash:speculation=bush", *QUICK],
+         "speculation must be one of auto, chain, tree, got 'bush'"),
     ],
 )
 def test_benchmark_bad_flags_are_one_error_line(args, message):

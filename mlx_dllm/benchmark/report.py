@@ -12,6 +12,14 @@ def median(values) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
+def mean_rounds(samples: List[Sample]) -> Optional[Dict[str, float]]:
+    """DFlash's round shares (and mean budget), averaged over the runs that report them."""
+    reported = [s.speculation for s in samples if s.speculation]
+    if not reported:
+        return None
+    return {key: round(statistics.mean(r[key] for r in reported), 3) for key in reported[0]}
+
+
 def paired_ratio(samples: List[Sample], baseline: List[Sample]) -> Optional[float]:
     """Median over runs of this method's tokens/s over the baseline's on the same prompt and repeat."""
     return median(s.generation_tps / b.generation_tps for s, b in zip(samples, baseline) if b.generation_tps > 0)
@@ -34,6 +42,7 @@ def summarize(
             "outside_forward_share": outside.get(method),
             "vs_mlx_lm": paired_ratio(runs, samples[baseline_name]) if baseline_name else None,
             "identical_output": (diverged == 0) if method in lossless and method != baseline_name else None,
+            "rounds": mean_rounds(runs),
         }
     return table
 
@@ -46,18 +55,28 @@ def identical_cell(value: Optional[bool]) -> str:
     return "-" if value is None else ("yes" if value else "MISMATCH")
 
 
+def rounds_cell(rounds: Optional[Dict[str, float]]) -> str:
+    """Shares of AR / chain / tree rounds in percent, and the mean budget: "10/60/30 b4.2"."""
+    if not rounds:
+        return "-"
+    shares = "/".join(f"{100 * rounds[kind]:.0f}" for kind in ("ar", "chain", "tree"))
+    return f"{shares} b{rounds['mean_budget']:.1f}"
+
+
 def table_lines(table: Dict[str, dict]) -> List[str]:
+    width = max([15] + [len(method) for method in table])
     header = (
-        f"{'method':<15} {'gen tok/s':>10} {'prompt tok/s':>12} {'tok/fwd':>8} {'accept':>7} "
-        f"{'peak GB':>8} {'outside':>8} {'vs mlx_lm':>9} {'= mlx_lm':>9}"
+        f"{'method':<{width}} {'gen tok/s':>10} {'prompt tok/s':>12} {'tok/fwd':>8} {'accept':>7} "
+        f"{'peak GB':>8} {'outside':>8} {'vs mlx_lm':>9} {'= mlx_lm':>9} {'ar/chain/tree':>16}"
     )
     lines = [header]
     for method, row in table.items():
         lines.append(
-            f"{method:<15} {fmt(row['generation_tps'], '.1f'):>10} {fmt(row['prompt_tps'], '.1f'):>12} "
+            f"{method:<{width}} {fmt(row['generation_tps'], '.1f'):>10} {fmt(row['prompt_tps'], '.1f'):>12} "
             f"{fmt(row['tokens_per_forward'], '.2f'):>8} {fmt(row['acceptance_length'], '.2f'):>7} "
             f"{row['peak_memory_gb']:>8.3f} {fmt(row['outside_forward_share'], '.1%'):>8} "
-            f"{fmt(row['vs_mlx_lm'], '.2f'):>9} {identical_cell(row['identical_output']):>9}"
+            f"{fmt(row['vs_mlx_lm'], '.2f'):>9} {identical_cell(row['identical_output']):>9} "
+            f"{rounds_cell(row['rounds']):>16}"
         )
     return lines
 

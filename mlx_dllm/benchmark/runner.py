@@ -1,10 +1,15 @@
-"""Greedy runs of every method on the same weights: mlx-lm's plain generation and our modes, interleaved."""
+"""Greedy runs of every method on the same weights: mlx-lm's plain generation and our modes, interleaved.
+
+A method is `mlx_lm`, a mode's name, or a mode with options: `NAME:OPTION=VALUE[:OPTION=VALUE...]`, e.g.
+`dflash:speculation=tree:tree_budget=16`, checked by the mode's own declarations.
+"""
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import mlx.core as mx
 
+from ..errors import DLLMError
 from ..sampler.mode import Mode, modes_of
 
 MLX_LM = "mlx_lm"
@@ -21,6 +26,7 @@ class Sample:
     tokens_per_forward: float
     acceptance_length: Optional[float]
     step_tokens: List[int] = field(default_factory=list)  # tokens committed per decoding step
+    speculation: Optional[Dict[str, float]] = None  # DFlash's rounds by what they verified
 
 
 def run_mlx_lm(model, tokenizer, prompt: List[int], max_tokens: int, draft=None) -> Sample:
@@ -34,14 +40,56 @@ def run_mlx_lm(model, tokenizer, prompt: List[int], max_tokens: int, draft=None)
     return Sample(tokens, last.generation_tps, last.prompt_tps, last.peak_memory, 1.0, None, [1] * (len(tokens) - 1))
 
 
-def mode_runner(mode: Mode, block_size: Optional[int] = None) -> Callable:
-    """One of our modes; `block_size` is the drafter's block (None: its trained one)."""
+def split_method(method: str) -> Tuple[str, Dict[str, str]]:
+    """(mode name, {option: text}) of `NAME:OPTION=VALUE:...`."""
+    name, *settings = method.split(":")
+    options = {}
+    for setting in settings:
+        option, equals, value = setting.partition("=")
+        if not equals or not option or not value:
+            raise DLLMError(f"--modes {method}: write a mode's options as NAME:OPTION=VALUE, e.g. "
+                            "dflash:speculation=tree:tree_budget=16")
+        options[option] = value
+    return name, options
+
+
+def method_options(mode: Mode, method: str, given: Dict[str, str]) -> Dict:
+    """The method's options, typed and checked by the mode's declarations."""
+    declared = {option.name: option for option in mode.options}
+    typed = {}
+    for name, text in given.items():
+        option = declared.get(name)
+        if option is None or not option.served:
+            raise DLLMError(f"--modes {method}: {mode.name} has no option {name}")
+        if option.kind is bool:
+            typed[name] = {"true": True, "false": False}.get(text.lower(), text)
+        elif option.kind in (int, float):
+            try:
+                typed[name] = option.kind(text)
+            except ValueError:
+                typed[name] = text  # refused below, in the declaration's words
+        else:
+            typed[name] = text
+    try:
+        return mode.check_options(typed)
+    except DLLMError as error:
+        raise DLLMError(f"--modes {method}: {error}") from None
+
+
+def method_mode(model, method: str) -> Mode:
+    return modes_of(model)[split_method(method)[0]]
+
+
+def mode_runner(mode: Mode, block_size: Optional[int] = None, options: Optional[Dict] = None) -> Callable:
+    """One of our modes with its `options`; `block_size` is the drafter's block (None: its trained one)."""
+    options = options or {}
 
     def run(model, tokenizer, prompt: List[int], max_tokens: int, draft=None) -> Sample:
         from ..sampler import stream_generate
 
         drafting = {"draft_model": draft, "block_size": block_size} if mode.drafter else {}
-        responses = list(stream_generate(model, tokenizer, prompt, max_tokens, mode=mode.name, **drafting))
+        kwargs = {**drafting, **options}
+        responses = list(stream_generate(model, tokenizer, prompt, max_tokens, mode=mode.name, **kwargs))
         last = responses[-1]
         steps = [len(r.tokens) for r in responses[1:] if r.tokens]  # the first holds the prefill's token
         tokens = [t for r in responses for t in r.tokens]
@@ -53,20 +101,27 @@ def mode_runner(mode: Mode, block_size: Optional[int] = None) -> Callable:
             last.tokens_per_forward,
             last.acceptance_length,
             steps,
+            last.speculation,
         )
 
     return run
 
 
 def runners(model, methods: List[str], block_size: Optional[int] = None) -> Dict[str, Callable]:
-    modes = modes_of(model)
-    return {m: run_mlx_lm if m == MLX_LM else mode_runner(modes[m], block_size) for m in methods}
+    found = {}
+    for method in methods:
+        if method == MLX_LM:
+            found[method] = run_mlx_lm
+            continue
+        name, given = split_method(method)
+        mode = modes_of(model)[name]
+        found[method] = mode_runner(mode, block_size, method_options(mode, method, given))
+    return found
 
 
 def lossless(model, methods: List[str]) -> Set[str]:
     """The methods whose greedy output must equal greedy AR: mlx-lm's, and the modes declared lossless."""
-    modes = modes_of(model)
-    return {m for m in methods if m == MLX_LM or modes[m].lossless}
+    return {m for m in methods if m == MLX_LM or method_mode(model, m).lossless}
 
 
 def rotated(methods: List[str], repeat: int) -> List[str]:

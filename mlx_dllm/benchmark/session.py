@@ -29,6 +29,7 @@ class Options:
     forward_cost: bool
     kernels: bool = False
     block_size: Optional[int] = None  # DFlash's block (None: the drafter's trained one)
+    sweep: bool = False  # DFlash's chains, trees and auto, method by method
 
 
 def check_options(options: Options) -> None:
@@ -43,8 +44,12 @@ def check_options(options: Options) -> None:
         raise DLLMError("give --model (a checkpoint) or --tiny FAMILY (a tiny random one), exactly one")
     if options.tiny is not None and options.draft_model is not None:
         raise DLLMError("--tiny dflash builds its own drafter: --draft-model goes with --model")
-    if options.forward_cost and (options.modes or options.plot or options.project or options.block_size):
-        raise DLLMError("--forward-cost measures forwards alone: no --modes, --plot, --project or --block-size")
+    if options.forward_cost and any((options.modes, options.plot, options.project, options.block_size, options.sweep)):
+        raise DLLMError(
+            "--forward-cost measures forwards alone: no --modes, --plot, --project, --block-size or --sweep"
+        )
+    if options.sweep and options.draft_model is None and not tiny_drafter:
+        raise DLLMError("--sweep runs DFlash's chains and trees: it needs --draft-model or --tiny dflash")
     if options.plot is not None:
         from .plot import check_plot_path
 
@@ -69,15 +74,27 @@ def supported_modes(model, draft) -> List[str]:
     return [name for name, mode in modes_of(model).items() if not mode.drafter or draft is not None]
 
 
-def choose_methods(model, draft, asked: Optional[List[str]]) -> List[str]:
-    """The mlx-lm baseline (wherever plain AR runs) followed by the asked modes, else every supported one."""
+def choose_methods(model, draft, asked: Optional[List[str]], sweep: bool = False) -> List[str]:
+    """The mlx-lm baseline (wherever plain AR runs) followed by the asked methods (else every supported mode, or
+    with `sweep` none), then the sweep's."""
     supported = supported_modes(model, draft)
-    for mode in asked or ():
-        if mode not in supported:
-            raise DLLMError(f"--modes: this model runs {', '.join(supported)}, not {mode}")
-    modes = list(dict.fromkeys(asked or supported))
+    for method in asked or ():
+        name = runner.split_method(method)[0]
+        if name not in supported:
+            raise DLLMError(f"--modes: this model runs {', '.join(supported)}, not {name}")
+    methods = list(dict.fromkeys((asked or ([] if sweep else supported)) + (sweep_methods(draft) if sweep else [])))
     baseline = [runner.MLX_LM] if "ar" in modes_of(model) else []
-    return baseline + modes
+    return baseline + methods
+
+
+SWEEP_BUDGETS = (4, 8, 16, 32)
+
+
+def sweep_methods(draft) -> List[str]:
+    """DFlash's chains at every block from 2 to the drafter's, trees at SWEEP_BUDGETS nodes, and auto."""
+    chains = [f"dflash:speculation=chain:block_size={block}" for block in range(2, draft.block_size + 1)]
+    trees = [f"dflash:speculation=tree:tree_budget={budget}" for budget in SWEEP_BUDGETS]
+    return chains + trees + ["dflash:speculation=auto"]
 
 
 def environment(device: str) -> dict:
@@ -118,7 +135,7 @@ def run(options: Options) -> None:
     with loaded_models(options) as (model, tokenizer, draft):
         if options.forward_cost:
             return run_forward_cost(options, model, env)
-        methods = choose_methods(model, draft, options.modes)
+        methods = choose_methods(model, draft, options.modes, options.sweep)
         texts = prompts.read_prompts(options.prompts, options.num_prompts)
         vocab = tiny.VOCAB if options.tiny else 0
         ids = [prompts.encode(tokenizer, text, vocab) for text in texts]
