@@ -110,20 +110,23 @@ def test_the_key_follows_shapes_and_dtypes_not_values():
     assert cost_curve.curve_key(Tiny(8), Tiny(4)) == cost_curve.curve_key(Tiny(8), Tiny(4))  # other random values
     assert cost_curve.curve_key(Tiny(8), Tiny(4)) != cost_curve.curve_key(Tiny(16), Tiny(4))
     assert cost_curve.curve_key(Tiny(8), Tiny(4)) != cost_curve.curve_key(Tiny(8, mx.float16), Tiny(4))
+    assert cost_curve.curve_key(Tiny(8), Tiny(4), 8) != cost_curve.curve_key(Tiny(8), Tiny(4), 4)
 
 
 def test_a_curve_is_measured_once_then_read_and_measured_again_when_stale_or_damaged(tmp_path, monkeypatch):
     monkeypatch.setenv(cost_curve.FOLDER_VARIABLE, str(tmp_path))
     measured = []
-    verify = measured.append
+
+    def timing(sizes):
+        return cost_curve.measure(measured.append, lambda: None, sizes)
 
     def curve():
-        return cost_curve.cost_curve("pair", 9, verify, lambda: None)
+        return cost_curve.cost_curve("pair", 9, timing)
 
     first = curve()
     assert first.sizes == (1, 2, 3, 4, 6, 8, 9) and len(measured) == 7 * (1 + cost_curve.REPEATS)
     assert curve() == first and len(measured) == 28  # read back, not measured
-    assert cost_curve.cost_curve("pair", 12, verify, lambda: None).sizes[-1] == 12  # a longer one is measured
+    assert cost_curve.cost_curve("pair", 12, timing).sizes[-1] == 12  # a longer one is measured
     file = tmp_path / "pair.json"
     saved = json.loads(file.read_text())
     saved["measured_at"] = time.time() - cost_curve.STALE_AFTER_S - 1

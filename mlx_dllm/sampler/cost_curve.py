@@ -63,8 +63,8 @@ def _architecture(model: nn.Module) -> list:
     return [(name, tuple(p.shape), str(p.dtype)) for name, p in tree_flatten(model.parameters())]
 
 
-def curve_key(target: nn.Module, draft: nn.Module) -> str:
-    """What a curve's times depend on, hashed."""
+def curve_key(target: nn.Module, draft: nn.Module, *details) -> str:
+    """What a curve's times depend on, hashed; `details` are the run's own (e.g. the drafter's block)."""
     info = mx.device_info()
     described = {
         "versions": [__version__, mx.__version__],
@@ -73,6 +73,7 @@ def curve_key(target: nn.Module, draft: nn.Module) -> str:
                     os.environ.get("LD_PRELOAD", "")],
         "target": [type(target).__module__, _architecture(target)],
         "draft": [type(draft).__module__, _architecture(draft)],
+        "details": list(details),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -105,14 +106,13 @@ def _read(file: Path, largest: int) -> Optional[CostCurve]:
     return curve if fresh and covers else None
 
 
-def cost_curve(key: str, largest: int, verify: Callable[[int], None], draft: Callable[[], None]) -> CostCurve:
-    """The curve saved under `key` when fresh and measured up to `largest` tokens; else measured now and saved."""
+def cost_curve(key: str, largest: int, timing: Callable[[Sequence[int]], CostCurve]) -> CostCurve:
+    """The curve saved under `key` when fresh and measured up to `largest` tokens; else `timing(sizes)`, saved."""
     file = folder() / f"{key}.json"
     curve = _read(file, largest)
     if curve is not None:
         return curve
-    sizes = [size for size in SIZES if size < largest] + [largest]
-    curve = measure(verify, draft, sizes)
+    curve = timing([size for size in SIZES if size < largest] + [largest])
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         write_json(file, {"measured_at": time.time(), "sizes": list(curve.sizes), "seconds": list(curve.seconds),

@@ -20,7 +20,7 @@ from ..models.target import Target
 from .adaptive import Adaptive, Pinned, kind
 from .arguments import whole_number
 from .common import Stats, TokenSelector, prefill_chunks
-from .cost_curve import CONTEXT, cost_curve, curve_key
+from .cost_curve import CONTEXT, cost_curve, curve_key, measure
 from .mode import Mode, Option
 from .tree import follow
 
@@ -179,21 +179,25 @@ def trees_run_on(target: Target) -> bool:
 
 def measured_costs(target: Target, draft: Drafter, head: DraftHead, block_size: int, largest: int, width: int):
     """This machine's cost curve for the pair, from the user's cache or measured now on scratch caches."""
-    cache, draft_cache = target.make_cache(), draft.make_cache()
-    context = mx.arange(CONTEXT)[None] % target.embed_tokens.weight.shape[0]
-    features = target(context, cache)[1]
-    mx.eval(features, [layer.state for layer in cache])
 
-    def verify(tokens: int) -> None:
-        cache.mark()
-        mx.eval(target(mx.zeros((1, tokens), dtype=mx.int32), cache))
-        cache.keep(0)
+    def timing(sizes):
+        cache, draft_cache = target.make_cache(), draft.make_cache()
+        context = mx.arange(CONTEXT)[None] % target.embed_tokens.weight.shape[0]
+        features = target(context, cache)[1]
+        draft_hidden(draft, target, 0, features, draft_cache, block_size)  # the drafter reads the context once
+        mx.eval(features, [layer.state for layer in cache], [layer.state for layer in draft_cache])
 
-    def draft_forward() -> None:  # one context row more each time, as in a round
-        mx.eval(head.top(draft_hidden(draft, target, 0, features[:, -1:], draft_cache, block_size), width))
+        def verify(tokens: int) -> None:
+            cache.mark()
+            mx.eval(target(mx.zeros((1, tokens), dtype=mx.int32), cache))
+            cache.keep(0)
 
-    draft_hidden(draft, target, 0, features, draft_cache, block_size)  # the drafter reads the context once
-    return cost_curve(curve_key(target.model, draft), largest, verify, draft_forward)
+        def draft_forward() -> None:  # one context row more each time, as in a round
+            mx.eval(head.top(draft_hidden(draft, target, 0, features[:, -1:], draft_cache, block_size), width))
+
+        return measure(verify, draft_forward, sizes)
+
+    return cost_curve(curve_key(target.model, draft, block_size, width), largest, timing)
 
 
 class Step(NamedTuple):
