@@ -32,7 +32,7 @@ def test_the_whole_vocabulary_as_draft_vocab_changes_nothing(tiny, tmp_path, mon
     runs = []
     for drafter in (mlx_dllm.load(str(draft))[0], with_vocab(draft, tmp_path / "all", list(range(VOCAB)))):
         seen = _record_our_drafts(monkeypatch)
-        text = mlx_dllm.generate(model, tokenizer, "w5 w6 w7", max_tokens=24, draft_model=drafter)
+        text = mlx_dllm.generate(model, tokenizer, "w5 w6 w7", max_tokens=24, draft_model=drafter, speculation="chain")
         runs.append((text, seen))
         monkeypatch.undo()
     assert runs[0] == runs[1] and runs[0][1]
@@ -48,14 +48,23 @@ def test_a_draft_vocab_proposes_only_its_tokens_and_output_equals_ar(tiny, tmp_p
     vocab = sorted(set(full_ids[::2]) | set(range(100, 140)))  # half of what AR says, and some it does not
     drafter = with_vocab(draft, tmp_path / "some", vocab)
     seen = _record_our_drafts(monkeypatch)
-    assert mlx_dllm.generate(model, tokenizer, prompt, max_tokens=24, draft_model=drafter) == ar
+    assert mlx_dllm.generate(model, tokenizer, prompt, max_tokens=24, draft_model=drafter, speculation="chain") == ar
     assert seen and all(token in vocab for block in seen for token in block)
+    for speculation in ("tree", "auto"):
+        assert mlx_dllm.generate(model, tokenizer, prompt, max_tokens=24, draft_model=drafter,
+                                 speculation=speculation) == ar
     # Each proposal is the argmax of the full head's logits over the draft vocabulary's columns.
     target_adapter = dflash_strategy.bind_target(drafter, model)
     hidden = mx.random.normal((1, 3, drafter.args.hidden_size))
     head = dflash_strategy.DraftHead(drafter, target_adapter)
     full = target_adapter.lm_head(hidden)[..., mx.array(vocab)]
     assert head(hidden).tolist() == mx.array(vocab)[mx.argmax(full, axis=-1)].tolist()
+    # A tree's candidates: the draft vocabulary's best 4 per position, their log-probabilities over it alone.
+    tokens, log_probs = head.top(hidden, 4)
+    ranked = mx.argsort(-full, axis=-1)[..., :4]
+    assert tokens.tolist() == mx.array(vocab)[ranked].tolist()
+    expected = mx.take_along_axis(full - mx.logsumexp(full, axis=-1, keepdims=True), ranked, axis=-1)
+    assert mx.allclose(log_probs, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("vocab, message", [

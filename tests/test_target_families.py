@@ -238,3 +238,21 @@ def test_layer_ids_beyond_the_target_are_refused_untouched():
     with pytest.raises(DLLMError, match="target layer id 9 is outside the target's 4 layers"):
         Target(model, [0, 9])
     assert [type(layer) for layer in model.layers] == classes
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_trees_are_lossless_on_family(family, tokenizer, monkeypatch):
+    """The drafter's second choice is the true one at every depth: trees (pinned, and auto's) accept it on every
+    K/V and sliding-window family, and commit exactly greedy AR."""
+    from tests.test_tree_dflash import FLAT, machine, second_choice_is_right
+
+    model = make_target(family)
+    prompt, max_tokens = [5, 17, 42, 9, 3], 30
+    reference = second_choice_is_right(monkeypatch, model, prompt, 4)
+    machine(monkeypatch, FLAT)
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [])
+    for options in ({"speculation": "tree", "tree_budget": 16}, {}):
+        chunks = list(stream_generate(model, tokenizer, prompt, max_tokens, draft_model=make_drafter(), block_size=4,
+                                      **options))
+        assert [t for r in chunks for t in r.tokens] == reference[:max_tokens]
+        assert chunks[-1].acceptance_length > 2

@@ -243,8 +243,11 @@ class TreeVerify:
     in one forward whose rows see their ancestors, at position anchor + depth (a tree that is one path, or the
     anchor alone, runs as a plain causal block). The target chooses its own token after every row, as it would
     after that row's path; walking its choices down the tree commits exactly what AR would (greedy or sampled:
-    each committed token is the target's own draw given the tokens before it). A policy that skips the drafter
-    makes the round one AR step, queued before the yield as AR's are."""
+    each committed token is the target's own draw given the tokens before it). With deterministic candidates (the
+    drafter's top tokens), SpecInfer's recursive rejection over siblings accepts sibling i with probability
+    p(x_i) / (1 - p(x_1) - ... - p(x_(i-1))), so some sibling with p(x_1) + p(x_2) + ...: exactly what matching
+    the target's own draw accepts; this is that scheme. A policy that skips the drafter makes the round one AR
+    step, queued before the yield as AR's are."""
 
     def __init__(self, draft: Drafter, target: Target, head: DraftHead, select: TokenSelector, policy, width: int):
         self.draft, self.target, self.head, self.select = draft, target, head, select
