@@ -10,8 +10,9 @@ from mlx_lm.generate import generate_step
 
 from mlx_dllm import DLLMError
 from mlx_dllm.models.nemotron_diffusion import LoRA, Model, ModelArgs
-from mlx_dllm.sampler import linear_spec, quadratic_spec
+from mlx_dllm.sampler import blocks, linear_spec, quadratic_spec
 from mlx_dllm.sampler.common import Stats, make_token_selector
+from mlx_dllm.sampler.cost_curve import CostCurve
 from mlx_dllm.kernels import patterns
 
 YARN = {
@@ -171,9 +172,10 @@ def test_linear_spec_is_lossless(model, monkeypatch, block_length, lora):
     max_tokens = 23
     reference = _ar(model, max_tokens)
     forced = Oracle(reference, [5, 0, 2, 5, 1])
-    real = linear_spec.draft_block
+    real, sizes = linear_spec.draft_block, []
 
     def oracle_drafts(model, cache, seed, size, threshold, lora, stats):
+        sizes.append(size)
         real(model, cache, seed, size, threshold, lora, stats)  # the real draft forward still runs
         return mx.array([seed] + forced.tokens(cache[0].offset + 1, size - 1), dtype=mx.int32)
 
@@ -181,9 +183,92 @@ def test_linear_spec_is_lossless(model, monkeypatch, block_length, lora):
     stats = Stats()
     out = _run(linear_spec.generate_linear_spec, model, max_tokens, stats, block_length=block_length, lora=lora)
     assert out == reference
-    assert stats.forwards == 1 + len(stats.accept_lengths)
+    assert stats.forwards == 1 + sum(stats.rounds.values())
+    assert sizes[:-1] == [block_length] * (len(sizes) - 1)  # pinned: only the last block is cut to what is left
     if block_length > 2:
         assert max(stats.accept_lengths) > 2
+
+
+# Synthetic machines (a tiny model's timings are noise): a GPU's forward costs about the same up to 72 tokens, a
+# 2-core CPU's grows with its tokens.
+GPU = CostCurve((1, 72), (0.010, 0.011), draft_seconds=0.011)
+CPU = CostCurve((1, 8, 32, 72), (0.050, 0.090, 0.200, 0.400), draft_seconds=0.400)
+# Drafts right for the first k positions of each block, k cycling: never, always, or by turns.
+PATTERNS = {"never": [0], "always": [99], "mixed": [5, 0, 2, 5, 1, 3, 3]}
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """The cost curve the adaptive block choice reads, instead of one measured here."""
+    return lambda curve: monkeypatch.setattr(blocks, "measured_costs", lambda model: curve)
+
+
+@pytest.mark.parametrize("curve", [GPU, CPU], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("pattern", ["own-drafts", *PATTERNS])
+def test_adaptive_linear_spec_is_lossless(model, monkeypatch, machine, curve, pattern):
+    machine(curve)
+    max_tokens = 40
+    reference = _ar(model, max_tokens)
+    sizes, real = [], linear_spec.draft_block
+
+    def drafts(model, cache, seed, size, threshold, lora, stats):
+        sizes.append(size)
+        block = real(model, cache, seed, size, threshold, lora, stats)
+        if pattern == "own-drafts":
+            return block
+        return mx.array([seed] + forced.tokens(cache[0].offset + 1, size - 1), dtype=mx.int32)
+
+    forced = Oracle(reference, PATTERNS.get(pattern, [0]))
+    monkeypatch.setattr(linear_spec, "draft_block", drafts)
+    stats = Stats()
+    assert _run(linear_spec.generate_linear_spec, model, max_tokens, stats) == reference
+    assert stats.forwards == 1 + len(sizes) == 1 + sum(stats.rounds.values())
+    assert stats.draft_forwards == sum(size > 1 for size in sizes)  # an AR step drafts nothing
+    assert stats.rounds.get("ar", 0) == sizes.count(1) and max(sizes) <= model.args.block_size
+    if pattern == "never":
+        assert sizes.count(1) > len(sizes) / 2 and stats.speculation["ar"] > 0.5
+    if pattern == "always" and curve is GPU:
+        assert sizes[:-1] == [model.args.block_size] * (len(sizes) - 1)
+    if pattern == "mixed":
+        assert len(set(sizes)) > 1
+
+
+@pytest.mark.parametrize("curve", [GPU, CPU], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("pattern", ["own-drafts", *PATTERNS])
+def test_adaptive_quadratic_spec_is_lossless(model, monkeypatch, machine, curve, pattern):
+    machine(curve)
+    max_tokens = 40
+    reference = _ar(model, max_tokens + 2 * blocks.AUTO_ROWS)
+    if pattern != "own-drafts":
+        forced = Oracle(reference, PATTERNS[pattern])
+        monkeypatch.setattr(
+            quadratic_spec,
+            "propose",
+            lambda model, hidden, position: mx.array(forced.tokens(position, hidden.shape[0]), dtype=mx.int32),
+        )
+    drafts, real = [], quadratic_spec.layout_forward
+    monkeypatch.setattr(
+        quadratic_spec, "layout_forward", lambda model, cache, draft, select: drafts.append(draft.tolist()) or real(
+            model, cache, draft, select
+        )
+    )
+    stats = Stats()
+    out = _run(quadratic_spec.generate_quadratic_spec, model, max_tokens, stats)
+    assert out[:max_tokens] == reference[:max_tokens]
+    rows = [len(draft) for draft in drafts]
+    assert 2 <= min(rows) and max(rows) <= blocks.AUTO_ROWS
+    assert stats.rounds == {"chain": len(rows)} and stats.verified_nodes == sum(rows) - len(rows)
+    mask_id = model.args.mask_token_id
+    for cycle in range(1, len(rows)):
+        before, after = rows[cycle - 1], rows[cycle]
+        if after > before:  # a grown draft: the last layout drafted `before` tokens, mask ids pad the rest
+            assert drafts[cycle][before:] == [mask_id] * (after - before)
+    if pattern == "never":
+        assert rows[-3:] == [2, 2, 2]
+    if pattern == "always" and curve is GPU:
+        assert rows[-3:] == [blocks.AUTO_ROWS] * 3
+    if pattern == "always" and curve is CPU:  # it grew, short of rows whose compute outgrows the tokens
+        assert rows[0] < rows[-1] < blocks.AUTO_ROWS
 
 
 def test_block_length_below_two_is_refused(model):

@@ -25,6 +25,7 @@ from mlx_dllm.sampler import dflash as dflash_strategy
 from mlx_dllm.sampler import ar, blocks, front, linear_spec, quadratic_spec, summary
 from mlx_dllm.sampler.mode import modes_of
 from mlx_dllm.sampler.common import Stats, TokenSelector
+from mlx_dllm.sampler.cost_curve import CostCurve
 from tests.oracle import Oracle
 
 harness = pytest.importorskip("tests.reference.harness")
@@ -113,6 +114,8 @@ def test_summary_line_has_the_same_fields_in_every_mode(models, nemotron, no_eos
     assert "rounds: ar 0%, chain 100%, tree 0%" in summary(dflash) and "rounds: ar" in summary(runs["dflash auto"])
     assert "rounds: -" in summary(runs["ar"])
     assert runs["nemotron linear-spec"].draft_forwards >= runs["nemotron linear-spec"].forwards - 1 > 0
+    assert "rounds: ar 0%, chain 100%, tree 0%, mean budget 3.0" in summary(runs["nemotron quadratic-spec"])  # 4 rows
+    assert "rounds: ar" in summary(runs["nemotron linear-spec"]) and "rounds: -" in summary(runs["nemotron diffusion"])
     assert runs["nemotron ar"].tokens_per_forward == 1.0
     assert "acceptance length: -" in summary(runs["nemotron diffusion"]) and "length: -" in summary(runs["ar"])
 
@@ -340,7 +343,7 @@ def test_num_draft_tokens_is_the_block_minus_its_anchor(models, no_eos, monkeypa
         next(stream_generate(target, tokenizer, PROMPT, draft_model=draft, num_draft_tokens=3, block_size=4))
 
 
-def test_quadratic_spec_defaults_to_its_own_block(nemotron, monkeypatch):
+def test_quadratic_spec_chooses_its_rows_up_to_its_cap(nemotron, monkeypatch):
     rows_seen = []
     real = quadratic_spec.layout_forward
     monkeypatch.setattr(
@@ -348,11 +351,13 @@ def test_quadratic_spec_defaults_to_its_own_block(nemotron, monkeypatch):
             model, cache, draft, *rest
         )
     )
+    flat = CostCurve((1, 72), (0.010, 0.011), draft_seconds=0.011)  # a GPU's: more rows cost next to nothing
+    monkeypatch.setattr(blocks, "measured_costs", lambda model: flat)
     chunks = quadratic_spec.generate_quadratic_spec(
         nemotron, mx.array(PROMPT), select=TokenSelector(), stats=Stats(), max_tokens=8, options={}
     )
     list(itertools.islice(chunks, 2))
-    assert set(rows_seen) == {blocks.DEFAULT_ROWS} and 4 <= blocks.DEFAULT_ROWS <= 8
+    assert rows_seen[0] == blocks.AUTO_ROWS and max(rows_seen) <= blocks.AUTO_ROWS < nemotron.args.block_size
     assert nemotron.args.block_size == 32  # the checkpoint's block stays the other modes' default
 
 
@@ -495,7 +500,8 @@ def test_cli_num_draft_tokens_is_block_size_minus_one(mlx_checkpoints):
     assert both.exit_code != 0 and "Error: give block_size or num_draft_tokens, not both" in both.output
 
 
-def test_cli_help_shows_the_quadratic_default_block():
+def test_cli_help_shows_the_adaptive_blocks_and_their_caps():
     help_text = " ".join(_cli("generate", "--help").output.split()).replace("- ", "-")  # unwrapped at hyphens
-    assert f"quadratic-spec: {blocks.DEFAULT_ROWS} rows" in help_text
+    assert "linear-spec and quadratic-spec choose theirs per cycle" in help_text
+    assert f"up to the checkpoint's block and {blocks.AUTO_ROWS} rows" in help_text
     assert "--num-draft-tokens" in help_text

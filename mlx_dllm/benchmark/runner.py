@@ -26,7 +26,7 @@ class Sample:
     tokens_per_forward: float
     acceptance_length: Optional[float]
     step_tokens: List[int] = field(default_factory=list)  # tokens committed per decoding step
-    speculation: Optional[Dict[str, float]] = None  # DFlash's rounds by what they verified
+    speculation: Optional[Dict[str, float]] = None  # speculative rounds by what they verified
 
 
 def run_mlx_lm(model, tokenizer, prompt: List[int], max_tokens: int, draft=None) -> Sample:

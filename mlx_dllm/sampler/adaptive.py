@@ -13,11 +13,18 @@ Whether to draft at all. A drafted round pays the drafter before its confidences
 tokens and seconds of drafted rounds give their rate; when it falls below AR's (1 token per verify(1) seconds) the
 next rounds skip the drafter, and one probe drafts again after `wait` of them (doubling while probes fail, up to
 MAX_WAIT; back to MIN_WAIT when one succeeds). A probe at worst costs one drafter forward.
+
+Self-speculation's block (`BlockChoice`, Nemotron-Labs-Diffusion's linear and quadratic modes). The model drafts its
+own block, with no confidences to calibrate, so the policy learns per position: alpha_j, the chance that draft j is
+accepted when every draft before it was. A block of L tokens (L - 1 drafts) then commits in expectation
+1 + sum_{k<L} prod_{j<=k} alpha_j tokens, and each cycle takes the L with the most expected tokens per second of the
+mode's cost (`linear_cost`, `quadratic_cost`). Linear-spec may choose L = 1, a plain AR step, which measures no
+acceptance: probes draft again as above.
 """
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 from .cost_curve import CostCurve
 from .tree import DraftTree, grow_tree
@@ -46,11 +53,16 @@ class Calibration:
         self.hits[b] += hit
 
 
+def fastest(tokens: Sequence[float], seconds: Sequence[float]) -> int:
+    """The index with the most tokens[i] / seconds[i]; ties go to the smaller (the cheaper forward)."""
+    rates = [t / s for t, s in zip(tokens, seconds)]
+    return max(range(len(rates)), key=lambda i: (rates[i], -i))
+
+
 def best_budget(gains: Sequence[float], curve: CostCurve) -> int:
     """The budget b maximising gains[b] / (draft + verify(b + 1)) seconds; gains[b] is the expected committed
     tokens of the best b-node tree (gains[0] = 1: the target's own token)."""
-    rates = [gain / (curve.draft_seconds + curve.verify(b + 1)) for b, gain in enumerate(gains)]
-    return max(range(len(rates)), key=lambda b: (rates[b], -b))  # ties: the smaller verify
+    return fastest(gains, [curve.draft_seconds + curve.verify(b + 1) for b in range(len(gains))])
 
 
 def node_chances(tree: DraftTree, chance_of: Sequence[dict]) -> List[float]:
@@ -139,4 +151,94 @@ class Pinned:
         return grow_tree(anchor, top_tokens, top_log_probs, self.budget)
 
     def observe(self, tree: DraftTree, path: Sequence[int]) -> None:
+        pass
+
+
+# The first draft's prior acceptance, with the weight of two cycles. 0.7 is a little below what Nemotron's drafts
+# reach (acceptance lengths 5.5 without the LoRA and 6.8 with it at block 32: about 0.82 and 0.85 per position) and
+# far above a useless drafter's, so the first cycles draft blocks long enough to measure the later positions; the
+# weight is light, so a few real cycles outweigh it.
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 2.0
+
+
+def linear_cost(curve: CostCurve) -> Callable[[int], float]:
+    """Seconds of a linear self-speculation cycle of `length` tokens: one bidirectional draft forward (a threshold
+    above 0 runs more, which this does not price) and a causal verify over them, or for length 1 an AR step (the
+    verify alone). The model's curve times its draft forward once, over the curve's largest size
+    (`blocks.measured_costs`); at other sizes the draft costs the verify scaled by that ratio (the same layers over
+    the same tokens, plus the LoRA, less the cache write)."""
+    draft_ratio = curve.draft_seconds / curve.verify(curve.sizes[-1])
+    return lambda length: curve.verify(length) * (1 + draft_ratio * (length > 1))
+
+
+def quadratic_cost(curve: CostCurve) -> Callable[[int], float]:
+    """Seconds of a quadratic self-speculation cycle of `rows` rows: one forward over rows * (rows + 1) tokens."""
+    return lambda rows: curve.verify(rows * (rows + 1))
+
+
+class BlockChoice:
+    """Per cycle of self-speculation, the block length (1 or 2 up to `largest`) with the most expected committed
+    tokens per `cost(length)` seconds, from the acceptance per position seen so far in this generation."""
+
+    def __init__(self, cost: Callable[[int], float], smallest: int, largest: int):
+        self.cost, self.smallest, self.largest = cost, smallest, largest
+        self.hits = [0] * (largest - 1)  # index j - 1: draft j (the block's token j; token 0 is certain)
+        self.trials = [0] * (largest - 1)
+        self.wait, self.waiting = MIN_WAIT, MIN_WAIT  # AR cycles before the next probe
+
+    def acceptances(self) -> List[float]:
+        """alpha_1, alpha_2, ...: P(draft j is accepted | drafts 1..j-1 were). Draft 1 starts from the prior; a later
+        draft from the estimate of the one before it, since a drafter that holds up to j-1 usually holds at j: a
+        position the blocks have not reached yet is priced like the last one they did, not like the first."""
+        alphas, prior = [], PRIOR_ACCEPTANCE
+        for hits, trials in zip(self.hits, self.trials):
+            prior = (hits + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
+            alphas.append(prior)
+        return alphas
+
+    def expected_tokens(self) -> List[float]:
+        """Expected committed tokens of a block of each length 1..largest (index length - 1)."""
+        tokens, chance = [1.0], 1.0
+        for alpha in self.acceptances():
+            chance *= alpha
+            tokens.append(tokens[-1] + chance)
+        return tokens
+
+    def best(self, smallest: int) -> int:
+        lengths = range(smallest, self.largest + 1)
+        tokens = self.expected_tokens()
+        return lengths[fastest([tokens[n - 1] for n in lengths], [self.cost(n) for n in lengths])]
+
+    def choose(self) -> int:
+        """This cycle's block length. An AR step (length 1) learns nothing about the drafts, so after `wait` of them
+        one cycle drafts the best longer block (a probe); the wait doubles while AR stays the best."""
+        best = self.best(self.smallest)
+        if best > 1:
+            self.wait = self.waiting = MIN_WAIT
+            return best
+        if self.waiting:
+            self.waiting -= 1
+            return 1
+        self.wait = min(2 * self.wait, MAX_WAIT)
+        self.waiting = self.wait
+        return self.best(min(2, self.largest))
+
+    def observe(self, length: int, accepted: int) -> None:
+        """After a cycle of `length` tokens whose first `accepted` drafts were accepted: draft j was judged only if
+        it was in the block and every draft before it was accepted."""
+        for j in range(1, min(accepted + 1, length - 1) + 1):
+            self.trials[j - 1] += 1
+            self.hits[j - 1] += j <= accepted
+
+
+class FixedBlock:
+    """A pinned `block_length`: the same block every cycle, whatever the acceptance."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def choose(self) -> int:
+        return self.length
+
+    def observe(self, length: int, accepted: int) -> None:
         pass

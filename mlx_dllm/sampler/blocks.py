@@ -1,13 +1,16 @@
-"""What the block strategies of Nemotron-Labs-Diffusion share: block length, thinking budget, causal prefill."""
+"""What the block strategies of Nemotron-Labs-Diffusion share: the block length (pinned, or chosen per cycle), the
+thinking budget, the causal prefill."""
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
 from ..models.rollback import speculative_cache
+from .adaptive import BlockChoice, FixedBlock, linear_cost, quadratic_cost
 from .common import Stats, TokenSelector, prefill_chunks
+from .cost_curve import CONTEXT, CostCurve, cost_curve, curve_key, measure
 from .mode import Option
 
 
@@ -16,20 +19,20 @@ FALLBACK_POSITION_LIMIT = 32768
 # Quadratic layouts past 64 rows (4,160 tokens, a 17M-entry mask) are no decoding step any more.
 MAX_QUADRATIC_ROWS = 64
 
-# Quadratic-spec's layout forward runs rows*(rows+1) tokens: at the checkpoint's 32 rows (1,056 tokens) it is
-# compute-bound.
-# Roofline, Nemotron-8B (7.95B non-head parameters, 2 FLOPs each per token) on an M3 Max (400 GB/s, ~14 TFLOP/s)
-# and an M4 Pro (273 GB/s, ~9 TFLOP/s): at 4 rows (20 tokens) compute stays within 1.15x of the weight-read time
-# in bf16 and 8-bit on both, so a forward costs about one AR step and yields ~2.9 tokens; 5 rows gain <20% in
-# bf16 but lose 20% in 8-bit, 8 rows (72 tokens) are 2-4x compute-bound everywhere, 32 rows 30-60x.
-DEFAULT_ROWS = 4
+# The most rows quadratic-spec chooses from when no block length is pinned. Its layout forward runs rows*(rows+1)
+# tokens. Roofline, Nemotron-8B (7.95B non-head parameters, 2 FLOPs each per token) on an M3 Max (400 GB/s,
+# ~14 TFLOP/s) and an M4 Pro (273 GB/s, ~9 TFLOP/s): at 4 rows (20 tokens) compute stays within 1.15x of the
+# weight-read time in bf16 and 8-bit, so a forward costs about one AR step; 8 rows (72 tokens) are 2-4x compute-bound
+# everywhere, the checkpoint's 32 rows (1,056 tokens) 30-60x. Once compute-bound, the cost grows with rows^2 and the
+# tokens at most with rows: more rows lose even when every draft is accepted.
+AUTO_ROWS = 8
 
 
 BLOCK_LENGTH = Option(
     "block_length",
     int,
-    f"block length (default: the checkpoint's; quadratic-spec: {DEFAULT_ROWS} rows, since its rows*(rows+1)-token "
-    "forward is compute-bound on Apple GPUs beyond that)",
+    "block length (default: the checkpoint's; linear-spec and quadratic-spec choose theirs per cycle from this "
+    f"machine's measured forward costs and the acceptance so far, up to the checkpoint's block and {AUTO_ROWS} rows)",
     minimum=2,
     label="block length",
 )
@@ -42,16 +45,67 @@ THINKING = (
 )
 
 
-def block_length(model: nn.Module, options: dict, default: Optional[int] = None, layout: bool = False) -> int:
-    """`block_length` (else `default`, else the checkpoint's block size), checked before it reaches MLX: its
-    forward (rows*(rows+1) tokens for the quadratic `layout`) must fit the model's positions."""
-    length = BLOCK_LENGTH.check(options.get("block_length") or default or model.args.block_size)
+def longest(model: nn.Module, layout: bool = False) -> int:
+    """The longest block whose forward fits the model's positions: in tokens, or in rows for the quadratic `layout`
+    (rows*(rows+1) tokens)."""
     positions = model.args.max_position_embeddings or FALLBACK_POSITION_LIMIT
-    tokens = length * (length + 1) if layout else length
-    if tokens > positions or (layout and length > MAX_QUADRATIC_ROWS):
-        largest = max(r for r in range(2, MAX_QUADRATIC_ROWS + 1) if r * (r + 1) <= positions) if layout else positions
-        raise DLLMError(f"block length {length} is too long for this model (at most {largest})")
+    if not layout:
+        return positions
+    return max(r for r in range(2, MAX_QUADRATIC_ROWS + 1) if r * (r + 1) <= positions)
+
+
+def block_length(model: nn.Module, options: dict, layout: bool = False) -> int:
+    """`block_length` (else the checkpoint's block size), checked before it reaches MLX: its forward must fit the
+    model's positions."""
+    given = options.get("block_length")
+    length = BLOCK_LENGTH.check(model.args.block_size if given is None else given)
+    if length > longest(model, layout):
+        raise DLLMError(f"block length {length} is too long for this model (at most {longest(model, layout)})")
     return length
+
+
+def adaptive_limit(model: nn.Module, layout: bool = False) -> int:
+    """The longest block the adaptive choice considers: the checkpoint's (its drafts were trained up to it), or
+    AUTO_ROWS rows for the quadratic layout."""
+    return min(AUTO_ROWS if layout else model.args.block_size, longest(model, layout))
+
+
+def measured_costs(model: nn.Module) -> CostCurve:
+    """This machine's cost curve for a self-speculating model, from the user's cache or measured now on a scratch
+    cache, up to the longest forward either mode chooses: causal forwards over n tokens (written, then rolled back),
+    and one draft forward (bidirectional, with the LoRA, writing nothing) over the largest size."""
+    rows = adaptive_limit(model, layout=True)
+    largest = max(adaptive_limit(model), rows * (rows + 1))
+
+    def timing(sizes):
+        cache = speculative_cache(model)
+        model(mx.arange(CONTEXT)[None] % model.args.vocab_size, cache, head=False)
+        mx.eval([c.state for c in cache])
+
+        def verify(tokens: int) -> None:
+            cache.mark()
+            mx.eval(model(mx.zeros((1, tokens), dtype=mx.int32), cache))
+            cache.keep(0)
+
+        def draft() -> None:
+            block = mx.zeros((1, largest), dtype=mx.int32)
+            mx.eval(model(block, cache, pattern="bidirectional", write_cache=False, lora=model.has_lora))
+
+        return measure(verify, draft, sizes)
+
+    return cost_curve(curve_key(model), largest, timing)
+
+
+def block_policy(model: nn.Module, options: dict, layout: bool = False):
+    """What chooses each cycle's block: a pinned `block_length` (checked), else the block with the most expected
+    tokens per second on this machine's cost curve, from 1 token (an AR step) in linear-spec or 2 rows in
+    quadratic-spec (one row drafts nothing)."""
+    if options.get("block_length") is not None:
+        return FixedBlock(block_length(model, options, layout))
+    curve = measured_costs(model)
+    if layout:
+        return BlockChoice(quadratic_cost(curve), 2, adaptive_limit(model, layout=True))
+    return BlockChoice(linear_cost(curve), 1, adaptive_limit(model))
 
 
 def causal_prefill(

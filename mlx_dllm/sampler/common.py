@@ -23,10 +23,11 @@ class GenerationResponse:
       passes, quadratic-spec's first draft);
     - `tokens_per_forward`: tokens those decoding forwards produced / `forwards` (the prefill's own token
       left out, so plain AR reads 1.00, a little less when the forward that produced an EOS counts);
-    - `acceptance_length`: mean tokens committed per verify round (speculative modes, else None); DFlash counts
-      the rounds that verified drafted tokens;
-    - `speculation`: DFlash's rounds by what they verified, as shares ("ar": no drafted token, "chain", "tree"),
-      and "mean_budget", the mean drafted tokens verified by the others.
+    - `acceptance_length`: mean tokens committed per verify round (speculative modes, else None), counting the
+      rounds that verified drafted tokens;
+    - `speculation`: the speculative rounds by what they verified, as shares ("ar": no drafted token, "chain",
+      "tree"), and "mean_budget", the mean drafted tokens verified by the others (DFlash's, and self-speculation's
+      block length - 1: the block each cycle chose).
     """
 
     text: str
@@ -59,7 +60,7 @@ class Stats:
     prefill_forwards: int = 0  # forwards counted in `forwards` that processed the prompt
     prefill_tokens: int = 0  # tokens the prefill's own logits chose (1 after a causal prefill)
     prefill_done: Optional[float] = None  # perf_counter when the first token was ready
-    rounds: Dict[str, int] = field(default_factory=dict)  # DFlash rounds by what they verified
+    rounds: Dict[str, int] = field(default_factory=dict)  # speculative rounds by what they verified
     verified_nodes: int = 0  # drafted tokens those rounds verified
 
     def mark_prefill(self):
@@ -70,7 +71,7 @@ class Stats:
         return self.forwards - self.prefill_forwards
 
     def count_round(self, kind: str, nodes: int, committed: int) -> None:
-        """A DFlash round that verified `nodes` drafted tokens as `kind` ("ar", "chain" or "tree")."""
+        """A speculative round that verified `nodes` drafted tokens as `kind` ("ar", "chain" or "tree")."""
         self.rounds[kind] = self.rounds.get(kind, 0) + 1
         self.verified_nodes += nodes
         if kind != "ar":

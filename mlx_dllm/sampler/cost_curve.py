@@ -1,5 +1,6 @@
 """What a speculative round costs on this machine: the target's forward time against the tokens it verifies, and the
-drafter's forward time, measured once per model pair and machine and kept under the user's cache folder.
+drafter's forward time, measured once per model pair (or self-drafting model) and machine and kept under the user's
+cache folder.
 
 Adaptive speculation weighs expected tokens against these seconds, so the shape of the curve is what matters: how
 much a 16-token verify costs over a 1-token one (about 2x on a 2-core CPU, close to 1x on a Mac GPU for a small
@@ -63,8 +64,9 @@ def _architecture(model: nn.Module) -> list:
     return [(name, tuple(p.shape), str(p.dtype)) for name, p in tree_flatten(model.parameters())]
 
 
-def curve_key(target: nn.Module, draft: nn.Module, *details) -> str:
-    """What a curve's times depend on, hashed; `details` are the run's own (e.g. the drafter's block)."""
+def curve_key(target: nn.Module, draft: Optional[nn.Module] = None, *details) -> str:
+    """What a curve's times depend on, hashed: without a `draft` the target drafts for itself (self-speculation);
+    `details` are the run's own (e.g. the drafter's block)."""
     info = mx.device_info()
     described = {
         "versions": [__version__, mx.__version__],
@@ -72,7 +74,7 @@ def curve_key(target: nn.Module, draft: nn.Module, *details) -> str:
                     str(info.get("device_name", "")), str(info.get("architecture", "")),
                     os.environ.get("LD_PRELOAD", "")],
         "target": [type(target).__module__, _architecture(target)],
-        "draft": [type(draft).__module__, _architecture(draft)],
+        "draft": None if draft is None else [type(draft).__module__, _architecture(draft)],
         "details": list(details),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]

@@ -247,7 +247,7 @@ def summary(response: GenerationResponse) -> str:
 
 
 def _rounds(speculation) -> str:
-    """What DFlash's rounds verified: ", rounds: ar 12%, chain 70%, tree 18%, mean budget 4.6" (else "-")."""
+    """What the speculative rounds verified: ", rounds: ar 12%, chain 70%, tree 18%, mean budget 4.6" (else "-")."""
     if not speculation:
         return ", rounds: -"
     shares = ", ".join(f"{kind} {speculation[kind]:.0%}" for kind in ("ar", "chain", "tree"))

@@ -3,7 +3,8 @@
 Each cycle drafts `[seed, mask x (B-1)]` in one bidirectional forward (LoRA on), verifies
 `[seed, d1..dB-1]` in one causal forward (LoRA off, writing the cache), keeps the longest prefix of drafts
 the causal pass agrees with plus its next token, and crops the cache back to what was kept. Greedy
-output therefore equals greedy AR.
+output therefore equals greedy AR. B is `block_length` when pinned, else chosen per cycle from this machine's
+cost curve and the acceptance so far (`adaptive.BlockChoice`); B = 1 is a plain AR step, with no draft forward.
 """
 
 from typing import Iterator, List, Optional
@@ -12,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import DLLMError
-from .blocks import BLOCK_LENGTH, THINKING, THRESHOLD, ThinkingBudget, block_length, causal_prefill
+from .blocks import BLOCK_LENGTH, THINKING, THRESHOLD, ThinkingBudget, block_policy, causal_prefill
 from .common import Stats, TokenSelector
 from .mode import Mode, Option
 
@@ -60,18 +61,18 @@ def generate_linear_spec(
     """Yield the tokens each cycle commits (the first yield is the prefill's token). Each cycle's draft and
     verify are queued before the previous cycle's tokens go out, and read back with one host sync."""
     options = options or {}
-    length = block_length(model, options)
     threshold = options.get("threshold") or 0.0
     lora = options.get("lora", model.has_lora)  # by default the LoRA drafts whenever the model has one
     budget = ThinkingBudget(options)
     if lora and not model.has_lora:
         raise DLLMError("no drafter LoRA is loaded (the model folder has no linear_spec_lora/)")
+    policy = block_policy(model, options)
     cache, seed = causal_prefill(model, prompt, select, stats, prefill_step_size)
 
     def queue_cycle(seed: int, produced: int):
         if produced >= max_tokens:
             return None
-        size = min(length, max_tokens - produced)  # a block yields at most `size` tokens
+        size = min(policy.choose(), max_tokens - produced)  # a block yields at most `size` tokens
         block = draft_block(model, cache, seed, size, threshold, lora, stats)
         cache.mark()
         verified = select(model(block[None], cache)[0], drafts=block[1:])
@@ -89,7 +90,8 @@ def generate_linear_spec(
             accepted += 1
         emitted = verified[: accepted + 1]  # the agreed drafts, then the causal pass's own next token
         cache.keep(accepted + 1)
-        stats.accept_lengths.append(accepted + 1)
+        policy.observe(size, accepted)
+        stats.count_round("chain" if size > 1 else "ar", size - 1, accepted + 1)
         produced += len(emitted)
         if budget.force_at(produced - 1, emitted[:-1]):
             emitted[-1] = budget.token  # the next seed: the model goes on after the end of thinking
@@ -108,5 +110,5 @@ MODE = Mode(
     honours_sampler=True,  # the causal verify's logits choose every token
     step_forwards=lambda model, draft, block: [(model, block), (model, block)],  # one draft pass, one verify
     options=(BLOCK_LENGTH, THRESHOLD, LORA, *THINKING),
-    reports=("acceptance_length",),
+    reports=("acceptance_length", "speculation"),
 )

@@ -5,6 +5,9 @@ The layout has B rows `[d_i, mask x B]`; row i sits at positions C+i .. C+i+B. T
 to the cache and to d_0..d_i, so their logits are exactly the AR verification of the draft; the masks of
 row i attend to the cache, d_0..d_i and their own row, so they draft the block that follows if d_0..d_i are
 accepted. After accepting, the next draft is row (accepted-1): its first token is the AR bonus token.
+
+B is `block_length` when pinned, else chosen per forward from this machine's cost curve and the acceptance so far
+(`adaptive.BlockChoice`): fewer rows cut the next draft, more rows pad it (`resize`).
 """
 
 from typing import Iterator, List, Optional
@@ -13,10 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels import patterns
-from .blocks import BLOCK_LENGTH, DEFAULT_ROWS, THINKING, ThinkingBudget, block_length, causal_prefill
+from .blocks import BLOCK_LENGTH, THINKING, ThinkingBudget, block_policy, causal_prefill
 from .common import Stats, TokenSelector
 from .mode import Mode
-
 
 
 def propose(model: nn.Module, hidden: mx.array, position: int) -> mx.array:
@@ -39,6 +41,16 @@ def layout_forward(model: nn.Module, cache: List, draft: mx.array, select: Token
     return committed, hidden, verified
 
 
+def resize(draft: mx.array, rows: int, mask_id: int) -> mx.array:
+    """The draft cut to `rows` tokens, or grown to them with the mask id. A layout of R rows drafts R tokens for the
+    next one, so growing by what was drafted would never grow; mask ids are verified like any draft (accepted only
+    where the model itself predicts that id: the output stays AR's), and after one cycle of such rows the bigger
+    layout drafts a full block."""
+    if rows <= draft.shape[0]:
+        return draft[:rows]
+    return mx.concatenate([draft, mx.full((rows - draft.shape[0],), mask_id, dtype=mx.int32)])
+
+
 def generate_quadratic_spec(
     model: nn.Module,
     prompt: mx.array,
@@ -53,14 +65,16 @@ def generate_quadratic_spec(
     """Yield the prefill's token, then per forward the accepted drafts and the bonus token (1..B tokens).
     The next draft stays on device and the next layout forward is queued before the tokens go out."""
     options = options or {}
-    rows = block_length(model, options, default=DEFAULT_ROWS, layout=True)
+    policy = block_policy(model, options, layout=True)
     budget = ThinkingBudget(options)
     mask_id = model.args.mask_token_id
+    rows = policy.choose()
     cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size)
     # The initial draft: d_0 from the causal prefill, d_1.. from masks denoised against the prompt.
     masks = model(mx.array([[mask_id] * rows]), cache, pattern="bidirectional", write_cache=False, head=False)[0]
     stats.draft_forwards += 1
     draft = mx.concatenate([mx.array([first], dtype=mx.int32), propose(model, masks[1:], prompt.shape[0] + 1)])
+    real = rows  # the draft's tokens that the model drafted, before any mask-id padding
     produced = 1
     step = layout_forward(model, cache, draft, select) if produced < max_tokens else None
     yield [first]  # d_0 is the prefill's AR token: already certain
@@ -68,17 +82,20 @@ def generate_quadratic_spec(
         committed, hidden, verified = step
         drafted, verified = draft.tolist(), verified.tolist()  # the cycle's one host sync
         stats.forwards += 1
-        accepted = 1
+        rows, accepted = len(drafted), 1
         while accepted < rows and verified[accepted - 1] == drafted[accepted]:
             accepted += 1
         cache.keep([i * (rows + 1) for i in range(accepted)])  # the accepted d tokens' K/V (causal, AR-exact)
         chosen = hidden[accepted - 1, 2:]  # the masks after the bonus token, conditioned on the accepted prefix
         bonus = verified[accepted - 1]
         next_draft = propose(model, chosen, committed + accepted + 1)
-        stats.accept_lengths.append(accepted)
+        policy.observe(real, min(accepted, real) - 1)  # d_0 is certain; padding is no draft of the model's
+        stats.count_round("chain", rows - 1, accepted)
         if budget.force_at(produced + accepted - 1, drafted[:accepted]):
             bonus, next_draft = budget.token, mx.concatenate([mx.array([bonus], dtype=mx.int32), next_draft[:-1]])
         draft = mx.concatenate([mx.array([bonus], dtype=mx.int32), next_draft])
+        next_rows = policy.choose()
+        draft, real = resize(draft, next_rows, mask_id), min(rows, next_rows)
         # The bonus token is certain now (it is next cycle's d_0, whose K/V that cycle writes): emit it.
         emitted = drafted[1:accepted] + [bonus]
         select.commit(emitted)
@@ -96,5 +113,5 @@ MODE = Mode(
     # One layout forward of rows*(rows+1) tokens verifies a draft and drafts the next.
     step_forwards=lambda model, draft, rows: [(model, rows * (rows + 1))],
     options=(BLOCK_LENGTH, *THINKING),
-    reports=("acceptance_length",),
+    reports=("acceptance_length", "speculation"),
 )
