@@ -29,11 +29,12 @@ def check_weights(weights: Dict[str, mx.array], expected: Dict[str, mx.array]) -
         raise DLLMError(f"the checkpoint lacks {missing[0]} {tuple(expected[missing[0]].shape)}")
 
 
-def load_draft(path: Path, config: Dict) -> Model:
+def load_draft(path: Path, config: Dict, model_class=Model, args_class=ModelArgs) -> Model:
+    """The drafter of `model_class` (v1's, or DFlash2's, a subclass) with the checkpoint's weights, checked."""
     if "quantization" in config:
         raise DLLMError(f"{path} is already a quantized MLX drafter; convert the original checkpoint")
-    model = construct(Model, ModelArgs, config, "DFlash config")
-    weights = Model.sanitize(read_weights(path))
+    model = construct(model_class, args_class, config, "DFlash config")
+    weights = model_class.sanitize(read_weights(path))
     parameters = dict(tree_flatten(model.parameters()))
     check_weights(weights, parameters)
     check_dtypes(weights.items(), parameters, str(path))

@@ -105,14 +105,13 @@ def read_generation_config(path: Path) -> Dict:
 
 
 def is_dflash_config(config: Dict) -> bool:
-    """DFlash drafters are recognised by architecture or `dflash_config`, never by model_type (gpt-oss says gpt_oss)."""
+    """DFlash drafters (v1 or DFlash2) are recognised by architecture or `dflash_config`, never by model_type
+    (gpt-oss says gpt_oss)."""
     return dflash.FAMILY.named_in(config)
 
 
 def check_architecture(config: Dict) -> None:
     architectures = config.get("architectures") or []
-    if "DFlash2DraftModel" in architectures:
-        raise DLLMError("DFlash2 drafters (DFlash2DraftModel) are not supported yet")
     if architectures and not is_dflash_config(config) and "dflash" in " ".join(architectures).lower():
         raise DLLMError(f"unknown DFlash architecture {architectures[0]}")
 

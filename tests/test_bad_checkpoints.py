@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
     """family -> its tiny checkpoint folder ("target" and "draft" for the DFlash pair)."""
     root = tmp_path_factory.mktemp("tiny")
     target, draft = build_tiny("dflash", root / "dflash")
-    folders = {"target": target, "draft": draft}
+    folders = {"target": target, "draft": draft, "dflash2": build_tiny("dflash2", root / "dflash2")[1]}
     for family in ("diffusion-gemma", "nemotron"):
         folders[family] = build_tiny(family, root)[0]
     return folders
@@ -184,6 +184,22 @@ def test_quantized_conversions_still_load_and_a_float_label_on_packed_weights_is
 )
 def test_a_drafter_that_would_draft_garbage_is_refused(tiny, tmp_path, config, message):
     assert_refused(bad_copy(tiny["draft"], tmp_path, config), tmp_path, message, generate_with=tiny["target"])
+
+
+def test_a_dflash2_drafter_that_would_draft_garbage_is_refused(tiny, tmp_path):
+    """Its convolution groups must tile the hidden size, and its codebooks must have the rank its config says (z-lab's
+    layout: bare codebook tensors, no `.weight`)."""
+    config = json.loads((tiny["dflash2"] / "config.json").read_text())
+    bad = bad_copy(tiny["dflash2"], tmp_path, {"dflash_config": {**config["dflash_config"], "conv_group_size": 24}})
+    assert_refused(bad, tmp_path, "conv_group_size 24 does not divide hidden_size 64", generate_with=tiny["target"])
+    shutil.rmtree(bad)
+    bad = shutil.copytree(tiny["dflash2"], tmp_path / "bad")
+    weights = mx.load(str(bad / "model.safetensors"))
+    for name in ("candidate_selector.predecessor_codebook", "candidate_selector.successor_codebook"):
+        weights[name] = weights.pop(f"{name}.weight")
+    weights["candidate_selector.successor_codebook"] = weights["candidate_selector.successor_codebook"][:, :6]
+    mx.save_safetensors(str(bad / "model.safetensors"), weights)
+    assert_refused(bad, tmp_path, "candidate_selector.successor_codebook.weight", generate_with=tiny["target"])
 
 
 @pytest.mark.parametrize(

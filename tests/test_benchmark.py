@@ -58,6 +58,7 @@ def error_lines(output: str):
     "family, methods",
     [
         ("dflash", ["mlx_lm", "ar", "dflash"]),
+        ("dflash2", ["mlx_lm", "ar", "dflash"]),  # its chains, by default
         ("nemotron", ["mlx_lm", "ar", "diffusion", "linear-spec", "quadratic-spec"]),
         ("diffusion-gemma", ["diffusion"]),
     ],

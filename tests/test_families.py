@@ -7,12 +7,14 @@ from mlx_dllm import blas, loading
 from mlx_dllm.benchmark import tiny
 from mlx_dllm.cli import main
 from mlx_dllm.convert import recipe_for
-from mlx_dllm.models import dflash, diffusion_gemma, nemotron_diffusion
+from mlx_dllm.models import dflash, dflash2, diffusion_gemma, nemotron_diffusion
 from mlx_dllm.models.drafter import is_drafter
 from mlx_dllm.models.family import families, model_file, model_files
 
-FAMILY_FILES = {"dflash": dflash, "diffusion-gemma": diffusion_gemma, "nemotron": nemotron_diffusion}
-RECIPES = {"dflash": "dflash", "diffusion-gemma": "diffusion_gemma", "nemotron": "own_model"}
+FAMILY_FILES = {
+    "dflash": dflash, "dflash2": dflash2, "diffusion-gemma": diffusion_gemma, "nemotron": nemotron_diffusion
+}
+RECIPES = {"dflash": "dflash", "dflash2": "dflash2", "diffusion-gemma": "diffusion_gemma", "nemotron": "own_model"}
 
 
 def test_each_model_file_declares_its_family_and_the_registry_finds_it():
@@ -28,6 +30,7 @@ def test_each_model_file_declares_its_family_and_the_registry_finds_it():
         ({"architectures": ["DFlashDraftModel"], "model_type": "qwen3"}, dflash),  # a drafter says its target's type
         ({"model_type": "qwen3", "dflash_config": {}}, dflash),
         ({"architectures": ["MuseGlimmerAssistantModel"]}, dflash),
+        ({"architectures": ["DFlash2DraftModel"], "model_type": "qwen3", "dflash_config": {}}, dflash2),  # v1's key too
         ({"model_type": "diffusion_gemma"}, diffusion_gemma),
         ({"architectures": ["NemotronLabsDiffusionModel"], "model_type": "diffusion_gemma"}, nemotron_diffusion),
         ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, None),

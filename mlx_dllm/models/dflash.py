@@ -247,6 +247,7 @@ class Model(nn.Module):
 
     modes = {"dflash": "dflash"}  # mode -> its strategy file in sampler/
     default_mode = "dflash"
+    layer_class = DecoderLayer  # DFlash2 (models/dflash2.py) wraps its attention and MLP in convolutions
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -255,7 +256,7 @@ class Model(nn.Module):
         feature_size = len(args.target_layer_ids) * args.hidden_size
         self.fc = nn.Linear(feature_size, args.hidden_size, bias=False)
         self.hidden_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.layers = [DecoderLayer(args, t) for t in args.layer_types]
+        self.layers = [self.layer_class(args, t) for t in args.layer_types]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, block_embeddings: mx.array, target_features: mx.array, cache, start: int = 0) -> mx.array:

@@ -30,3 +30,14 @@ class Drafter(Protocol):
 
 def is_drafter(model) -> bool:
     return isinstance(model, Drafter)
+
+
+def chooses_chain(model) -> bool:
+    """Whether the drafter chooses its block's chain itself, by a method beyond the interface above:
+
+        propose(hidden [P, H], anchor: int, head) -> token ids [P]
+
+    given the hidden states of positions 1..P and the anchor; `head.logits(hidden)` gives its logits over the tokens
+    it drafts from and `head.token_ids(indices)` their ids. DFlash2's candidate selector is one: its chain is a walk
+    that reads each chosen token, not the argmax at each position (which a drafter without `propose` proposes)."""
+    return callable(getattr(model, "propose", None))

@@ -36,8 +36,13 @@ class Family:
 
     def named_in(self, config: Dict) -> bool:
         """The config names this family by architecture or by its key."""
-        by_key = self.config_key is not None and self.config_key in config
-        return by_key or any(a in self.architectures for a in config.get("architectures") or [])
+        return self.built_as(config) or self.keyed_in(config)
+
+    def built_as(self, config: Dict) -> bool:
+        return any(a in self.architectures for a in config.get("architectures") or [])
+
+    def keyed_in(self, config: Dict) -> bool:
+        return self.config_key is not None and self.config_key in config
 
     def typed_in(self, config: Dict) -> bool:
         return config.get("model_type") in self.model_types
@@ -57,9 +62,9 @@ def families() -> Tuple[Family, ...]:
 
 
 def model_file(config: Dict) -> Optional[ModuleType]:
-    """Our model file for this config.json, or None when mlx-lm's AR classes serve it. An architecture or a
-    family's key wins over a model_type, the weaker claim."""
-    for claims in (Family.named_in, Family.typed_in):
+    """Our model file for this config.json, or None when mlx-lm's AR classes serve it. An architecture wins over a
+    family's key (a DFlash2 drafter carries v1's `dflash_config`), and either over a model_type, the weakest claim."""
+    for claims in (Family.built_as, Family.keyed_in, Family.typed_in):
         for module in model_files():
             if claims(module.FAMILY, config):
                 return module

@@ -1,8 +1,8 @@
 """DFlash speculative decoding: one drafter forward proposes a block, one target forward verifies it.
 
-Proposals are the drafter's argmax; the target's token at each position is its own sample (argmax at
-temp 0), and a proposal is accepted iff it equals that sample. That is rejection sampling with a
-one-hot proposal, so the output follows the target's distribution exactly (lossless).
+Proposals are the drafter's argmax (a DFlash2 drafter's: its selector's path); the target's token at each
+position is its own sample (argmax at temp 0), and a proposal is accepted iff it equals that sample. That is
+rejection sampling with a one-hot proposal, so the output follows the target's distribution exactly (lossless).
 """
 
 from typing import Iterator, List, NamedTuple, Optional
@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import DLLMError
-from ..models.drafter import Drafter, is_drafter
+from ..models.drafter import Drafter, chooses_chain, is_drafter
 from ..models.dtypes import compute_dtype
 from ..kernels import patterns
 from ..models.positioned import check_tree_caches
@@ -29,7 +29,7 @@ SPECULATION = Option(
     "speculation",
     str,
     "per round: auto (AR, a chain or a tree, whichever this machine runs fastest; the default), the drafter's best "
-    "chain, or a tree of its top tokens (DDTree)",
+    "chain (DFlash2 drafters' only choice, and their default), or a tree of its top tokens (DDTree)",
     choices=("auto", "chain", "tree"),
 )
 TREE_BUDGET = Option(
@@ -104,7 +104,10 @@ class DraftHead:
     def token_ids(self, indices: mx.array) -> mx.array:
         return indices if self.ids is None else self.ids[indices]
 
-    def __call__(self, hidden: mx.array) -> mx.array:
+    def __call__(self, hidden: mx.array, anchor: int) -> mx.array:
+        """The chain after `anchor`: the drafter's own choice where it makes one (DFlash2), else each argmax."""
+        if chooses_chain(self.draft):
+            return self.draft.propose(hidden, anchor, self)
         return self.token_ids(mx.argmax(self.logits(hidden), axis=-1))
 
     def top(self, hidden: mx.array, width: int):
@@ -127,8 +130,8 @@ def draft_hidden(draft: Drafter, target: Target, anchor: int, features: mx.array
 def propose_block(
     draft: Drafter, target: Target, anchor: int, features: mx.array, draft_cache, size: int, head: DraftHead
 ) -> mx.array:
-    """The chain's proposals for positions 1..size-1: the drafter's most probable token at each."""
-    return head(draft_hidden(draft, target, anchor, features, draft_cache, size))
+    """The chain's proposals for positions 1..size-1 (the drafter's most probable token at each, or its own path)."""
+    return head(draft_hidden(draft, target, anchor, features, draft_cache, size), anchor)
 
 
 def generate_dflash(
@@ -152,7 +155,10 @@ def generate_dflash(
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
     head = DraftHead(draft_model, target)
     budget = options.get("tree_budget")
-    speculation = options.get("speculation", "tree" if budget else "auto")
+    own_chain = chooses_chain(draft_model)  # trees of its candidates (lattices) are not built yet
+    speculation = options.get("speculation") or ("tree" if budget else "chain" if own_chain else "auto")
+    if own_chain and speculation != "chain":
+        raise DLLMError("DFlash2 drafters verify chains for now: use speculation='chain'")
     if speculation == "chain":
         if budget is not None:
             raise DLLMError("tree_budget applies to speculation='tree' or 'auto', not to a chain")

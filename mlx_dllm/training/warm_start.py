@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import DLLMError
+from ..models import dflash2
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
@@ -51,6 +52,8 @@ def read_initial_drafter(folder: str, target_args) -> InitialDrafter:
     config = loading.read_config(path)
     if not loading.is_dflash_config(config):
         raise DLLMError(f"--init {folder} is not a DFlash drafter (give target, random or a drafter folder)")
+    if dflash2.FAMILY.built_as(config):
+        raise DLLMError(f"--init {folder} is a DFlash2 drafter: train-drafter trains DFlash (v1) drafters only")
     draft, _ = loading.load(str(path))  # a DFlash config always builds our drafter
     theirs = {"hidden size": draft.args.hidden_size, "vocabulary": config.get("vocab_size", target_args.vocab_size)}
     ours = {"hidden size": target_args.hidden_size, "vocabulary": target_args.vocab_size}
