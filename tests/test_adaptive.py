@@ -106,6 +106,16 @@ class Tiny(nn.Module):
         self.layer.set_dtype(dtype)
 
 
+def test_a_measured_curve_keeps_the_fastest_time_and_never_falls(monkeypatch):
+    clock = iter([0.0, 0.3, 1.0, 4.7, 5.0, 5.2,  # size 1 (after an untimed warm-up): 0.3, 3.7 and 0.2 seconds
+                  6.0, 6.1, 7.0, 7.1, 8.0, 8.1,  # size 2: 0.1 each, a dip below size 1
+                  9.0, 9.4, 10.0, 10.4, 11.0, 11.4,  # size 4: 0.4 each
+                  12.0, 12.05, 13.0, 13.05, 14.0, 14.05])  # the draft: 0.05 each
+    monkeypatch.setattr(cost_curve.time, "perf_counter", lambda: next(clock))
+    curve = cost_curve.measure(lambda n: None, lambda: None, [1, 2, 4])
+    assert curve.seconds == pytest.approx((0.2, 0.2, 0.4)) and curve.draft_seconds == pytest.approx(0.05)
+
+
 def test_the_key_follows_shapes_and_dtypes_not_values():
     assert cost_curve.curve_key(Tiny(8), Tiny(4)) == cost_curve.curve_key(Tiny(8), Tiny(4))  # other random values
     assert cost_curve.curve_key(Tiny(8), Tiny(4)) != cost_curve.curve_key(Tiny(16), Tiny(4))
