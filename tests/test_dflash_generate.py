@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
 
 from mlx_dllm import load, stream_generate
 from mlx_dllm.sampler import dflash as dflash_strategy
@@ -98,7 +99,9 @@ def _chi_square_p_value(observed, expected_probabilities, samples):
 
 @pytest.mark.parametrize("broken", [False, True], ids=["exact-match", "accept-everything"])
 def test_sampled_dflash_follows_target_distribution(loaded, monkeypatch, broken):
-    """Proposals are the target's own argmax, so they are accepted often and a wrong rule shows."""
+    """Deterministic proposals matched against the target's own draw (the scheme a caller's own `sampler=` keeps;
+    tests/test_sampled_chain.py checks sampled proposals): the target's own argmax, so they are accepted often and a
+    wrong rule shows."""
     target, tokenizer, draft = loaded["qwen3_gqa"]
     prompt, samples = PROMPTS[0], 600
     propose_block = dflash_strategy.propose_block
@@ -114,7 +117,9 @@ def test_sampled_dflash_follows_target_distribution(loaded, monkeypatch, broken)
     mx.random.seed(1234)
     counts = np.zeros(harness.VOCAB)
     for _ in range(samples):
-        tokens, _ = _generate(target, tokenizer, prompt, 2, draft_model=draft, temp=1.0, speculation="chain")
+        tokens, _ = _generate(
+            target, tokenizer, prompt, 2, draft_model=draft, sampler=make_sampler(temp=1.0), speculation="chain"
+        )
         counts[tokens[1]] += 1
     p_value = _chi_square_p_value(counts, _second_token_distribution(target, prompt), samples)
     if broken:

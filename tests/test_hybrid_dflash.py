@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
 
 from mlx_dllm import load, stream_generate
 from mlx_dllm.models.recurrent import RecurrentRollback
@@ -117,12 +118,14 @@ def randomized_pit(target, prompt, runs, seed=0) -> np.ndarray:
     return np.array(u)
 
 
+@pytest.mark.parametrize("scheme", ["matched", "sampled"])
 @pytest.mark.parametrize("broken", [False, True], ids=["rolled-back", "never-rolled-back"])
-def test_sampled_dflash_follows_the_target_distribution(loaded, monkeypatch, broken):
-    """Blocks of 2 whose proposal is the target's second most likely token after the anchor: mostly rejected, so
-    the third token is drawn after a rollback of the recurrent states. Each third token is checked against the
-    target's own distribution given the two tokens before it (a randomized probability integral transform), which
-    a marginal over all (t1, t2) would wash out."""
+def test_sampled_dflash_follows_the_target_distribution(loaded, monkeypatch, broken, scheme):
+    """Blocks of 2, mostly rejected, so the third token is drawn after a rollback of the recurrent states: "matched",
+    the target's second most likely token after the anchor matched against its draw (a caller's own `sampler=`);
+    "sampled", the tiny random drafter's own sampled proposal, ratio-tested (temp=1.0). Each third token is checked
+    against the target's own distribution given the two tokens before it (a randomized probability integral
+    transform), which a marginal over all (t1, t2) would wash out."""
     target, tokenizer, draft = loaded["qwen3_5"]
     prompt, samples = PROMPT[:4], 300
     propose_block = dflash_strategy.propose_block
@@ -135,7 +138,8 @@ def test_sampled_dflash_follows_the_target_distribution(loaded, monkeypatch, bro
     if broken:
         monkeypatch.setattr(RecurrentRollback, "keep", lambda self, n: setattr(self, "saved", None))
     mx.random.seed(1234)
-    options = dict(draft_model=draft, temp=1.0, block_size=2, speculation="chain")
+    sampling = dict(sampler=make_sampler(temp=1.0)) if scheme == "matched" else dict(temp=1.0)
+    options = dict(draft_model=draft, block_size=2, speculation="chain", **sampling)
     runs = [run(target, tokenizer, prompt, 3, **options)[0] for _ in range(samples)]
     p_value = ks_uniform_p_value(randomized_pit(target, prompt, runs))
     if broken:

@@ -7,7 +7,9 @@
 - A candidate selector chooses the block's chain: each position keeps its `selector_top_k` most probable tokens,
   scored by their logit plus a rank-`selector_rank` bilinear term (the previous chosen token's predecessor code x
   the projected hidden state x the candidate's successor code), and a walk from the anchor chooses the best at
-  each position in turn. That path, not the argmax at each position, is the drafter's proposal.
+  each position in turn. That path, not the argmax at each position, is the drafter's proposal; when sampling
+  (a chain's sampled proposals, sampler/dflash.py), the walk draws each position's token from the softmax of its
+  candidates' scores under the sampling configuration, as z-lab's reference does at temperature > 0.
 
 The rest (context fusion, attention, caches, the shared embedding and head) is v1's, imported from dflash.py.
 """
@@ -114,24 +116,42 @@ class CandidateSelector(nn.Module):
         self.hidden_projection = nn.Linear(args.hidden_size, args.selector_rank, bias=False)
 
     def __call__(
-        self, hidden: mx.array, logits: mx.array, anchor: int, token_ids: Callable[[mx.array], mx.array]
-    ) -> mx.array:
+        self,
+        hidden: mx.array,
+        logits: mx.array,
+        anchor: int,
+        token_ids: Callable[[mx.array], mx.array],
+        sampling=None,
+    ):
         """hidden [P, H] and logits [P, V] of positions 1..P -> the chosen token ids [P]. `token_ids` maps indices
         of the logits to token ids (the codebooks' rows). Each step depends on the last choice, so the walk is P
-        small steps, built lazily: no host sync."""
+        small steps, built lazily: no host sync.
+
+        With `sampling` (common.Sampling) each step draws from its scores' distribution under it instead of taking
+        the best, and the walk returns (token ids [P], the probability of each draw [P], each step's distribution
+        q [P, K], its candidates' token ids [P, K])."""
         best = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
         unary = mx.take_along_axis(logits, best, axis=-1)  # [P, K]
         candidates = token_ids(best)
         successors = self.successor_codebook(candidates)  # [P, K, R]
         queries = self.hidden_projection(hidden)  # [P, R]
         chosen = mx.array([anchor])
-        path = []
+        path, drawn, distributions = [], [], []
         for position in range(hidden.shape[0]):
             pair = self.predecessor_codebook(chosen) * queries[position]  # [1, R]
             scores = unary[position] + (successors[position] * pair).sum(axis=-1)  # [K]
-            chosen = candidates[position][mx.argmax(scores, keepdims=True)]
+            if sampling is None:
+                index = mx.argmax(scores, keepdims=True)
+            else:
+                log_q = sampling.log_probs(scores[None])  # [1, K]
+                index = mx.random.categorical(log_q)
+                distributions.append(mx.exp(log_q))
+                drawn.append(distributions[-1][0, index])
+            chosen = candidates[position][index]
             path.append(chosen)
-        return mx.concatenate(path)
+        if sampling is None:
+            return mx.concatenate(path)
+        return mx.concatenate(path), mx.concatenate(drawn), mx.concatenate(distributions), candidates
 
 
 class Model(dflash.Model):
@@ -144,16 +164,17 @@ class Model(dflash.Model):
         self.model_type = "dflash2"
         self.candidate_selector = CandidateSelector(args)
 
-    def propose(self, hidden: mx.array, anchor: int, head) -> mx.array:
+    def propose(self, hidden: mx.array, anchor: int, head, sampling=None):
         """The selector's path over positions 1..P given their hidden states [P, H] and the anchor; `head` gives
-        the logits over the tokens it drafts from (`head.logits`) and their ids (`head.token_ids`)."""
+        the logits over the tokens it drafts from (`head.logits`) and their ids (`head.token_ids`). With `sampling`
+        the walk is drawn: see CandidateSelector."""
         logits = head.logits(hidden)
         rows, vocab, top_k = logits.shape[-1], self.args.vocab_size, self.args.selector_top_k
         if self.args.draft_vocab is None and rows > vocab:  # ids past the codebooks would read unrelated memory
             raise DLLMError(f"the target's head has {rows} tokens, the DFlash2 drafter's codebooks {vocab}")
         if rows < top_k:
             raise DLLMError(f"the target's head has {rows} tokens, fewer than the DFlash2 selector_top_k {top_k}")
-        return self.candidate_selector(hidden, logits, anchor, head.token_ids)
+        return self.candidate_selector(hidden, logits, anchor, head.token_ids, sampling)
 
     @staticmethod
     def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:

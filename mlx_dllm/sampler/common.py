@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 from ..errors import DLLMError
 
@@ -106,6 +106,40 @@ def check_finite(tokens: List[int]) -> None:
         raise DLLMError("the model's logits are not finite (NaN or Inf): its weights or activations overflowed")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """An mlx-lm sampling configuration (`make_sampler`'s temp > 0, top_p, top_k, min_p) and, explicitly, the
+    distribution its sampler draws from, for speculative sampling's ratio test."""
+
+    temp: float
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def sampler(self) -> Callable[[mx.array], mx.array]:
+        return make_sampler(temp=self.temp, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
+
+    def log_probs(self, logits: mx.array) -> mx.array:
+        """Rows [..., V] -> the normalised log-probabilities mlx-lm's sampler draws from (-inf where filtered).
+
+        `make_sampler` filters the untempered log-probabilities with mlx-lm's own functions, in its order (top_p,
+        then min_p, then top_k), then draws from softmax(filtered / temp); this applies the same functions in the
+        same order. A top_k of the row's width or more keeps every token (mlx-lm refuses it; it filters nothing)."""
+        x = logits.astype(mx.float32)
+        x = x - mx.logsumexp(x, axis=-1, keepdims=True)
+        if 0 < self.top_p < 1.0:
+            x = apply_top_p(x, self.top_p)
+        if self.min_p != 0.0:
+            x = apply_min_p(x, self.min_p)
+        if 0 < self.top_k < x.shape[-1]:
+            x = apply_top_k(x, self.top_k)
+        x = x * (1.0 / self.temp)
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+    def probs(self, logits: mx.array) -> mx.array:
+        return mx.exp(self.log_probs(logits))
+
+
 class TokenSelector:
     """Logits rows [N, V] -> token ids [N]: argmax without a sampler, else the mlx-lm `sampler` on log-probs;
     NOT_FINITE for a row whose logits are not, read from values the selection computes anyway.
@@ -114,12 +148,28 @@ class TokenSelector:
     first i `drafts` fed after it, or for a tree its own `lineages[i]` (the drafted tokens from the root to row i):
     the history row i predicts after, so a verified block selects what AR would, token by token. Strategies
     `commit` every token they emit.
+
+    `sampling`, where given, is the configuration the sampler was made from (its sampler, if `sampler` is None):
+    with no logits processors, `distribution` then names the distribution each row is drawn from.
     """
 
-    def __init__(self, sampler: Optional[Callable] = None, processors: Sequence[LogitsProcessor] = (), history=None):
-        self.sampler = sampler
+    def __init__(
+        self,
+        sampler: Optional[Callable] = None,
+        processors: Sequence[LogitsProcessor] = (),
+        history=None,
+        sampling: Optional[Sampling] = None,
+    ):
+        self.sampler = sampler if sampler is not None or sampling is None else sampling.sampler()
         self.processors = list(processors)
         self.history = history if history is not None else mx.array([], dtype=mx.int32)
+        self.sampling = sampling
+
+    @property
+    def distribution(self) -> Optional[Sampling]:
+        """The sampling configuration whose `log_probs` are exactly what this selector draws each row from, or None
+        where that is not explicit: argmax (temp 0), a caller's own `sampler=`, or logits processors."""
+        return None if self.processors else self.sampling
 
     def __call__(self, logits: mx.array, drafts=None, lineages=None) -> mx.array:
         if self.processors:
@@ -176,8 +226,7 @@ def make_token_selector(
 ) -> TokenSelector:
     """Argmax at temp 0, else mlx-lm's sampler chain; `selector_options` go to TokenSelector."""
     check_sampling(temp, top_p, top_k, min_p)
-    sampler = None if temp == 0 else make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
-    return TokenSelector(sampler, **selector_options)
+    return TokenSelector(sampling=None if temp == 0 else Sampling(temp, top_p, top_k, min_p), **selector_options)
 
 
 def evaluate_chunk(cache: List, *extra) -> None:

@@ -1,8 +1,20 @@
 """DFlash speculative decoding: one drafter forward proposes a block, one target forward verifies it.
 
-Proposals are the drafter's argmax (a DFlash2 drafter's: its selector's path); the target's token at each
-position is its own sample (argmax at temp 0), and a proposal is accepted iff it equals that sample. That is
-rejection sampling with a one-hot proposal, so the output follows the target's distribution exactly (lossless).
+A chain (speculation='chain') is verified in one of two ways, both lossless:
+
+- sampled proposals, at temp > 0 with mlx-lm's temp/top_p/top_k/min_p (the selector's explicit `distribution`):
+  each x_i is drawn from the drafter's distribution q_i under the same configuration (a DFlash2 drafter's: its
+  selector's scores along its sampled walk), and accepted left to right with probability min(1, p_i(x_i) /
+  q_i(x_i)), p_i being the target's filtered distribution; the first rejection draws its replacement from
+  norm(max(0, p_i - q_i)) (p_i if that is all zero), and a block accepted whole draws the bonus from p at the last
+  row. That is speculative sampling (Leviathan et al. 2023, Chen et al. 2023): each token follows the target's
+  distribution exactly;
+- deterministic proposals otherwise (greedy; a caller's own `sampler=`; logits processors, whose distribution is
+  not explicit): the drafter's argmax (a DFlash2 drafter's: its selector's greedy path), accepted iff it equals the
+  target's own token at that row (its sample, argmax at temp 0). That is rejection sampling with a one-hot
+  proposal, so the output is the target's as well, token for token equal to greedy AR at temp 0.
+
+Trees (speculation='tree'/'auto', TreeVerify) keep deterministic candidates, the drafter's top tokens.
 """
 
 from typing import Iterator, List, NamedTuple, Optional
@@ -19,7 +31,7 @@ from ..models.positioned import check_tree_caches
 from ..models.target import Target
 from .adaptive import Adaptive, Pinned, kind
 from .arguments import whole_number
-from .common import Stats, TokenSelector, prefill_chunks
+from .common import NOT_FINITE, Sampling, Stats, TokenSelector, prefill_chunks
 from .cost_curve import CONTEXT, cost_curve, curve_key, measure
 from .mode import Mode, Option
 from .tree import follow
@@ -79,10 +91,22 @@ def _accepted_prefix(draft_tokens: List[int], target_tokens: List[int]) -> int:
     return accepted
 
 
+class Sampled(NamedTuple):
+    """Proposals drawn from the drafter's distribution: token ids `tokens` [P] and, for the ratio test, the
+    probability each was drawn with (`chosen` [P]) and each position's whole proposal distribution `q` [P, S] over
+    the token ids `support` [P, S] (None: q's columns are the token ids themselves)."""
+
+    tokens: mx.array
+    chosen: mx.array
+    q: mx.array
+    support: Optional[mx.array]
+
+
 class DraftHead:
-    """Turns the drafter's hidden states into proposals: the argmax of the target's head, or, for a drafter with
-    a `draft_vocab`, of those rows alone (a fraction of the head's cost, which for a small target exceeds the
-    drafter's layers). Proposals are verified either way, so the output is the target's."""
+    """Turns the drafter's hidden states into proposals: the argmax of the target's head (or samples from its
+    distribution), or, for a drafter with a `draft_vocab`, of those rows alone (a fraction of the head's cost, which
+    for a small target exceeds the drafter's layers). Proposals are verified either way, so the output is the
+    target's."""
 
     def __init__(self, draft: Drafter, target: Target):
         self.draft, self.target, self.ids = draft, target, None
@@ -110,6 +134,18 @@ class DraftHead:
             return self.draft.propose(hidden, anchor, self)
         return self.token_ids(mx.argmax(self.logits(hidden), axis=-1))
 
+    def sample(self, hidden: mx.array, anchor: int, sampling: Sampling) -> Sampled:
+        """The chain after `anchor` drawn under `sampling`: the drafter's own walk where it makes one (DFlash2), else
+        each position independently from the drafter's logits, filtered as the target's are."""
+        if chooses_chain(self.draft):
+            return Sampled(*self.draft.propose(hidden, anchor, self, sampling))
+        log_q = sampling.log_probs(self.logits(hidden))  # [P, S]
+        indices = mx.random.categorical(log_q)
+        q = mx.exp(log_q)
+        chosen = mx.take_along_axis(q, indices[:, None], axis=-1)[:, 0]
+        support = None if self.ids is None else mx.broadcast_to(self.ids, q.shape)
+        return Sampled(self.token_ids(indices), chosen, q, support)
+
     def top(self, hidden: mx.array, width: int):
         """(token ids, log-probabilities), [positions, width] each, most probable first."""
         logits = self.logits(hidden).astype(mx.float32)
@@ -132,6 +168,41 @@ def propose_block(
 ) -> mx.array:
     """The chain's proposals for positions 1..size-1 (the drafter's most probable token at each, or its own path)."""
     return head(draft_hidden(draft, target, anchor, features, draft_cache, size), anchor)
+
+
+def sample_block(
+    draft: Drafter,
+    target: Target,
+    anchor: int,
+    features: mx.array,
+    draft_cache,
+    size: int,
+    head: DraftHead,
+    sampling: Sampling,
+) -> Sampled:
+    """The chain's proposals for positions 1..size-1 drawn from the drafter's distribution under `sampling`."""
+    return head.sample(draft_hidden(draft, target, anchor, features, draft_cache, size), anchor, sampling)
+
+
+def ratio_test(logits: mx.array, proposal: Sampled, sampling: Sampling):
+    """Speculative sampling of a chain, on the device: the target's logits [P+1, V] at the anchor and the P proposals
+    -> (accepted proposals, the token after them), 0-d arrays. Proposal i is accepted with probability
+    min(1, p_i(x_i) / q_i(x_i)) while all before it were; the first rejected row draws from norm(max(0, p - q)) (p
+    where that is all zero), a block accepted whole from p at the last row."""
+    p = sampling.probs(logits)
+    count = proposal.tokens.shape[0]
+    drafted = p[:count]
+    p_chosen = mx.take_along_axis(drafted, proposal.tokens.astype(mx.int32)[:, None], axis=-1)[:, 0]
+    accept = mx.random.uniform(shape=(count,)) * proposal.chosen < p_chosen
+    accepted = mx.cumprod(accept.astype(mx.int32)).sum()
+    q = proposal.q
+    if proposal.support is not None:
+        q = mx.put_along_axis(mx.zeros_like(drafted), proposal.support.astype(mx.int32), q, axis=-1)
+    residual = mx.maximum(drafted - q, 0.0)
+    total = residual.sum(axis=-1, keepdims=True)
+    residual = mx.where(total > 0, residual / mx.maximum(total, 1e-30), drafted)
+    row = mx.take(mx.concatenate([residual, p[count:]]), accepted, axis=0)
+    return accepted, mx.random.categorical(mx.log(row))
 
 
 def generate_dflash(
@@ -223,24 +294,39 @@ class Verified(NamedTuple):
 
 
 class ChainVerify:
-    """The drafter's most probable token at each position, verified as one causal block. The proposal stays on the
-    device: the drafter and the verify run as one graph, with no host sync between them."""
+    """A chain of proposals verified as one causal block: drawn from the drafter's distribution and ratio-tested
+    where the selector's distribution is explicit (`TokenSelector.distribution`), else the drafter's most probable
+    token at each position, matched against the target's own token (see the module's docstring). The proposal stays
+    on the device: the drafter and the verify run as one graph, with one host sync after the verify."""
 
     def __init__(self, draft: Drafter, target: Target, head: DraftHead, select: TokenSelector):
         self.draft, self.target, self.head, self.select = draft, target, head, select
 
-    def propose(self, anchor: int, features: mx.array, size: int, cache, draft_cache) -> mx.array:
-        return propose_block(self.draft, self.target, anchor, features, draft_cache, size, self.head)
+    def propose(self, anchor: int, features: mx.array, size: int, cache, draft_cache):
+        sampling = self.select.distribution
+        if sampling is None:
+            return propose_block(self.draft, self.target, anchor, features, draft_cache, size, self.head)
+        return sample_block(self.draft, self.target, anchor, features, draft_cache, size, self.head, sampling)
 
-    def __call__(self, anchor: int, proposal: mx.array, cache, position: int) -> Verified:
+    def __call__(self, anchor: int, proposal, cache, position: int) -> Verified:
+        sampled = isinstance(proposal, Sampled)
+        drafts = proposal.tokens if sampled else proposal
         cache.mark()
-        logits, features = self.target(mx.concatenate([mx.array([anchor]), proposal.astype(mx.int32)])[None], cache)
-        target_tokens = self.select(logits[0], drafts=proposal)
-        mx.eval(target_tokens, proposal)
-        draft_tokens, target_tokens = proposal.tolist(), target_tokens.tolist()
-        accepted = _accepted_prefix(draft_tokens, target_tokens)
+        logits, features = self.target(mx.concatenate([mx.array([anchor]), drafts.astype(mx.int32)])[None], cache)
+        if sampled:
+            accepted, token = ratio_test(logits[0], proposal, self.select.distribution)
+            finite = mx.isfinite(mx.logsumexp(mx.take(logits[0], accepted, axis=0).astype(mx.float32)))
+            mx.eval(accepted, token, finite, drafts)
+            accepted, draft_tokens = accepted.item(), drafts.tolist()
+            # A row that is not finite is never accepted (its ratio is NaN); the front stops at the one it reaches.
+            committed = draft_tokens[:accepted] + [token.item() if finite.item() else NOT_FINITE]
+        else:
+            target_tokens = self.select(logits[0], drafts=drafts)
+            mx.eval(target_tokens, drafts)
+            draft_tokens, target_tokens = drafts.tolist(), target_tokens.tolist()
+            accepted = _accepted_prefix(draft_tokens, target_tokens)
+            committed = draft_tokens[:accepted] + [target_tokens[accepted]]
         cache.keep(accepted + 1)
-        committed = draft_tokens[:accepted] + [target_tokens[accepted]]
         return Verified(committed, features[:, : accepted + 1], "chain", len(draft_tokens))
 
 
@@ -249,8 +335,9 @@ class TreeVerify:
     in one forward whose rows see their ancestors, at position anchor + depth (a tree that is one path, or the
     anchor alone, runs as a plain causal block). The target chooses its own token after every row, as it would
     after that row's path; walking its choices down the tree commits exactly what AR would (greedy or sampled:
-    each committed token is the target's own draw given the tokens before it). With deterministic candidates (the
-    drafter's top tokens), SpecInfer's recursive rejection over siblings accepts sibling i with probability
+    each committed token is the target's own draw given the tokens before it). Its candidates stay deterministic
+    (the drafter's top tokens) at every temperature, unlike a sampled chain's: with deterministic candidates,
+    SpecInfer's recursive rejection over siblings accepts sibling i with probability
     p(x_i) / (1 - p(x_1) - ... - p(x_(i-1))), so some sibling with p(x_1) + p(x_2) + ...: exactly what matching
     the target's own draw accepts; this is that scheme. A policy that skips the drafter makes the round one AR
     step, queued before the yield as AR's are."""

@@ -6,7 +6,6 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream, wired_limit
-from mlx_lm.sample_utils import make_sampler
 
 from ..chat_template import end_of_thinking_id
 from ..errors import DLLMError
@@ -21,7 +20,7 @@ from .arguments import (
     whole_number,
     wrap_tokenizer,
 )
-from .common import GenerationResponse, Stats, TokenSelector, check_finite, check_sampling
+from .common import GenerationResponse, Sampling, Stats, TokenSelector, check_finite, check_sampling
 from .dflash import block_size_option
 from .mode import Mode, all_modes, modes_of
 from .stopping import StopStringStream
@@ -76,9 +75,8 @@ def _selector(mode: Mode, temp, top_p, top_k, min_p, sampler, logits_processors,
     processors = list(logits_processors or ())
     if not all(callable(p) for p in processors):
         raise DLLMError("logits_processors must be a list of callables (tokens, logits) -> logits")
-    if sampler is None and temp != 0:
-        sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
-    return TokenSelector(sampler, processors, prompt)
+    sampling = Sampling(temp, top_p, top_k, min_p) if sampler is None and temp != 0 else None
+    return TokenSelector(sampler, processors, prompt, sampling)
 
 
 def stream_generate(
