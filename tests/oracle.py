@@ -1,4 +1,5 @@
-"""A stand-in drafter whose proposals are known: right for the first k positions of a block, then wrong."""
+"""Stand-ins around DFlash's chain proposals: a drafter whose proposals are known (right for the first k positions of
+a block, then wrong), and a recorder of the real ones."""
 
 import mlx.core as mx
 
@@ -22,3 +23,18 @@ class Oracle:
         self.expected_accepts.append(min(correct + 1, size, remaining))
         truth = self.reference[anchor_index + 1 : anchor_index + size]
         return mx.array([t if j < correct else (t + 1) % self.vocab_size for j, t in enumerate(truth)])
+
+
+def record_chain_proposals(monkeypatch):
+    """The list each chain round's proposals (token ids) are appended to, from the real drafter."""
+    from mlx_dllm.sampler import dflash
+
+    proposals, propose_block = [], dflash.propose_block
+
+    def recording(*args):
+        proposal = propose_block(*args)
+        proposals.append(proposal.tolist())
+        return proposal
+
+    monkeypatch.setattr(dflash, "propose_block", recording)
+    return proposals

@@ -14,22 +14,10 @@ from mlx_dllm import DLLMError
 from mlx_dllm.benchmark.tiny import VOCAB, build_tiny
 from mlx_dllm.models import dflash2
 from mlx_dllm.sampler import dflash as dflash_strategy
+from tests.oracle import record_chain_proposals
 
 PROMPT = "w5 w6 w7"
 REFUSAL = "DFlash2 drafters verify chains for now: use speculation='chain'"
-
-
-def _record_our_drafts(monkeypatch):
-    """The chain proposed each round (no torch needed, unlike test_models_hot_paths' recorder)."""
-    drafts, propose_block = [], dflash_strategy.propose_block
-
-    def recording(*args):
-        proposal = propose_block(*args)
-        drafts.append(proposal.tolist())
-        return proposal
-
-    monkeypatch.setattr(dflash_strategy, "propose_block", recording)
-    return drafts
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +32,7 @@ def test_greedy_chains_are_the_selectors_path_and_lossless(tiny, monkeypatch):
     draft, _ = mlx_dllm.load(str(folder))
     assert type(draft) is dflash2.Model
     ar = mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=24)
-    seen = _record_our_drafts(monkeypatch)
+    seen = record_chain_proposals(monkeypatch)
     responses = list(mlx_dllm.stream_generate(model, tokenizer, PROMPT, 24, draft_model=draft))  # chains by default
     assert "".join(r.text for r in responses) == ar
     assert seen and responses[-1].speculation["chain"] == 1.0
@@ -81,7 +69,7 @@ def test_a_draft_vocab_chooses_among_its_own_tokens(tiny, tmp_path, monkeypatch)
     shutil.copytree(folder, tmp_path / "vocab")
     (tmp_path / "vocab" / "config.json").write_text(json.dumps(config))
     draft, _ = mlx_dllm.load(str(tmp_path / "vocab"))
-    seen = _record_our_drafts(monkeypatch)
+    seen = record_chain_proposals(monkeypatch)
     ar = mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=16)
     assert mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=16, draft_model=draft) == ar
     assert seen and all(token in vocab for block in seen for token in block)

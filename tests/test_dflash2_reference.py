@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from mlx_dllm import convert, load, stream_generate
 from mlx_dllm.models import dflash2
 from mlx_dllm.sampler import dflash as dflash_strategy
+from tests.oracle import record_chain_proposals
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("dflash.model")
@@ -90,14 +91,7 @@ def test_drafter_hidden_states_and_selected_paths_match_reference(pair):
 
 def _our_run(pair, monkeypatch):
     model, tokenizer, draft = _loaded(pair)
-    proposals, propose_block = [], dflash_strategy.propose_block
-
-    def recording(*args):
-        proposal = propose_block(*args)
-        proposals.append(proposal.tolist())
-        return proposal
-
-    monkeypatch.setattr(dflash_strategy, "propose_block", recording)
+    proposals = record_chain_proposals(monkeypatch)
     responses = list(
         stream_generate(model, tokenizer, PROMPT, MAX_TOKENS, draft_model=draft, speculation="chain")
     )

@@ -10,7 +10,7 @@ import pytest
 import mlx_dllm
 from mlx_dllm.benchmark.tiny import VOCAB, build_tiny
 from mlx_dllm.sampler import dflash as dflash_strategy
-from tests.test_models_hot_paths import _record_our_drafts
+from tests.oracle import record_chain_proposals
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_the_whole_vocabulary_as_draft_vocab_changes_nothing(tiny, tmp_path, mon
     model, tokenizer = mlx_dllm.load(str(target))
     runs = []
     for drafter in (mlx_dllm.load(str(draft))[0], with_vocab(draft, tmp_path / "all", list(range(VOCAB)))):
-        seen = _record_our_drafts(monkeypatch)
+        seen = record_chain_proposals(monkeypatch)
         text = mlx_dllm.generate(model, tokenizer, "w5 w6 w7", max_tokens=24, draft_model=drafter, speculation="chain")
         runs.append((text, seen))
         monkeypatch.undo()
@@ -47,7 +47,7 @@ def test_a_draft_vocab_proposes_only_its_tokens_and_output_equals_ar(tiny, tmp_p
                 for t in block]
     vocab = sorted(set(full_ids[::2]) | set(range(100, 140)))  # half of what AR says, and some it does not
     drafter = with_vocab(draft, tmp_path / "some", vocab)
-    seen = _record_our_drafts(monkeypatch)
+    seen = record_chain_proposals(monkeypatch)
     assert mlx_dllm.generate(model, tokenizer, prompt, max_tokens=24, draft_model=drafter, speculation="chain") == ar
     assert seen and all(token in vocab for block in seen for token in block)
     for speculation in ("tree", "auto"):

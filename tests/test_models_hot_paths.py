@@ -17,8 +17,8 @@ from mlx_dllm import DLLMError, convert, load, stream_generate
 from mlx_dllm.cli import main
 from mlx_dllm.models import dflash, diffusion_gemma, nemotron_diffusion
 from mlx_dllm.models.target import Target
-from mlx_dllm.sampler import dflash as dflash_strategy
 from mlx_dllm.sampler.diffusion import DiffusionSettings
+from tests.oracle import record_chain_proposals
 
 torch = pytest.importorskip("torch")
 dg_ref = pytest.importorskip("tests.reference.diffusion_gemma")
@@ -209,18 +209,6 @@ def _record_transformers_drafts(monkeypatch):
     return drafts
 
 
-def _record_our_drafts(monkeypatch):
-    drafts, propose_block = [], dflash_strategy.propose_block
-
-    def recording(*args):
-        proposal = propose_block(*args)
-        drafts.append(proposal.tolist())
-        return proposal
-
-    monkeypatch.setattr(dflash_strategy, "propose_block", recording)
-    return drafts
-
-
 @pytest.mark.parametrize("name", list(harness.TARGETS))
 def test_last_layer_drafter_drafts_as_transformers_does(
     hf_checkpoints, mlx_checkpoints, last_layer_drafts, name, monkeypatch
@@ -232,7 +220,7 @@ def test_last_layer_drafter_drafts_as_transformers_does(
     prompt, max_tokens = [100, 3, 3, 250, 7, 64, 12], 24
     theirs = _record_transformers_drafts(monkeypatch)
     expected = harness.reference_dflash_greedy(hf_checkpoints[name]["target_model"], torch_draft, prompt, max_tokens)
-    ours = _record_our_drafts(monkeypatch)
+    ours = record_chain_proposals(monkeypatch)
     chain = stream_generate(target, tokenizer, prompt, max_tokens, draft_model=draft, speculation="chain")
     tokens = [t for r in chain for t in r.tokens]
     assert tokens == expected

@@ -188,6 +188,22 @@ def conditional_pit(model, prompt, runs, sampling, positions, seed=0) -> np.ndar
     return np.array(u)
 
 
+def follows_the_target(monkeypatch, model, tokenizer, draft, proposer, sampling, control, seed):
+    """300 sampled chains of 3 tokens with `proposer` in place of the drafter: the 2nd and 3rd tokens' PIT against the
+    target's filtered conditionals is uniform, and the `control`'s (a broken rule) is not."""
+    monkeypatch.setattr(dflash_strategy, "sample_block", proposer)
+    if control:
+        _break(monkeypatch, control)
+    mx.random.seed(seed)
+    options = dict(draft_model=draft, temp=sampling.temp, top_p=sampling.top_p, block_size=3, speculation="chain")
+    runs = [run(model, tokenizer, PROMPT, 3, **options)[0] for _ in range(300)]
+    p_value = ks_uniform_p_value(conditional_pit(model, PROMPT, runs, sampling, positions=(1, 2)))
+    if control:
+        assert p_value < 1e-3, f"the test cannot tell {control} apart"
+    else:
+        assert p_value > 1e-3, p_value
+
+
 @pytest.mark.parametrize("control", [None, "accept-everything", "residual-is-p"])
 @pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
 def test_sampled_chains_follow_the_target_distribution(tiny, monkeypatch, config, control):
@@ -199,18 +215,7 @@ def test_sampled_chains_follow_the_target_distribution(tiny, monkeypatch, config
     sampling = CONFIGS[config]
     sharper = Sampling(sampling.temp / 3, sampling.top_p, sampling.top_k, sampling.min_p)
     proposer = TargetProposer(dflash_strategy.sample_block, model, PROMPT, sharper)
-    monkeypatch.setattr(dflash_strategy, "sample_block", proposer)
-    if control:
-        _break(monkeypatch, control)
-    mx.random.seed(1234)
-    options = dict(draft_model=draft, temp=sampling.temp, top_p=sampling.top_p, block_size=3, speculation="chain")
-    runs = [run(model, tokenizer, PROMPT, 3, **options)[0] for _ in range(300)]
-    p_value = ks_uniform_p_value(conditional_pit(model, PROMPT, runs, sampling, positions=(1, 2)))
-    print(f"{config} control={control}: KS p = {p_value:.3g}")
-    if control:
-        assert p_value < 1e-3, f"the test cannot tell {control} apart"
-    else:
-        assert p_value > 1e-3, p_value
+    follows_the_target(monkeypatch, model, tokenizer, draft, proposer, sampling, control, 1234)
 
 
 @pytest.mark.parametrize("control", [None, "residual-is-p"])
@@ -220,18 +225,7 @@ def test_a_proposal_distribution_on_some_tokens_is_scattered_back(tiny, monkeypa
     model, tokenizer, draft = tiny["dflash"]
     sampling = CONFIGS["temp-1"]
     proposer = TargetProposer(dflash_strategy.sample_block, model, PROMPT, Sampling(0.5), support=6)
-    monkeypatch.setattr(dflash_strategy, "sample_block", proposer)
-    if control:
-        _break(monkeypatch, control)
-    mx.random.seed(4321)
-    options = dict(draft_model=draft, temp=sampling.temp, block_size=3, speculation="chain")
-    runs = [run(model, tokenizer, PROMPT, 3, **options)[0] for _ in range(300)]
-    p_value = ks_uniform_p_value(conditional_pit(model, PROMPT, runs, sampling, positions=(1, 2)))
-    print(f"support of 6, control={control}: KS p = {p_value:.3g}")
-    if control:
-        assert p_value < 1e-3, f"the test cannot tell {control} apart"
-    else:
-        assert p_value > 1e-3, p_value
+    follows_the_target(monkeypatch, model, tokenizer, draft, proposer, sampling, control, 4321)
 
 
 @pytest.mark.parametrize("name", ["dflash", "dflash2", "dflash-draft-vocab"])
