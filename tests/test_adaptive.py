@@ -11,6 +11,7 @@ import pytest
 from mlx_dllm.sampler import adaptive, cost_curve
 from mlx_dllm.sampler.adaptive import Adaptive, Calibration, best_budget, kind
 from mlx_dllm.sampler.cost_curve import CostCurve
+from mlx_dllm.sampler.tree import Lattice
 
 # A 2-core CPU's shape: a 16-token verify costs 2x a 1-token one; a GPU's: verify cost flat up to 32 tokens.
 CPU = CostCurve((1, 2, 4, 8, 16, 32), (0.056, 0.065, 0.075, 0.089, 0.116, 0.175), draft_seconds=0.012)
@@ -21,8 +22,8 @@ def confidences(top: float, second: float, depths: int, width: int = 4):
     """The drafter's top `width` tokens at each depth (token ids 10*depth + rank) and their log-probabilities."""
     rest = (1 - top - second) / (width - 2)
     probs = [top, second] + [rest] * (width - 2)
-    return ([[10 * d + r for r in range(width)] for d in range(depths)],
-            [[math.log(p) for p in probs] for _ in range(depths)])
+    return Lattice.independent([[10 * d + r for r in range(width)] for d in range(depths)],
+                               [[math.log(p) for p in probs] for _ in range(depths)])
 
 
 def test_the_curve_interpolates_between_sizes_and_extends_the_last_slope():
@@ -58,39 +59,39 @@ def test_a_useless_drafter_gets_ar_rounds_and_probes_that_back_off():
     policy = Adaptive(CPU, max_budget=32)
     for q in (0.35, 0.2, 0.225) * 30:
         policy.calibration.observe(q, False)  # the drafter is never right
-    tokens, log_probs = confidences(0.35, 0.2, depths=7)
-    tree = policy.shape(0, tokens, log_probs)
+    lattice = confidences(0.35, 0.2, depths=7)
+    tree = policy.shape(0, lattice)
     assert kind(tree) == "ar" and len(tree) == 1
     policy.observe(tree, [])  # 1 token for a draft + verify: below AR's rate
     skipped = []
     for _ in range(3):
         skipped.append(policy.drafts())
     assert skipped == [False, False, True]  # MIN_WAIT AR rounds, then a probe
-    policy.observe(policy.shape(0, tokens, log_probs), [])
+    policy.observe(policy.shape(0, lattice), [])
     assert [policy.drafts() for _ in range(5)] == [False] * 4 + [True]  # a failed probe doubles the wait
 
 
 def test_a_good_drafter_gets_a_long_chain_and_a_split_one_a_tree():
     policy = Adaptive(CPU, max_budget=32)
-    sure = policy.shape(0, *confidences(0.97, 0.01, depths=7))
+    sure = policy.shape(0, confidences(0.97, 0.01, depths=7))
     assert kind(sure) == "chain" and len(sure) == 8  # the whole block, one path
-    split = Adaptive(GPU, max_budget=32).shape(0, *confidences(0.5, 0.45, depths=7))
+    split = Adaptive(GPU, max_budget=32).shape(0, confidences(0.5, 0.45, depths=7))
     assert kind(split) == "tree" and len(split) > 8
     assert all(0 <= split.parents[row] < row for row in range(1, len(split)))
 
 
 def test_rounds_that_commit_well_keep_drafting_and_reset_the_wait():
     policy = Adaptive(CPU, max_budget=32)
-    tokens, log_probs = confidences(0.9, 0.05, depths=7)
+    lattice = confidences(0.9, 0.05, depths=7)
     policy.wait = 16
-    tree = policy.shape(0, tokens, log_probs)
+    tree = policy.shape(0, lattice)
     policy.observe(tree, list(range(1, len(tree))))  # every node committed
     assert policy.drafts() and policy.wait == adaptive.MIN_WAIT
 
 
 def test_calibration_counts_only_nodes_the_target_judged():
     policy = Adaptive(GPU, max_budget=32)
-    tree = policy.shape(0, *confidences(0.5, 0.45, depths=3))
+    tree = policy.shape(0, confidences(0.5, 0.45, depths=3))
     first = [row for row in range(1, len(tree)) if tree.parents[row] == 0]
     policy.observe(tree, [first[0]])  # the first root child committed, the target stopped below it
     judged = sum(policy.calibration.trials)
@@ -148,3 +149,19 @@ def test_a_curve_is_measured_once_then_read_and_measured_again_when_stale_or_dam
     count = len(measured)
     assert curve().sizes[-1] == 9 and len(measured) > count
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_a_lattice_is_priced_and_calibrated_by_each_candidates_chance_given_its_parent():
+    """A DFlash2-like lattice: after depth 1's first candidate, depth 2's second is the sure one. The policy's chain
+    follows that, and the calibration learns from the conditional probabilities (0.9, then 0.95)."""
+    log = math.log
+    lattice = Lattice(
+        tokens=[[10, 11], [20, 21]],
+        ranked=[[[0, 1]], [[1, 0], [0, 1]]],
+        log_probs=[[[log(0.9), log(0.1)]], [[log(0.95), log(0.05)], [log(0.5), log(0.5)]]],
+    )
+    policy = Adaptive(CPU, max_budget=2)
+    tree = policy.shape(0, lattice)
+    assert kind(tree) == "chain" and tree.lineage(len(tree) - 1) == [10, 21]
+    policy.observe(tree, [1, 2])
+    assert policy.calibration.trials[9] == 2 and policy.calibration.hits[9] == 2

@@ -1,6 +1,6 @@
 """DFlash2 drafters without the reference (tests/test_dflash2_reference.py compares them with it): the tiny family
-loads and drafts losslessly as chains (its default), trees are refused, and configs it cannot draft from are one
-line each."""
+loads and drafts losslessly as chains and as trees through its candidate lattice, and configs it cannot draft from
+are one line each."""
 
 import json
 import re
@@ -14,10 +14,10 @@ from mlx_dllm import DLLMError
 from mlx_dllm.benchmark.tiny import VOCAB, build_tiny
 from mlx_dllm.models import dflash2
 from mlx_dllm.sampler import dflash as dflash_strategy
+from mlx_dllm.sampler.tree import Lattice
 from tests.oracle import record_chain_proposals
 
 PROMPT = "w5 w6 w7"
-REFUSAL = "DFlash2 drafters verify chains for now: use speculation='chain'"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_greedy_chains_are_the_selectors_path_and_lossless(tiny, monkeypatch):
     assert type(draft) is dflash2.Model
     ar = mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=24)
     seen = record_chain_proposals(monkeypatch)
-    responses = list(mlx_dllm.stream_generate(model, tokenizer, PROMPT, 24, draft_model=draft))  # chains by default
+    responses = list(mlx_dllm.stream_generate(model, tokenizer, PROMPT, 24, draft_model=draft, speculation="chain"))
     assert "".join(r.text for r in responses) == ar
     assert seen and responses[-1].speculation["chain"] == 1.0
     # Each proposal is the selector's walk over the head's logits, which the argmax at each position is not always.
@@ -71,18 +71,53 @@ def test_a_draft_vocab_chooses_among_its_own_tokens(tiny, tmp_path, monkeypatch)
     draft, _ = mlx_dllm.load(str(tmp_path / "vocab"))
     seen = record_chain_proposals(monkeypatch)
     ar = mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=16)
-    assert mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=16, draft_model=draft) == ar
+    assert mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=16, draft_model=draft, speculation="chain") == ar
     assert seen and all(token in vocab for block in seen for token in block)
 
 
+def test_the_lattice_scores_every_candidate_given_every_candidate_before_it(tiny):
+    """Brute force: position p's candidates, given candidate c of position p - 1 (the anchor at p = 0), score
+    logit + pred(c) . W h_p . succ, normalised over the K candidates; and following each row's best from the anchor
+    retraces the selector's greedy walk."""
+    model, _, folder = tiny
+    draft, _ = mlx_dllm.load(str(folder))
+    head = dflash_strategy.DraftHead(draft, dflash_strategy.bind_target(draft, model))
+    hidden = mx.random.normal((5, draft.hidden_size), key=mx.random.key(4))
+    logits = head.logits(hidden)
+    selector = draft.candidate_selector
+    K = selector.top_k
+    tokens, ranked, log_probs = (part.tolist() for part in head.lattice(hidden, 9, width=K))
+    lattice = Lattice(tokens, ranked, log_probs)
+    for position in range(5):
+        assert sorted(tokens[position]) == sorted(mx.argsort(-logits[position])[:K].tolist())
+        projected = selector.hidden_projection(hidden[position])
+        parents = [9] * K if position == 0 else tokens[position - 1]
+        for parent_index, parent in enumerate(parents):
+            code = selector.predecessor_codebook.weight[parent] * projected
+            scores = mx.array([logits[position, c].item() + (code * selector.successor_codebook.weight[c]).sum().item()
+                               for c in tokens[position]])
+            expected = (scores - mx.logsumexp(scores)).tolist()
+            order, given = lattice.row(position, parent_index)
+            assert list(order) == sorted(range(K), key=lambda i: -expected[i])
+            assert given == pytest.approx([expected[i] for i in order], abs=1e-5)
+    walk, choice = [], 0
+    for position in range(5):
+        choice = lattice.row(position, choice)[0][0]
+        walk.append(tokens[position][choice])
+    assert walk == _walk(draft, hidden, logits, 9)
+
+
 @pytest.mark.parametrize(
-    "options", [{"speculation": "tree"}, {"speculation": "auto"}, {"tree_budget": 4}], ids=["tree", "auto", "budget"]
+    "options", [{"speculation": "tree"}, {"speculation": "auto"}, {"tree_budget": 12}], ids=["tree", "auto", "budget"]
 )
-def test_trees_are_refused_in_one_line(tiny, options):
+def test_trees_through_the_lattice_are_lossless(tiny, options):
     model, tokenizer, folder = tiny
     draft, _ = mlx_dllm.load(str(folder))
-    with pytest.raises(DLLMError, match=re.escape(REFUSAL)):
-        mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=4, draft_model=draft, **options)
+    ar = mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=24)
+    responses = list(mlx_dllm.stream_generate(model, tokenizer, PROMPT, 24, draft_model=draft, **options))
+    assert "".join(r.text for r in responses) == ar
+    if "speculation" not in options or options["speculation"] == "tree":
+        assert responses[-1].speculation["tree"] > 0
 
 
 def _args(**changes):
@@ -142,8 +177,12 @@ def test_the_trainer_does_not_start_from_a_dflash2_drafter(tiny):
         read_initial_drafter(str(folder), model.args)
 
 
-def test_the_benchmark_sweeps_its_chains_alone():
-    from mlx_dllm.benchmark.session import sweep_methods
+def test_the_benchmark_sweeps_its_chains_trees_and_auto():
+    from mlx_dllm.benchmark.session import SWEEP_BUDGETS, sweep_methods
 
     draft = dflash2.Model(_args())
-    assert sweep_methods(draft) == [f"dflash:speculation=chain:block_size={b}" for b in range(2, draft.block_size + 1)]
+    methods = sweep_methods(draft)
+    assert methods[: draft.block_size - 1] == [f"dflash:speculation=chain:block_size={b}"
+                                                for b in range(2, draft.block_size + 1)]
+    assert methods[draft.block_size - 1:] == [f"dflash:speculation=tree:tree_budget={b}" for b in SWEEP_BUDGETS] + [
+        "dflash:speculation=auto"]

@@ -14,7 +14,7 @@ from mlx_dllm.kernels import attention, metal, patterns, routing
 from mlx_dllm.models.cache import WindowKVCache
 from mlx_dllm.models.positioned import layer_tree
 from mlx_dllm.models.target import Target
-from mlx_dllm.sampler.tree import DraftTree, follow, grow_tree
+from mlx_dllm.sampler.tree import DraftTree, Lattice, follow, grow, grow_tree
 from tests.test_target_families import FAMILIES, LAYERS, RECURRENT_FAMILIES, VOCAB, make_target
 
 # Three depths, three candidates each, most probable first.
@@ -62,6 +62,43 @@ def test_a_budget_of_the_block_is_the_chain_when_the_drafter_is_sure():
     sure = [[math.log(0.99), math.log(0.01)]] * 3
     tree = grow_tree(1, [[5, 6], [7, 8], [9, 4]], sure, 3)
     assert tree == DraftTree((1, 5, 7, 9), (-1, 0, 1, 2), (0, 1, 2, 3))
+
+
+def random_lattice(depths: int, width: int, seed: int) -> Lattice:
+    """A DFlash2-like lattice: each depth's candidates scored anew under each candidate of the depth before."""
+    rng = np.random.default_rng(seed)
+    tokens = [[100 * d + i for i in range(width)] for d in range(depths)]
+    ranked, log_probs = [], []
+    for d in range(depths):
+        rows = 1 if d == 0 else width
+        scores = rng.normal(size=(rows, width)) * 2
+        logs = scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
+        order = np.argsort(-logs, axis=1)
+        ranked.append(order.tolist())
+        log_probs.append(np.take_along_axis(logs, order, axis=1).tolist())
+    return Lattice(tokens, ranked, log_probs)
+
+
+@pytest.mark.parametrize("budget", [1, 4, 9, 20, 63])
+def test_a_lattice_tree_holds_the_best_paths_scored_given_each_parent(budget):
+    lattice = random_lattice(depths=3, width=3, seed=budget)
+
+    def score(choices):
+        total, parent = 0.0, 0
+        for depth, choice in enumerate(choices):
+            total += lattice.log_prob(depth, parent, choice)
+            parent = choice
+        return total
+
+    every = [choices for depth in range(1, 4) for choices in itertools.product(range(3), repeat=depth)]
+    best = sorted(every, key=lambda c: -score(c))[:budget]
+    grown = grow(5, lattice, budget)
+    tree = grown.tree
+    found = [tuple(tree.lineage(row)) for row in range(1, len(tree))]
+    assert sorted(found) == sorted(tuple(100 * d + c for d, c in enumerate(choices)) for choices in best)
+    assert grown.scores[1:] == pytest.approx([score([t % 100 for t in path]) for path in found])
+    assert list(grown.scores[1:]) == sorted(grown.scores[1:], reverse=True)
+    assert all(0 <= tree.parents[row] < row for row in range(1, len(tree)))
 
 
 def test_bad_growth_input_is_one_line():

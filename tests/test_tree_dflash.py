@@ -6,6 +6,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from mlx_dllm import DLLMError, load, stream_generate
+from mlx_dllm.benchmark.tiny import build_tiny
 from mlx_dllm.sampler import dflash as dflash_strategy
 from mlx_dllm.sampler.cost_curve import CostCurve
 from tests.test_hybrid_dflash import ks_uniform_p_value, randomized_pit
@@ -69,7 +70,7 @@ def second_choice_is_right(monkeypatch, target, prompt, width):
         truth = reference[start + 1 : start + size]
         tokens = [[(t + 1) % 256, t] + [(t + 2 + k) % 256 for k in range(width - 2)] for t in truth]
         log_probs = [[0.0, -0.1] + [-5.0] * (width - 2) for _ in truth]  # a binary tree of the top two
-        return mx.array(tokens), mx.array(log_probs)
+        return dflash_strategy.independent_lattice(mx.array(tokens), mx.array(log_probs))
 
     monkeypatch.setattr(dflash_strategy.TreeVerify, "propose", propose)
     return reference
@@ -101,7 +102,7 @@ def test_auto_goes_ar_when_the_drafter_is_always_wrong_and_stays_lossless(models
         if isinstance(step, dflash_strategy.Step):
             return step
         wrong = [[(anchor + 1 + k) % 256 for k in range(4)] for _ in range(size - 1)]  # the target never says these
-        return mx.array(wrong), mx.array([[-0.01, -5.0, -6.0, -7.0]] * (size - 1))
+        return dflash_strategy.independent_lattice(mx.array(wrong), mx.array([[-0.01, -5.0, -6.0, -7.0]] * (size - 1)))
 
     monkeypatch.setattr(dflash_strategy.TreeVerify, "propose", propose)
     monkeypatch.setattr(dflash_strategy, "follow", lambda tree, chosen: ([], chosen[0]))  # it never matches
@@ -111,12 +112,21 @@ def test_auto_goes_ar_when_the_drafter_is_always_wrong_and_stays_lossless(models
     assert last.speculation["ar"] > 0.7 and last.draft_forwards < 15
 
 
+@pytest.fixture(params=["dflash", "dflash2"])
+def drafters(request, models, tmp_path_factory):
+    """(target, tokenizer, drafter): a DFlash drafter, then a DFlash2 one (trees through its candidate lattice)."""
+    if request.param == "dflash":
+        return models
+    target, draft = build_tiny("dflash2", tmp_path_factory.mktemp("tiny"))
+    return (*load(str(target)), load(str(draft))[0])
+
+
 @pytest.mark.parametrize("speculation", ["tree", "auto"])
-def test_sampled_tree_follows_the_target_distribution(models, monkeypatch, speculation):
+def test_sampled_tree_follows_the_target_distribution(drafters, monkeypatch, speculation):
     """Trees of the drafter's top-2 at 2 depths at temperature 1; each third token is checked against the target's
     own distribution given the two before it. The control commits the drafter's first choice without looking at
     the target's draws: the test must tell it apart."""
-    target, tokenizer, draft = models
+    target, tokenizer, draft = drafters
     prompt, samples = PROMPTS[0], 300
     monkeypatch.setattr(tokenizer, "eos_token_ids", [])  # every run has its three tokens
 

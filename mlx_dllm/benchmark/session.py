@@ -9,7 +9,6 @@ from typing import Iterator, List, Optional, Tuple
 
 from .. import blas
 from ..errors import DLLMError
-from ..models.drafter import chooses_chain
 from ..output import echo
 from ..sampler.mode import modes_of
 from . import forward_cost, overhead, prompts, report, roofline, runner, tiny
@@ -92,11 +91,8 @@ SWEEP_BUDGETS = (4, 8, 16, 32)
 
 
 def sweep_methods(draft) -> List[str]:
-    """DFlash's chains at every block from 2 to the drafter's, trees at SWEEP_BUDGETS nodes, and auto (chains alone
-    for a drafter that chooses its own, DFlash2's)."""
+    """DFlash's chains at every block from 2 to the drafter's, trees at SWEEP_BUDGETS nodes, and auto."""
     chains = [f"dflash:speculation=chain:block_size={block}" for block in range(2, draft.block_size + 1)]
-    if chooses_chain(draft):
-        return chains
     trees = [f"dflash:speculation=tree:tree_budget={budget}" for budget in SWEEP_BUDGETS]
     return chains + trees + ["dflash:speculation=auto"]
 

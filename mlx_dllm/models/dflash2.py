@@ -9,7 +9,9 @@
   the projected hidden state x the candidate's successor code), and a walk from the anchor chooses the best at
   each position in turn. That path, not the argmax at each position, is the drafter's proposal; when sampling
   (a chain's sampled proposals, sampler/dflash.py), the walk draws each position's token from the softmax of its
-  candidates' scores under the sampling configuration, as z-lab's reference does at temperature > 0.
+  candidates' scores under the sampling configuration, as z-lab's reference does at temperature > 0. For a tree,
+  `lattice` scores every candidate given every candidate of the position before: the best paths through that
+  K x P lattice, not only the walk's one, are verified (sampler/tree.py).
 
 The rest (context fusion, attention, caches, the shared embedding and head) is v1's, imported from dflash.py.
 """
@@ -130,9 +132,7 @@ class CandidateSelector(nn.Module):
         With `sampling` (common.Sampling) each step draws from its scores' distribution under it instead of taking
         the best, and the walk returns (token ids [P], the probability of each draw [P], each step's distribution
         q [P, K], its candidates' token ids [P, K])."""
-        best = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
-        unary = mx.take_along_axis(logits, best, axis=-1)  # [P, K]
-        candidates = token_ids(best)
+        unary, candidates = self.candidates(logits, token_ids)
         successors = self.successor_codebook(candidates)  # [P, K, R]
         queries = self.hidden_projection(hidden)  # [P, R]
         chosen = mx.array([anchor])
@@ -153,6 +153,26 @@ class CandidateSelector(nn.Module):
             return mx.concatenate(path)
         return mx.concatenate(path), mx.concatenate(drawn), mx.concatenate(distributions), candidates
 
+    def candidates(self, logits: mx.array, token_ids: Callable[[mx.array], mx.array]):
+        """Each position's top-K draft logits [P, K] (unordered) and their token ids [P, K]."""
+        best = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+        return mx.take_along_axis(logits, best, axis=-1), token_ids(best)
+
+    def lattice(self, hidden: mx.array, logits: mx.array, anchor: int, token_ids, width: int):
+        """Every pair score at once, for trees (sampler/tree.py `Lattice`): position p's candidates scored given
+        each candidate of position p - 1 (all given the anchor at p = 0) and normalised over the K candidates, as the
+        walk's softmax is. Returns candidate ids [P, K], then per (position, parent candidate) the `width` best
+        candidate indices [P, K, width] and their log-probabilities [P, K, width], most probable first."""
+        unary, candidates = self.candidates(logits, token_ids)
+        anchors = mx.full((1, self.top_k), anchor, dtype=candidates.dtype)
+        parents = mx.concatenate([anchors, candidates[:-1]])  # [P, K]: position p's possible predecessors
+        pair = self.predecessor_codebook(parents) * self.hidden_projection(hidden)[:, None]  # [P, K, R]
+        scores = unary[:, None, :] + pair @ self.successor_codebook(candidates).swapaxes(-1, -2)  # [P, K, K]
+        scores = scores.astype(mx.float32)
+        log_probs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+        ranked = mx.argsort(-log_probs, axis=-1)[..., : min(width, self.top_k)]
+        return candidates, ranked, mx.take_along_axis(log_probs, ranked, axis=-1)
+
 
 class Model(dflash.Model):
     """The DFlash2 drafter: v1's interface (models/drafter.py) plus `propose`, its own choice of the chain."""
@@ -168,13 +188,21 @@ class Model(dflash.Model):
         """The selector's path over positions 1..P given their hidden states [P, H] and the anchor; `head` gives
         the logits over the tokens it drafts from (`head.logits`) and their ids (`head.token_ids`). With `sampling`
         the walk is drawn: see CandidateSelector."""
+        logits = self._logits(hidden, head)
+        return self.candidate_selector(hidden, logits, anchor, head.token_ids, sampling)
+
+    def lattice(self, hidden: mx.array, anchor: int, head, width: int):
+        """The selector's candidates and pair scores for a tree of paths through them (CandidateSelector.lattice)."""
+        return self.candidate_selector.lattice(hidden, self._logits(hidden, head), anchor, head.token_ids, width)
+
+    def _logits(self, hidden: mx.array, head) -> mx.array:
         logits = head.logits(hidden)
         rows, vocab, top_k = logits.shape[-1], self.args.vocab_size, self.args.selector_top_k
         if self.args.draft_vocab is None and rows > vocab:  # ids past the codebooks would read unrelated memory
             raise DLLMError(f"the target's head has {rows} tokens, the DFlash2 drafter's codebooks {vocab}")
         if rows < top_k:
             raise DLLMError(f"the target's head has {rows} tokens, fewer than the DFlash2 selector_top_k {top_k}")
-        return self.candidate_selector(hidden, logits, anchor, head.token_ids, sampling)
+        return logits
 
     @staticmethod
     def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:

@@ -44,3 +44,15 @@ def chooses_chain(model) -> bool:
     the probability each was drawn with [P], each position's proposal distribution q [P, S], the token ids of q's
     columns [P, S]), for the chain's ratio test (sampler/dflash.py)."""
     return callable(getattr(model, "propose", None))
+
+
+def grows_lattice(model) -> bool:
+    """Whether the drafter scores its candidates given the candidate before them, for trees:
+
+        lattice(hidden [P, H], anchor: int, head, width: int) -> (candidate ids [P, K], ranked [P, K, W], log-probs
+        [P, K, W])
+
+    position p's candidates ranked under each candidate of position p - 1 (under the anchor at p = 0), with their
+    log-probabilities given it (sampler/tree.py `Lattice`). Without it, trees come from the drafter's top tokens at
+    each position, scored independently."""
+    return callable(getattr(model, "lattice", None))

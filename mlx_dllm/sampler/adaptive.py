@@ -1,13 +1,14 @@
 """Adaptive speculation: each round verifies nothing drafted (AR), a chain or a tree, whichever is expected to commit
 the most tokens per second on this machine. Pure Python: the numbers come in, a choice goes out.
 
-Expected tokens. A drafted token to which the drafter gave probability q turns out to be the target's with
-probability `Calibration(q)`: per bin of q, the share seen so far in this generation, starting from q itself. A
-node is committed only if its whole path is, so its chance is the product along the path, and a tree commits in
-expectation 1 (the target's own token after the path, always) plus the sum of its nodes' chances. Grown best-first
-by those chances (`grow_tree`), the first b nodes are the best b-node tree: one growth prices every budget, and the
-round takes the budget b maximising expected tokens / (draft + verify(b + 1)) seconds of the cost curve. A budget
-of 0 verifies the anchor alone; a chosen tree that is a single path is verified as a chain.
+Expected tokens. A drafted token to which the drafter gave probability q (a DFlash2 drafter: given its parent
+candidate) turns out to be the target's with probability `Calibration(q)`: per bin of q, the share seen so far in
+this generation, starting from q itself. A node is committed only if its whole path is, so its chance is the product
+along the path, and a tree commits in expectation 1 (the target's own token after the path, always) plus the sum of
+its nodes' chances. Grown best-first by those chances (`tree.grow`), the first b nodes are the best b-node tree: one
+growth prices every budget, and the round takes the budget b maximising expected tokens / (draft + verify(b + 1))
+seconds of the cost curve. A budget of 0 verifies the anchor alone; a chosen tree that is a single path is verified
+as a chain.
 
 Whether to draft at all. A drafted round pays the drafter before its confidences are known. Running means of the
 tokens and seconds of drafted rounds give their rate; when it falls below AR's (1 token per verify(1) seconds) the
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Sequence
 
 from .cost_curve import CostCurve
-from .tree import DraftTree, grow_tree
+from .tree import DraftTree, Lattice, grow
 
 BINS = 10
 PRIOR = 2.0  # pseudo-observations at the drafter's own probability, per bin
@@ -65,12 +66,15 @@ def best_budget(gains: Sequence[float], curve: CostCurve) -> int:
     return fastest(gains, [curve.draft_seconds + curve.verify(b + 1) for b in range(len(gains))])
 
 
-def node_chances(tree: DraftTree, chance_of: Sequence[dict]) -> List[float]:
-    """Each row's chance of being committed: the product of its path's chances (the anchor's is 1)."""
-    chances = [1.0]
-    for row in range(1, len(tree)):
-        chances.append(chances[tree.parents[row]] * chance_of[tree.depths[row] - 1][tree.tokens[row]])
-    return chances
+def calibrated(lattice: Lattice, calibration: Calibration) -> Lattice:
+    """The lattice with each log-probability replaced by the log of its calibrated chance, re-ranked."""
+    ranked, log_probs = [], []
+    for depth_ranked, depth_log_probs in zip(lattice.ranked, lattice.log_probs):
+        rows = [sorted(((calibration(math.exp(lp)), i) for i, lp in zip(order, lps)), key=lambda pair: -pair[0])
+                for order, lps in zip(depth_ranked, depth_log_probs)]
+        ranked.append([[i for _, i in row] for row in rows])
+        log_probs.append([[math.log(chance) for chance, _ in row] for row in rows])
+    return Lattice(lattice.tokens, ranked, log_probs)
 
 
 def prefix(tree: DraftTree, rows: int) -> DraftTree:
@@ -102,21 +106,17 @@ class Adaptive:
             return False
         return True
 
-    def shape(self, anchor: int, top_tokens: Sequence[Sequence[int]], top_log_probs: Sequence[Sequence[float]]):
-        """The tree this round verifies, from the drafter's top tokens per depth and their log-probabilities."""
-        chance_of = [{t: self.calibration(math.exp(lp)) for t, lp in zip(tokens, log_probs)}
-                     for tokens, log_probs in zip(top_tokens, top_log_probs)]
-        ranked = [sorted(chances.items(), key=lambda item: -item[1]) for chances in chance_of]
-        grown = grow_tree(anchor, [[t for t, _ in depth] for depth in ranked],
-                          [[math.log(c) for _, c in depth] for depth in ranked], self.max_budget)
-        chances = node_chances(grown, chance_of)
+    def shape(self, anchor: int, lattice: Lattice) -> DraftTree:
+        """The tree this round verifies, from the drafter's candidates and their log-probabilities."""
+        grown = grow(anchor, calibrated(lattice, self.calibration), self.max_budget)
         gains = [1.0]
-        for chance in chances[1:]:
-            gains.append(gains[-1] + chance)
-        tree = prefix(grown, best_budget(gains, self.curve) + 1)
-        drafted = [{t: math.exp(lp) for t, lp in zip(tokens, log_probs)}
-                   for tokens, log_probs in zip(top_tokens, top_log_probs)]
-        self._drafted = [1.0] + [drafted[tree.depths[row] - 1][tree.tokens[row]] for row in range(1, len(tree))]
+        for score in grown.scores[1:]:  # a node's score is the log of its path's chance
+            gains.append(gains[-1] + math.exp(score))
+        tree = prefix(grown.tree, best_budget(gains, self.curve) + 1)
+        self._drafted = [1.0] + [
+            math.exp(lattice.log_prob(tree.depths[row] - 1, grown.choices[tree.parents[row]], grown.choices[row]))
+            for row in range(1, len(tree))
+        ]
         return tree
 
     def observe(self, tree: DraftTree, path: Sequence[int]) -> None:
@@ -147,8 +147,8 @@ class Pinned:
     def drafts(self) -> bool:
         return True
 
-    def shape(self, anchor: int, top_tokens, top_log_probs) -> DraftTree:
-        return grow_tree(anchor, top_tokens, top_log_probs, self.budget)
+    def shape(self, anchor: int, lattice: Lattice) -> DraftTree:
+        return grow(anchor, lattice, self.budget).tree
 
     def observe(self, tree: DraftTree, path: Sequence[int]) -> None:
         pass

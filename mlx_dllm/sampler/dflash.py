@@ -14,7 +14,8 @@ A chain (speculation='chain') is verified in one of two ways, both lossless:
   target's own token at that row (its sample, argmax at temp 0). That is rejection sampling with a one-hot
   proposal, so the output is the target's as well, token for token equal to greedy AR at temp 0.
 
-Trees (speculation='tree'/'auto', TreeVerify) keep deterministic candidates, the drafter's top tokens.
+Trees (speculation='tree'/'auto', TreeVerify) keep deterministic candidates: the drafter's top tokens, or the best
+paths through a DFlash2 drafter's candidate lattice.
 """
 
 from typing import Iterator, List, NamedTuple, Optional
@@ -24,7 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import DLLMError
-from ..models.drafter import Drafter, chooses_chain, is_drafter
+from ..models.drafter import Drafter, chooses_chain, grows_lattice, is_drafter
 from ..models.dtypes import compute_dtype
 from ..kernels import patterns
 from ..models.positioned import check_tree_caches
@@ -34,14 +35,14 @@ from .arguments import whole_number
 from .common import NOT_FINITE, Sampling, Stats, TokenSelector, prefill_chunks
 from .cost_curve import CONTEXT, cost_curve, curve_key, measure
 from .mode import Mode, Option
-from .tree import follow
+from .tree import Lattice, follow
 
 BLOCK_SIZE = Option("block_size", int, "draft block size (default: the drafter's)", minimum=2, label="block size")
 SPECULATION = Option(
     "speculation",
     str,
     "per round: auto (AR, a chain or a tree, whichever this machine runs fastest; the default), the drafter's best "
-    "chain (DFlash2 drafters' only choice, and their default), or a tree of its top tokens (DDTree)",
+    "chain, or a tree of its top tokens (DDTree; a DFlash2 drafter's: the best paths through its candidates)",
     choices=("auto", "chain", "tree"),
 )
 TREE_BUDGET = Option(
@@ -156,6 +157,21 @@ class DraftHead:
         order = mx.argsort(-chosen, axis=-1)
         return self.token_ids(mx.take_along_axis(best, order, axis=-1)), mx.take_along_axis(chosen, order, axis=-1)
 
+    def lattice(self, hidden: mx.array, anchor: int, width: int):
+        """What a tree grows from (tree.Lattice, as arrays): candidate ids [P, K], per (position, parent candidate)
+        the `width` best candidate indices and their log-probabilities [P, K', width]. The drafter's own lattice
+        where it scores candidates given their predecessor (DFlash2), else its top tokens per position (K' = 1)."""
+        if grows_lattice(self.draft):
+            return self.draft.lattice(hidden, anchor, self, width)
+        return independent_lattice(*self.top(hidden, width))
+
+
+def independent_lattice(tokens: mx.array, log_probs: mx.array):
+    """Top tokens per position [P, W] and their log-probabilities, most probable first, as DraftHead.lattice gives
+    them: one row per position, whatever the parent."""
+    ranked = mx.broadcast_to(mx.arange(tokens.shape[-1]), tokens.shape)
+    return tokens, ranked[:, None], log_probs[:, None]
+
 
 def draft_hidden(draft: Drafter, target: Target, anchor: int, features: mx.array, draft_cache, size: int):
     """One drafter forward over `[anchor, mask x (size-1)]`: its hidden states for positions 1..size-1."""
@@ -226,10 +242,7 @@ def generate_dflash(
         raise DLLMError(f"block size must be between 2 and the drafter's trained {trained}, got {block_size}")
     head = DraftHead(draft_model, target)
     budget = options.get("tree_budget")
-    own_chain = chooses_chain(draft_model)  # trees of its candidates (lattices) are not built yet
-    speculation = options.get("speculation") or ("tree" if budget else "chain" if own_chain else "auto")
-    if own_chain and speculation != "chain":
-        raise DLLMError("DFlash2 drafters verify chains for now: use speculation='chain'")
+    speculation = options.get("speculation") or ("tree" if budget else "auto")
     if speculation == "chain":
         if budget is not None:
             raise DLLMError("tree_budget applies to speculation='tree' or 'auto', not to a chain")
@@ -270,7 +283,7 @@ def measured_costs(target: Target, draft: Drafter, head: DraftHead, block_size: 
             cache.keep(0)
 
         def draft_forward() -> None:  # one context row more each time, as in a round
-            mx.eval(head.top(draft_hidden(draft, target, 0, features[:, -1:], draft_cache, block_size), width))
+            mx.eval(head.lattice(draft_hidden(draft, target, 0, features[:, -1:], draft_cache, block_size), 0, width))
 
         return measure(verify, draft_forward, sizes)
 
@@ -331,12 +344,13 @@ class ChainVerify:
 
 
 class TreeVerify:
-    """Each round a tree that `policy` shapes from the drafter's top `width` tokens per position (DDTree), verified
+    """Each round a tree that `policy` shapes from the drafter's lattice (DraftHead.lattice: its top `width` tokens
+    per position, DDTree, or the paths through a DFlash2 drafter's candidates under its pair scores), verified
     in one forward whose rows see their ancestors, at position anchor + depth (a tree that is one path, or the
     anchor alone, runs as a plain causal block). The target chooses its own token after every row, as it would
     after that row's path; walking its choices down the tree commits exactly what AR would (greedy or sampled:
     each committed token is the target's own draw given the tokens before it). Its candidates stay deterministic
-    (the drafter's top tokens) at every temperature, unlike a sampled chain's: with deterministic candidates,
+    (the lattice's best paths) at every temperature, unlike a sampled chain's: with deterministic candidates,
     SpecInfer's recursive rejection over siblings accepts sibling i with probability
     p(x_i) / (1 - p(x_1) - ... - p(x_(i-1))), so some sibling with p(x_1) + p(x_2) + ...: exactly what matching
     the target's own draw accepts; this is that scheme. A policy that skips the drafter makes the round one AR
@@ -355,13 +369,14 @@ class TreeVerify:
             logits, step_features = self.target(mx.array([[anchor]]), cache)
             return Step(self.select(logits[0]), step_features)
         self.unread = None
-        return self.head.top(draft_hidden(self.draft, self.target, anchor, features, draft_cache, size), self.width)
+        hidden = draft_hidden(self.draft, self.target, anchor, features, draft_cache, size)
+        return self.head.lattice(hidden, anchor, self.width)
 
     def __call__(self, anchor: int, proposal, cache, position: int) -> Verified:
         if isinstance(proposal, Step):
             return Verified(proposal.token.tolist(), proposal.features, "ar", 0)
-        tokens, log_probs = (part.tolist() for part in proposal)  # the round's host sync before the verify
-        tree = self.policy.shape(anchor, tokens, log_probs)
+        lattice = Lattice(*(part.tolist() for part in proposal))  # the round's host sync before the verify
+        tree = self.policy.shape(anchor, lattice)
         shape = kind(tree)
         cache.mark()
         ids = mx.array([list(tree.tokens)])
