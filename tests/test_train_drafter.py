@@ -137,7 +137,7 @@ def test_dpace_loss_gradient_is_the_weighted_cross_entropy():
     labels = mx.array([[1, 2, 3], [4, 5, 6]])
     valid = mx.array([[True, True, True], [True, True, False]])
     objective = Objective("dpace", alpha=0.3)
-    loss, _ = block_loss(objective, logits, labels, valid)
+    loss = block_loss(objective, logits, labels, valid)[0]
     probabilities = mx.exp(-mx.take_along_axis(-mx.log(mx.softmax(logits, -1)), labels[..., None], -1)[..., 0])
     weights = position_weights(objective, probabilities, valid.astype(mx.float32))
     cross_entropy = -mx.log(mx.take_along_axis(mx.softmax(logits, -1), labels[..., None], -1)[..., 0])
@@ -167,9 +167,14 @@ def test_training_lowers_the_loss_and_learns_a_deterministic_target(counting, tm
 
 
 def test_resume_repeats_an_uninterrupted_run_exactly(counting, tmp_path, monkeypatch):
+    assert_resume_repeats_an_uninterrupted_run(counting, tmp_path, monkeypatch)
+
+
+def assert_resume_repeats_an_uninterrupted_run(counting, tmp_path, monkeypatch, **options):
+    """A run interrupted at step 5 of 8 and resumed writes the weights of one never interrupted."""
     target, prompts = counting
-    whole = config(target, prompts, tmp_path / "whole", steps=8, eval_prompts=0, save_every=3)
-    trainer.train(whole)
+    settings = dict(steps=8, eval_prompts=0, save_every=3, **options)
+    trainer.train(config(target, prompts, tmp_path / "whole", **settings))
     original_step = trainer.Run.train_step
 
     def interrupted(self):
@@ -178,12 +183,11 @@ def test_resume_repeats_an_uninterrupted_run_exactly(counting, tmp_path, monkeyp
         return original_step(self)
 
     monkeypatch.setattr(trainer.Run, "train_step", interrupted)
-    halves = config(target, prompts, tmp_path / "halves", steps=8, eval_prompts=0, save_every=3)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(halves)
+        trainer.train(config(target, prompts, tmp_path / "halves", **settings))
     assert not (tmp_path / "halves").exists()
     monkeypatch.setattr(trainer.Run, "train_step", original_step)
-    trainer.train(config(target, prompts, tmp_path / "halves", steps=8, eval_prompts=0, save_every=3, resume=True))
+    trainer.train(config(target, prompts, tmp_path / "halves", resume=True, **settings))
     first = mx.load(str(tmp_path / "whole" / "model.safetensors"))
     second = mx.load(str(tmp_path / "halves" / "model.safetensors"))
     assert first.keys() == second.keys()
