@@ -8,6 +8,7 @@ import shutil
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
 import mlx_dllm
 from mlx_dllm import DLLMError
@@ -169,12 +170,16 @@ def test_a_target_head_the_codebooks_do_not_cover_is_refused(tiny, changes, mess
         mlx_dllm.generate(model, tokenizer, PROMPT, max_tokens=4, draft_model=draft)
 
 
-def test_the_trainer_does_not_start_from_a_dflash2_drafter(tiny):
+def test_the_trainer_starts_from_a_dflash2_drafter_with_all_its_weights(tiny):
+    """`train-drafter --init` reads a DFlash2 folder (tests/test_train_dflash2.py trains from one)."""
     from mlx_dllm.training.warm_start import read_initial_drafter
 
     model, _, folder = tiny
-    with pytest.raises(DLLMError, match="is a DFlash2 drafter: train-drafter trains DFlash \\(v1\\) drafters only"):
-        read_initial_drafter(str(folder), model.args)
+    initial = read_initial_drafter(str(folder), model.args)
+    draft, _ = mlx_dllm.load(str(folder))
+    assert initial.arch == "dflash2" and [name for name, _ in initial.weights] == [
+        name for name, _ in tree_flatten(draft.parameters())
+    ]
 
 
 def test_the_benchmark_sweeps_its_chains_trees_and_auto():

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 import mlx_dllm
 from mlx_dllm.models.dflash import AnchorBlocks, Model as DFlashDraft, ModelArgs
-from mlx_dllm.training import data, trainer
+from mlx_dllm.training import checkpoints, data, trainer
 from mlx_dllm.training.objective import Objective, block_loss, position_weights
 from tests.test_cli import assert_user_error, run
 
@@ -137,7 +137,7 @@ def test_dpace_loss_gradient_is_the_weighted_cross_entropy():
     labels = mx.array([[1, 2, 3], [4, 5, 6]])
     valid = mx.array([[True, True, True], [True, True, False]])
     objective = Objective("dpace", alpha=0.3)
-    loss, _ = block_loss(objective, logits, labels, valid)
+    loss = block_loss(objective, logits, labels, valid)[0]
     probabilities = mx.exp(-mx.take_along_axis(-mx.log(mx.softmax(logits, -1)), labels[..., None], -1)[..., 0])
     weights = position_weights(objective, probabilities, valid.astype(mx.float32))
     cross_entropy = -mx.log(mx.take_along_axis(mx.softmax(logits, -1), labels[..., None], -1)[..., 0])
@@ -166,10 +166,17 @@ def test_training_lowers_the_loss_and_learns_a_deterministic_target(counting, tm
     assert "acceptance length" in card and str(facts["held_out_acceptance_length"]) in card
 
 
-def test_resume_repeats_an_uninterrupted_run_exactly(counting, tmp_path, monkeypatch):
+@pytest.mark.parametrize("older", [False, True], ids=["now", "before-arch"])
+def test_resume_repeats_an_uninterrupted_run_exactly(counting, tmp_path, monkeypatch, older):
+    assert_resume_repeats_an_uninterrupted_run(counting, tmp_path, monkeypatch, older=older)
+
+
+def assert_resume_repeats_an_uninterrupted_run(counting, tmp_path, monkeypatch, older=False, **options):
+    """A run interrupted at step 5 of 8 and resumed writes the weights of one never interrupted. `older`: its
+    checkpoint's options are written as before --arch existed (a DFlash v1 run, no DFlash2 fields)."""
     target, prompts = counting
-    whole = config(target, prompts, tmp_path / "whole", steps=8, eval_prompts=0, save_every=3)
-    trainer.train(whole)
+    settings = dict(steps=8, eval_prompts=0, save_every=3, **options)
+    trainer.train(config(target, prompts, tmp_path / "whole", **settings))
     original_step = trainer.Run.train_step
 
     def interrupted(self):
@@ -178,12 +185,17 @@ def test_resume_repeats_an_uninterrupted_run_exactly(counting, tmp_path, monkeyp
         return original_step(self)
 
     monkeypatch.setattr(trainer.Run, "train_step", interrupted)
-    halves = config(target, prompts, tmp_path / "halves", steps=8, eval_prompts=0, save_every=3)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(halves)
+        trainer.train(config(target, prompts, tmp_path / "halves", **settings))
     assert not (tmp_path / "halves").exists()
+    if older:
+        state_file = checkpoints.latest(tmp_path / "halves.work") / "trainer.json"
+        state = json.loads(state_file.read_text())
+        state["options"] = {key: value for key, value in state["options"].items()
+                            if key != "arch" and key not in trainer.DFLASH2_OPTIONS}
+        state_file.write_text(json.dumps(state))
     monkeypatch.setattr(trainer.Run, "train_step", original_step)
-    trainer.train(config(target, prompts, tmp_path / "halves", steps=8, eval_prompts=0, save_every=3, resume=True))
+    trainer.train(config(target, prompts, tmp_path / "halves", resume=True, **settings))
     first = mx.load(str(tmp_path / "whole" / "model.safetensors"))
     second = mx.load(str(tmp_path / "halves" / "model.safetensors"))
     assert first.keys() == second.keys()

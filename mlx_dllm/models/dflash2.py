@@ -67,6 +67,18 @@ class ModelArgs(dflash.ModelArgs):
             )
 
 
+def is_added(name: str) -> bool:
+    """Whether a parameter belongs to what DFlash2 adds to v1: a layer's convolutions or the candidate selector."""
+    parts = name.split(".")
+    return parts[0] == "candidate_selector" or "attention_conv" in parts or "mlp_conv" in parts
+
+
+def checkpoint_names(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """MLX names -> z-lab's (bare codebooks), so its own loader reads what we write: the inverse of `sanitize`."""
+    return {name.removesuffix(".weight") if name.removesuffix(".weight") in CODEBOOKS else name: value
+            for name, value in weights.items()}
+
+
 class DynamicCausalConv(nn.Module):
     """Two grouped dynamic causal convolutions over the block, one before and one after a sublayer, whose dynamic
     taps both come from the sublayer's input. Tap j of position t reads position t - j; taps before the block's
@@ -117,6 +129,17 @@ class CandidateSelector(nn.Module):
         self.successor_codebook = nn.Embedding(args.vocab_size, args.selector_rank)
         self.hidden_projection = nn.Linear(args.hidden_size, args.selector_rank, bias=False)
 
+    def candidates(self, logits: mx.array) -> mx.array:
+        """Indices of the `top_k` largest logits of each row [..., V] -> [..., K] (in no particular order)."""
+        return mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+
+    def pair_scores(self, hidden: mx.array, predecessors: mx.array, candidates: mx.array) -> mx.array:
+        """The pair term of each candidate after its predecessor: <pred(predecessor) * W hidden, succ(candidate)>.
+        hidden [..., H], predecessor token ids [...], candidate token ids [..., K] -> [..., K]. The walk scores one
+        position at a time; training (training/selector.py) scores every position after its true predecessor."""
+        pair = self.predecessor_codebook(predecessors) * self.hidden_projection(hidden)  # [..., R]
+        return (self.successor_codebook(candidates) * pair[..., None, :]).sum(axis=-1)
+
     def __call__(
         self,
         hidden: mx.array,
@@ -132,14 +155,12 @@ class CandidateSelector(nn.Module):
         With `sampling` (common.Sampling) each step draws from its scores' distribution under it instead of taking
         the best, and the walk returns (token ids [P], the probability of each draw [P], each step's distribution
         q [P, K], its candidates' token ids [P, K])."""
-        unary, candidates = self.candidates(logits, token_ids)
-        successors = self.successor_codebook(candidates)  # [P, K, R]
-        queries = self.hidden_projection(hidden)  # [P, R]
+        unary, candidates = self.top(logits, token_ids)
         chosen = mx.array([anchor])
         path, drawn, distributions = [], [], []
         for position in range(hidden.shape[0]):
-            pair = self.predecessor_codebook(chosen) * queries[position]  # [1, R]
-            scores = unary[position] + (successors[position] * pair).sum(axis=-1)  # [K]
+            row = slice(position, position + 1)
+            scores = unary[position] + self.pair_scores(hidden[row], chosen, candidates[row])[0]  # [K]
             if sampling is None:
                 index = mx.argmax(scores, keepdims=True)
             else:
@@ -153,9 +174,9 @@ class CandidateSelector(nn.Module):
             return mx.concatenate(path)
         return mx.concatenate(path), mx.concatenate(drawn), mx.concatenate(distributions), candidates
 
-    def candidates(self, logits: mx.array, token_ids: Callable[[mx.array], mx.array]):
-        """Each position's top-K draft logits [P, K] (unordered) and their token ids [P, K]."""
-        best = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+    def top(self, logits: mx.array, token_ids: Callable[[mx.array], mx.array]):
+        """Each position's candidates: their logits [P, K] (the unary scores) and token ids [P, K]."""
+        best = self.candidates(logits)
         return mx.take_along_axis(logits, best, axis=-1), token_ids(best)
 
     def lattice(self, hidden: mx.array, logits: mx.array, anchor: int, token_ids, width: int):
@@ -163,12 +184,11 @@ class CandidateSelector(nn.Module):
         each candidate of position p - 1 (all given the anchor at p = 0) and normalised over the K candidates, as the
         walk's softmax is. Returns candidate ids [P, K], then per (position, parent candidate) the `width` best
         candidate indices [P, K, width] and their log-probabilities [P, K, width], most probable first."""
-        unary, candidates = self.candidates(logits, token_ids)
+        unary, candidates = self.top(logits, token_ids)
         anchors = mx.full((1, self.top_k), anchor, dtype=candidates.dtype)
         parents = mx.concatenate([anchors, candidates[:-1]])  # [P, K]: position p's possible predecessors
-        pair = self.predecessor_codebook(parents) * self.hidden_projection(hidden)[:, None]  # [P, K, R]
-        scores = unary[:, None, :] + pair @ self.successor_codebook(candidates).swapaxes(-1, -2)  # [P, K, K]
-        scores = scores.astype(mx.float32)
+        pairs = self.pair_scores(hidden[:, None], parents, candidates[:, None])  # [P, K parents, K candidates]
+        scores = (unary[:, None] + pairs).astype(mx.float32)
         log_probs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
         ranked = mx.argsort(-log_probs, axis=-1)[..., : min(width, self.top_k)]
         return candidates, ranked, mx.take_along_axis(log_probs, ranked, axis=-1)

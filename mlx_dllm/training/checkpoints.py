@@ -41,15 +41,19 @@ def save(work: Path, draft, optimizer, step: int, options: Dict, seconds: float)
         shutil.rmtree(previous, ignore_errors=True)
 
 
+BEFORE_ARCH = {"arch": "dflash"}  # checkpoints written before --arch existed trained DFlash v1
+
+
 def load(work: Path, draft, optimizer, options: Dict) -> Dict:
     """Restore the latest checkpoint into `draft` and `optimizer`; its options must equal this run's."""
     folder = latest(work)
     state = json.loads((folder / "trainer.json").read_text())
-    differing = [key for key in options if state["options"].get(key) != options[key]]
+    stored = {**BEFORE_ARCH, **state["options"]}
+    differing = [key for key in options if stored.get(key) != options[key]]
     if differing:
         key = differing[0]
         raise DLLMError(
-            f"--resume: the checkpoint was trained with {key}={state['options'].get(key)!r}, this run has "
+            f"--resume: the checkpoint was trained with {key}={stored.get(key)!r}, this run has "
             f"{options[key]!r}; resume with the same options"
         )
     draft.load_weights(list(mx.load(str(folder / "drafter.safetensors")).items()))

@@ -5,6 +5,10 @@ from typing import Dict, List, Optional, Sequence
 from ..errors import DLLMError
 
 FEATURE_LAYERS = 5  # the published drafters read five target layers
+ARCHITECTURES = {"dflash": "DFlashDraftModel", "dflash2": "DFlash2DraftModel"}
+# DFlash2's architecture fields as z-lab's published Qwen3.8-27B-DFlash2 sets them: a new drafter's defaults.
+DFLASH2_DEFAULTS = {"conv_kernel_size": 2, "conv_group_size": 16, "selector_rank": 256, "selector_top_k": 16}
+SELECTOR_LOSS_WEIGHT = 1.0  # NeMo Automodel's DFlash2 trainer's default (a training option, not a field)
 
 
 def default_target_layers(num_layers: int, count: int = FEATURE_LAYERS) -> List[int]:
@@ -60,7 +64,7 @@ def drafter_config(target_args, num_layers: int, block_size: int, layer_ids: Lis
     hidden = target_args.hidden_size
     heads = target_args.num_attention_heads
     config = {
-        "architectures": ["DFlashDraftModel"],
+        "architectures": [ARCHITECTURES["dflash"]],
         "model_type": "qwen3",
         "hidden_size": hidden,
         "num_hidden_layers": num_layers,
@@ -80,3 +84,9 @@ def drafter_config(target_args, num_layers: int, block_size: int, layer_ids: Lis
     if draft_vocab is not None:
         config["dflash_config"]["draft_vocab"] = list(draft_vocab)
     return config
+
+
+def as_dflash2(config: Dict, fields: Dict) -> Dict:
+    """A drafter config made DFlash2's: its architecture, and its fields in `dflash_config` (where z-lab puts them)."""
+    return {**config, "architectures": [ARCHITECTURES["dflash2"]],
+            "dflash_config": {**config["dflash_config"], **fields}}

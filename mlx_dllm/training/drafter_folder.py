@@ -1,4 +1,5 @@
-"""The trained drafter as a folder `load` reads: z-lab's config layout, safetensors weights and a model card."""
+"""The trained drafter as a folder `load` reads: z-lab's config layout, safetensors weights (z-lab's names, so its
+own loader reads a DFlash2 drafter too) and a model card."""
 
 import json
 from pathlib import Path
@@ -8,14 +9,15 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import __version__
+from ..models import dflash2
 
 CARD = """---
 library_name: mlx
-tags: [mlx, dflash, speculative-decoding, mlx-dllm]
+tags: [mlx, {tag}, speculative-decoding, mlx-dllm]
 base_model: {target}
 ---
 
-# DFlash drafter for {target}
+# {kind} drafter for {target}
 
 A block-diffusion drafter trained with `mlx-dllm train-drafter` (mlx-dllm {version}). It reads target layers
 {layers} and proposes {proposals} tokens per forward; the target verifies them, so outputs are the target's own.
@@ -43,7 +45,7 @@ def card_rows(config, draft_config: Dict) -> str:
         "drafter": f"{draft_config['num_hidden_layers']} layers, hidden {draft_config['hidden_size']}, "
         f"block {config.block_size}, mask token {config.mask_token_id}",
         "start": STARTS.get(config.init, f"the drafter {config.init} (--init)"),
-        "objective": config.loss if config.loss == "dpace" else f"decay (gamma {config.loss_decay or 'default'})",
+        "objective": objective(config),
         "steps": f"{facts.get('steps')} (batch {config.batch_tokens} tokens, {config.anchors} anchors per sequence, "
         f"lr {config.lr}, seed {config.seed})",
         "time": f"{facts.get('train_seconds')} s",
@@ -51,18 +53,31 @@ def card_rows(config, draft_config: Dict) -> str:
         "per-position accuracy (last step)": facts.get("final_accuracy"),
         "acceptance length, held-out prompts (greedy DFlash)": facts.get("held_out_acceptance_length", "not measured"),
     }
+    if config.arch == "dflash2":
+        rows["drafter"] += "; DFlash2: " + ", ".join(f"{name} {getattr(config, name)}" for name in dflash2.FIELDS)
+        rows["final selector loss"] = facts.get("final_selector_loss")
+        rows["candidate recall (last step)"] = facts.get("final_candidate_recall")
     return "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+
+
+def objective(config) -> str:
+    block = config.loss if config.loss == "dpace" else f"decay (gamma {config.loss_decay or 'default'})"
+    if config.arch != "dflash2":
+        return block
+    return f"{block} + {config.selector_loss_weight} x selector loss (top-{config.selector_top_k} candidates)"
 
 
 def write_drafter(out: Path, draft, draft_config: Dict, config, tokenizer) -> Path:
     from ..staging import staged_folder
 
     with staged_folder(out, force=False) as staging:
-        weights = dict(tree_flatten(draft.parameters()))
+        weights = dflash2.checkpoint_names(dict(tree_flatten(draft.parameters())))
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
         (staging / "config.json").write_text(json.dumps(draft_config, indent=2) + "\n")
         (staging / "training.json").write_text(json.dumps({**config.facts, "options": _options(config)}, indent=2))
-        card = CARD.format(target=config.model, version=__version__, layers=config.target_layers,
+        kind = "DFlash2" if config.arch == "dflash2" else "DFlash"
+        card = CARD.format(target=config.model, version=__version__, layers=config.target_layers, kind=kind,
+                           tag=kind.lower(),
                            proposals=config.block_size - 1, rows=card_rows(config, draft_config))
         (staging / "README.md").write_text(card)
     return out

@@ -41,18 +41,23 @@ def position_weights(objective: Objective, probabilities: mx.array, valid: mx.ar
 
 
 def block_loss(objective: Objective, logits: mx.array, labels: mx.array, valid: mx.array):
-    """(sum of per-block losses, token-level correctness) for logits [J, B-1, V], labels/valid [J, B-1].
-
-    Per block: decay normalises by its own weights; D-PACE sums (its weights are the gradient of a length)."""
+    """(sum of per-block losses, token-level correctness, the position weights) for logits [J, B-1, V],
+    labels/valid [J, B-1]. The weights are returned for DFlash2's selector term (training/selector.py)."""
     losses = nn.losses.cross_entropy(logits, labels, reduction="none").astype(mx.float32)
     probabilities = mx.stop_gradient(mx.exp(-losses))
     valid = valid.astype(mx.float32)
     weights = position_weights(objective, probabilities, valid)
+    correct = mx.stop_gradient((mx.argmax(logits, axis=-1) == labels).astype(mx.float32) * valid)
+    return weighted_blocks(objective, losses, weights), correct, weights
+
+
+def weighted_blocks(objective: Objective, losses: mx.array, weights: mx.array) -> mx.array:
+    """The sum over blocks of each block's weighted loss [J, B-1]: decay normalises a block by its own weights,
+    D-PACE sums (its weights are the gradient of a length)."""
     per_block = (losses * weights).sum(axis=1)
     if objective.kind == "decay":
         per_block = per_block / mx.maximum(weights.sum(axis=1), 1e-6)
-    correct = mx.stop_gradient((mx.argmax(logits, axis=-1) == labels).astype(mx.float32) * valid)
-    return per_block.sum(), correct
+    return per_block.sum()
 
 
 def accepted_lengths(correct: mx.array, valid: mx.array) -> mx.array:

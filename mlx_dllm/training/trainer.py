@@ -5,6 +5,10 @@ position; `anchors` random positions of the response each start a block [anchor,
 go through the drafter in one forward (`AnchorBlocks`). Gradients are summed over the step's blocks, clipped, and
 AdamW takes a step on a warmup + cosine schedule. Data order and anchors derive from the seed and the step, so a
 resumed run repeats an uninterrupted one exactly.
+
+`--arch dflash2` trains a DFlash2 drafter: v1's plus the layers' convolutions and the candidate selector, which
+start as the identity (a fresh DFlash2 drafts exactly as the DFlash drafter it starts from), and the selector's
+term in the loss (selector.py).
 """
 
 import math
@@ -20,12 +24,15 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..errors import DLLMError
-from ..models.dflash import AnchorBlocks, Model as DFlashDraft, ModelArgs
+from ..models import dflash, dflash2
+from ..models.dflash import AnchorBlocks, Model as DFlashDraft
 from ..models.target import Target
 from . import checkpoints, data
 from .features import TargetFeatures
-from .drafter_config import check_target_layers, choose_mask_token, default_target_layers, drafter_config
+from .drafter_config import (ARCHITECTURES, DFLASH2_DEFAULTS, SELECTOR_LOSS_WEIGHT, as_dflash2, check_target_layers,
+                             choose_mask_token, default_target_layers, drafter_config)
 from .objective import LOSSES, Objective, accepted_lengths, block_loss, default_gamma
+from .selector import selector_loss
 from .vocabulary import LOSS_VOCABS, SeenVocabHead, seen_tokens
 from .warm_start import adopt_architecture, read_initial_drafter
 
@@ -61,6 +68,13 @@ class TrainConfig:
     eval_prompts: int = 8
     eval_tokens: int = 128
     resume: bool = False
+    arch: Optional[str] = None  # one of ARCHITECTURES; None: the --init drafter's, else dflash
+    # DFlash2's fields (None: the --init DFlash2 drafter's, else DFLASH2_DEFAULTS) and its selector's loss weight.
+    conv_kernel_size: Optional[int] = None
+    conv_group_size: Optional[int] = None
+    selector_rank: Optional[int] = None
+    selector_top_k: Optional[int] = None
+    selector_loss_weight: Optional[float] = None  # SELECTOR_LOSS_WEIGHT
     # What the run found, for the model card (not options).
     facts: Dict = field(default_factory=dict)
 
@@ -68,12 +82,17 @@ class TrainConfig:
 INITS = ("target", "random")
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_NUM_LAYERS = 1
+DFLASH2_OPTIONS = tuple(DFLASH2_DEFAULTS) + ("selector_loss_weight",)
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 RESUME_KEYS = (  # a resumed run must agree with its checkpoint on everything that shapes the result
     "model", "data", "block_size", "num_layers", "target_layers", "anchors", "loss", "loss_decay", "dpace_alpha",
     "steps", "epochs", "batch_tokens", "lr", "warmup", "weight_decay", "clip", "seed", "held_out",
-    "max_response_tokens", "mask_token_id", "init", "loss_vocab",
+    "max_response_tokens", "mask_token_id", "init", "loss_vocab", "arch", *DFLASH2_OPTIONS,
 )
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def check_options(config: TrainConfig) -> None:
@@ -107,6 +126,56 @@ def check_options(config: TrainConfig) -> None:
         raise DLLMError(f"--held-out must be in [0, 1), got {config.held_out}")
     if config.eval_prompts < 0 or config.eval_tokens < 1:
         raise DLLMError("--eval-prompts must be at least 0 and --eval-tokens at least 1")
+    check_dflash2_options(config)
+
+
+def check_dflash2_options(config: TrainConfig) -> None:
+    if config.arch is not None and config.arch not in ARCHITECTURES:
+        raise DLLMError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {config.arch}")
+    if config.arch == "dflash" or (config.arch is None and config.init in INITS):
+        refuse_dflash2_options(config)
+    for name in DFLASH2_DEFAULTS:
+        value, limit = getattr(config, name), dflash2.LIMITS.get(name)
+        if value is not None and (value < 1 or (limit is not None and value > limit)):
+            raise DLLMError(f"{flag(name)} must be between 1 and {limit}, got {value}" if limit else
+                            f"{flag(name)} must be at least 1, got {value}")
+    weight = config.selector_loss_weight
+    if weight is not None and not (math.isfinite(weight) and weight >= 0):
+        raise DLLMError(f"--selector-loss-weight must be a finite number >= 0, got {weight}")
+
+
+def refuse_dflash2_options(config: TrainConfig) -> None:
+    given = [name for name in DFLASH2_OPTIONS if getattr(config, name) is not None]
+    if given:
+        raise DLLMError(f"{flag(given[0])} is a DFlash2 option: pass --arch dflash2")
+
+
+def choose_architecture(config: TrainConfig, initial) -> None:
+    """--arch (default: the --init drafter's, else dflash), and DFlash2's fields: the --init DFlash2 drafter's
+    (adopt_architecture), else the options, else z-lab's published values."""
+    config.arch = config.arch or (initial.arch if initial is not None else "dflash")
+    if config.arch == "dflash":
+        refuse_dflash2_options(config)
+        if initial is not None and initial.arch == "dflash2":
+            raise DLLMError(f"--init {config.init} is a DFlash2 drafter: --arch dflash cannot continue it")
+    if initial is not None:
+        adopt_architecture(config, initial)
+    if config.arch == "dflash2":
+        for name, value in {**DFLASH2_DEFAULTS, "selector_loss_weight": SELECTOR_LOSS_WEIGHT}.items():
+            if getattr(config, name) is None:
+                setattr(config, name, value)
+
+
+def check_dflash2_fits(config: TrainConfig, hidden_size: int, tokens: int, source: str) -> None:
+    """The DFlash2 fields against the target (its hidden size) and the `tokens` the drafter drafts from."""
+    if config.arch != "dflash2":
+        return
+    if hidden_size % config.conv_group_size:
+        raise DLLMError(f"--conv-group-size {config.conv_group_size} does not divide the target's hidden size "
+                        f"{hidden_size}")
+    if config.selector_top_k > tokens:
+        raise DLLMError(f"--selector-top-k {config.selector_top_k} exceeds the {tokens} tokens the drafter drafts "
+                        f"from ({source})")
 
 
 def work_folder(out: Path) -> Path:
@@ -136,7 +205,8 @@ def train(config: TrainConfig) -> Path:
     initial = None
     if config.init not in INITS:
         initial = read_initial_drafter(config.init, model.args)
-        adopt_architecture(config, initial)
+    choose_architecture(config, initial)
+    check_dflash2_fits(config, model.args.hidden_size, model.args.vocab_size, "the target's vocabulary")
     config.block_size = config.block_size or DEFAULT_BLOCK_SIZE
     config.num_layers = config.num_layers or DEFAULT_NUM_LAYERS
     num_layers = len(model.layers)
@@ -154,10 +224,16 @@ def train(config: TrainConfig) -> Path:
     config.mask_token_id = choose_mask_token(tokenizer, vocab_rows, config.mask_token_id, used)
     draft_vocab = seen_tokens(examples).tolist() if config.loss_vocab == "seen" else None
     if initial is not None:
-        draft_config = initial.draft_config(config.block_size, initial.draft_vocab(draft_vocab))
+        draft_vocab = initial.draft_vocab(draft_vocab)
+        draft_config = initial.draft_config(config.block_size, draft_vocab)
     else:
         draft_config = drafter_config(model.args, config.num_layers, config.block_size, layer_ids,
                                       config.mask_token_id, draft_vocab)
+    if draft_vocab is not None:
+        check_dflash2_fits(config, model.args.hidden_size, len(draft_vocab), "--loss-vocab seen: the tokens seen")
+    if config.arch == "dflash2":
+        draft_config = as_dflash2(draft_config, {name: getattr(config, name) for name in DFLASH2_DEFAULTS})
+    draft_config.setdefault("num_target_layers", num_layers)  # z-lab's loader needs it
     features = TargetFeatures(target, work / "features" if config.cache_features else None, target_id)
     run = Run(config, target, examples, draft_config, features, initial.weights if initial else None)
     if config.resume:
@@ -203,14 +279,20 @@ class Run:
         self.features = features or TargetFeatures(target)
         vocab = draft_config["dflash_config"].get("draft_vocab")
         self.head = SeenVocabHead(target, np.array(vocab, dtype=np.int32)) if vocab else target.lm_head
+        self.token_ids = self.head.token_ids if vocab else (lambda indices: indices)
         mx.random.seed(config.seed)
-        self.draft = DFlashDraft(ModelArgs.from_dict(draft_config))  # float32 master weights, whatever the target
+        architecture = dflash2 if dflash2.FAMILY.built_as(draft_config) else dflash
+        # float32 master weights, whatever the target
+        self.draft = architecture.Model(architecture.ModelArgs.from_dict(draft_config))
+        self.selects = isinstance(self.draft, dflash2.Model)
         if initial_weights is not None:  # --init FOLDER
-            self.draft.load_weights(initial_weights, strict=True)
+            load_initial_weights(self.draft, initial_weights)
         else:
             if config.init == "target":
                 initialize_from_target(self.draft, target)
             start_attention_sharp(self.draft)
+        if self.selects and not any(dflash2.is_added(name) for name, _ in initial_weights or ()):
+            start_as_dflash(self.draft)
         mx.eval(self.draft.parameters())
         self.plan = step_plan(examples, config)
         total = len(self.plan)
@@ -236,11 +318,17 @@ class Run:
         checkpoint written after an interrupt never pairs new weights with an old step."""
         return int(self.optimizer.step.item())
 
-    def _sequence_loss(self, block_ids, features, anchors, labels, valid):
+    def _sequence_loss(self, block_ids, features, anchors, labels, valid, predecessors):
+        """(the loss, its parts for the progress bar): the block loss, plus DFlash2's weighted selector term."""
         hidden = self.draft(self.target.embed(block_ids), features, AnchorBlocks(anchors), start=1)
-        logits = self.head(hidden)
-        loss, correct = block_loss(self.objective, logits, labels, valid)
-        return loss, correct
+        logits = self.draft.logits(self.head(hidden))  # what the drafter proposes from at inference
+        loss, correct, weights = block_loss(self.objective, logits, labels, valid)
+        if not self.selects:
+            return loss, {"correct": correct}
+        selector, hits = selector_loss(self.draft.candidate_selector, self.objective, hidden, logits, labels,
+                                       predecessors, self.token_ids, weights, valid)
+        return loss + self.config.selector_loss_weight * selector, {"correct": correct, "selector": selector,
+                                                                    "hits": hits}
 
     def sequence_grads(self, example: data.Example, rng: np.random.Generator):
         ids = np.array(example.ids, dtype=np.int32)
@@ -250,38 +338,49 @@ class Run:
         label_positions = anchors[:, None] + offsets[None]
         valid = label_positions < len(ids)
         labels = ids[np.minimum(label_positions, len(ids) - 1)]
+        predecessors = ids[np.minimum(label_positions - 1, len(ids) - 1)]  # real ids: the codebooks' rows
         if isinstance(self.head, SeenVocabHead):
             labels = self.head.labels(labels)
         block_ids = np.full((len(anchors), B), self.config.mask_token_id, dtype=np.int32)
         block_ids[:, 0] = ids[anchors]
         features = self.features(example.ids)
-        (loss, correct), grads = self.loss_and_grad(
-            mx.array(block_ids), features, mx.array(anchors), mx.array(labels), mx.array(valid)
+        (loss, parts), grads = self.loss_and_grad(
+            mx.array(block_ids), features, mx.array(anchors), mx.array(labels), mx.array(valid),
+            mx.array(predecessors),
         )
-        return loss, correct, mx.array(valid), grads, len(anchors)
+        return loss, parts, mx.array(valid), grads, len(anchors)
 
     def train_step(self) -> Dict:
-        total_loss, blocks, grads = 0.0, 0, None
+        total_loss, selector_sum, blocks, grads = 0.0, 0.0, 0, None
         correct_sum = mx.zeros((self.config.block_size - 1,))
         valid_sum = mx.zeros((self.config.block_size - 1,))
+        hits_sum = mx.zeros(())
         lengths = []
         for index in self.plan[self.step]:
             rng = np.random.default_rng([self.config.seed, self.step, index])
-            loss, correct, valid, sequence_grads, count = self.sequence_grads(self.examples[index], rng)
+            loss, parts, valid, sequence_grads, count = self.sequence_grads(self.examples[index], rng)
             grads = sequence_grads if grads is None else tree_map(mx.add, grads, sequence_grads)
+            correct = parts["correct"]
             correct_sum = correct_sum + correct.sum(axis=0)
             valid_sum = valid_sum + valid.sum(axis=0)
             accepted, complete = accepted_lengths(correct, valid)
             lengths.append(mx.where(complete, accepted, 0).sum() / mx.maximum(complete.sum(), 1))
-            mx.eval(grads, loss, correct_sum, valid_sum, lengths[-1])
+            if self.selects:
+                hits_sum = hits_sum + parts["hits"].sum()
+            mx.eval(grads, loss, correct_sum, valid_sum, hits_sum, lengths[-1])
             total_loss += loss.item()
+            selector_sum += parts["selector"].item() if self.selects else 0.0
             blocks += count
         grads = tree_map(lambda g: g / blocks, grads)
         grads, _ = optim.clip_grad_norm(grads, self.config.clip)
         self.optimizer.update(self.draft, grads)
         mx.eval(self.draft.parameters(), self.optimizer.state)
         accuracy = (correct_sum / mx.maximum(valid_sum, 1)).tolist()
-        return {"loss": total_loss / blocks, "accuracy": accuracy, "tau": float(np.mean([x.item() for x in lengths]))}
+        stats = {"loss": total_loss / blocks, "accuracy": accuracy, "tau": float(np.mean([x.item() for x in lengths]))}
+        if self.selects:  # the selector's own term, and how often the true token was a candidate at all
+            stats.update(selector_loss=selector_sum / blocks,
+                         candidate_recall=hits_sum.item() / max(valid_sum.sum().item(), 1))
+        return stats
 
     def loop(self, work: Path) -> None:
         from tqdm import tqdm
@@ -311,6 +410,9 @@ class Run:
         if last is not None:
             self.facts.update(final_loss=round(last["loss"], 4), final_tau_estimate=round(last["tau"], 3),
                               final_accuracy=[round(a, 3) for a in last["accuracy"]])
+            if self.selects:
+                self.facts.update(final_selector_loss=round(last["selector_loss"], 4),
+                                  final_candidate_recall=round(last["candidate_recall"], 3))
 
 
 def initialize_from_target(draft: DFlashDraft, target: Target) -> None:
@@ -339,6 +441,36 @@ def initialize_from_target(draft: DFlashDraft, target: Target) -> None:
         layer.load_weights([(name, value.astype(mx.float32)) for name, value in copied], strict=False)
 
 
+def load_initial_weights(draft: DFlashDraft, weights: List) -> None:
+    """--init FOLDER's weights: all of them, or a DFlash drafter's into a DFlash2 one, whose every other weight must
+    be there (the modules DFlash2 adds then start as the identity)."""
+    if not isinstance(draft, dflash2.Model) or any(dflash2.is_added(name) for name, _ in weights):
+        draft.load_weights(weights, strict=True)
+        return
+    given = {name for name, _ in weights}
+    missing = [name for name, _ in tree_flatten(draft.parameters()) if not dflash2.is_added(name) and name not in given]
+    if missing:
+        raise DLLMError(f"the --init drafter lacks {missing[0]}")
+    draft.load_weights(weights, strict=False)
+
+
+def start_as_dflash(draft: dflash2.Model) -> None:
+    """DFlash2's added modules start as the identity (z-lab's and NeMo's init), so a fresh DFlash2 drafter drafts as
+    the DFlash drafter it holds: each convolution keeps only its tap 0 (the position itself) with weight 1 and no
+    dynamic part, and the selector's pair term is zero (its walk is then the argmax chain). The codebooks start small
+    and random, so the hidden projection, zero, still gets a gradient."""
+    for layer in draft.layers:
+        for conv in (layer.attention_conv, layer.mlp_conv):
+            kernel = np.zeros(conv.base_kernel.shape, dtype=np.float32)
+            kernel[:, 0] = 1.0
+            conv.base_kernel = mx.array(kernel)
+            conv.kernel_projection.weight = mx.zeros_like(conv.kernel_projection.weight)
+    selector = draft.candidate_selector
+    selector.hidden_projection.weight = mx.zeros_like(selector.hidden_projection.weight)
+    for codebook in (selector.predecessor_codebook, selector.successor_codebook):
+        codebook.weight = 0.02 * mx.random.normal(codebook.weight.shape)
+
+
 def start_attention_sharp(draft: DFlashDraft) -> None:
     """q/k norms start at head_dim**0.25, not 1: scaled q.k logits then spread like an unnormalised dot product
     (std ~sqrt(head_dim)) instead of std ~1, which leaves attention over hundreds of context rows nearly uniform
@@ -352,7 +484,10 @@ def start_attention_sharp(draft: DFlashDraft) -> None:
 
 def progress_text(stats: Dict) -> str:
     accuracy = "/".join(f"{a:.2f}" for a in stats["accuracy"][:4])
-    return f"loss {stats['loss']:.3f} acc {accuracy}.. tau~{stats['tau']:.2f}"
+    text = f"loss {stats['loss']:.3f} acc {accuracy}.. tau~{stats['tau']:.2f}"
+    if "selector_loss" in stats:
+        text += f" selector {stats['selector_loss']:.3f} recall {stats['candidate_recall']:.2f}"
+    return text
 
 
 def asdict_options(config: TrainConfig) -> Dict:

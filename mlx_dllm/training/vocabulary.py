@@ -23,12 +23,13 @@ def seen_tokens(examples: Sequence) -> np.ndarray:
 
 
 class SeenVocabHead:
-    """Logits over the seen tokens, and labels renumbered to match."""
+    """Logits over the seen tokens, labels renumbered to match, and the token ids of rows (DFlash2's codebooks)."""
 
     def __init__(self, target: Target, tokens: np.ndarray):
         weight, bias = target.head_rows(tokens.tolist())
         self.weight = weight.astype(mx.float32)
         self.bias = None if bias is None else bias.astype(mx.float32)
+        self.ids = mx.array(tokens, dtype=mx.int32)
         self.position = np.full(int(tokens.max()) + 1, -1, dtype=np.int32)
         self.position[tokens] = np.arange(len(tokens), dtype=np.int32)
         mx.eval(self.weight)
@@ -39,3 +40,6 @@ class SeenVocabHead:
 
     def labels(self, labels: np.ndarray) -> np.ndarray:
         return self.position[labels]
+
+    def token_ids(self, indices: mx.array) -> mx.array:
+        return self.ids[indices]

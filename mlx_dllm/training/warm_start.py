@@ -1,8 +1,9 @@
-"""`--init FOLDER`: start from an existing DFlash drafter instead of from scratch.
+"""`--init FOLDER`: start from an existing DFlash or DFlash2 drafter instead of from scratch.
 
 This is how a published drafter is adapted to a fine-tuned target, or an earlier run is trained further on new
 data. The new drafter keeps the old one's architecture (its config: layers, attention layout, target layers,
-mask token) and starts from its weights, as float32 master weights (a quantized folder is dequantized). The
+mask token, and a DFlash2 drafter's convolution and selector fields) and starts from its weights, as float32 master
+weights (a quantized folder is dequantized). A DFlash drafter may also start a DFlash2 one (`--arch dflash2`). The
 drafter shares the target's embedding and head, so it must have been built for a target of the same width and
 vocabulary.
 """
@@ -24,6 +25,10 @@ class InitialDrafter:
     config: Dict  # the folder's config.json
     args: object  # the drafter's parsed ModelArgs
     weights: List[Tuple[str, mx.array]]
+
+    @property
+    def arch(self) -> str:
+        return "dflash2" if dflash2.FAMILY.built_as(self.config) else "dflash"
 
     def draft_config(self, block_size: int, draft_vocab: Optional[List[int]]) -> Dict:
         """The new drafter's config: the old one's, with this run's block size and draft vocabulary."""
@@ -52,8 +57,6 @@ def read_initial_drafter(folder: str, target_args) -> InitialDrafter:
     config = loading.read_config(path)
     if not loading.is_dflash_config(config):
         raise DLLMError(f"--init {folder} is not a DFlash drafter (give target, random or a drafter folder)")
-    if dflash2.FAMILY.built_as(config):
-        raise DLLMError(f"--init {folder} is a DFlash2 drafter: train-drafter trains DFlash (v1) drafters only")
     draft, _ = loading.load(str(path))  # a DFlash config always builds our drafter
     theirs = {"hidden size": draft.args.hidden_size, "vocabulary": config.get("vocab_size", target_args.vocab_size)}
     ours = {"hidden size": target_args.hidden_size, "vocabulary": target_args.vocab_size}
@@ -67,12 +70,15 @@ def read_initial_drafter(folder: str, target_args) -> InitialDrafter:
 
 
 def adopt_architecture(config, initial: InitialDrafter) -> None:
-    """This run's layers, target layers and mask token are the drafter's: options may repeat them, not change
-    them. The block size is free (the weights do not depend on it) and defaults to the drafter's."""
+    """This run's layers, target layers and mask token (and a DFlash2 drafter's fields) are the drafter's: options
+    may repeat them, not change them. The block size is free (the weights do not depend on it) and defaults to the
+    drafter's."""
     args = initial.args
-    fixed = (("--num-layers", "num_layers", args.num_hidden_layers),
+    fixed = [("--num-layers", "num_layers", args.num_hidden_layers),
              ("--target-layers", "target_layers", list(args.target_layer_ids)),
-             ("--mask-token-id", "mask_token_id", args.mask_token_id))
+             ("--mask-token-id", "mask_token_id", args.mask_token_id)]
+    if initial.arch == "dflash2":
+        fixed += [("--" + name.replace("_", "-"), name, getattr(args, name)) for name in dflash2.FIELDS]
     for option, name, theirs in fixed:
         ours = getattr(config, name)
         if ours is not None and ours != theirs:
