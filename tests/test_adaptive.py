@@ -108,13 +108,17 @@ class Tiny(nn.Module):
 
 
 def test_a_measured_curve_keeps_the_fastest_time_and_never_falls(monkeypatch):
+    """Other work only adds time: each size keeps its fastest forward, and a size slower than a larger one (a busy
+    moment through all its repeats) takes the larger one's time, so one disturbed size cannot raise the sizes after
+    it."""
     clock = iter([0.0, 0.3, 1.0, 4.7, 5.0, 5.2,  # size 1 (after an untimed warm-up): 0.3, 3.7 and 0.2 seconds
-                  6.0, 6.1, 7.0, 7.1, 8.0, 8.1,  # size 2: 0.1 each, a dip below size 1
-                  9.0, 9.4, 10.0, 10.4, 11.0, 11.4,  # size 4: 0.4 each
-                  12.0, 12.05, 13.0, 13.05, 14.0, 14.05])  # the draft: 0.05 each
+                  6.0, 6.1, 7.0, 7.1, 8.0, 8.1,  # size 2: 0.1 each, below size 1's
+                  9.0, 9.9, 10.0, 10.9, 11.0, 11.9,  # size 3: 0.9 each, a busy moment
+                  12.0, 12.4, 13.0, 13.4, 14.0, 14.4,  # size 4: 0.4 each
+                  15.0, 15.05, 16.0, 16.05, 17.0, 17.05])  # the draft: 0.05 each
     monkeypatch.setattr(cost_curve.time, "perf_counter", lambda: next(clock))
-    curve = cost_curve.measure(lambda n: None, lambda: None, [1, 2, 4])
-    assert curve.seconds == pytest.approx((0.2, 0.2, 0.4)) and curve.draft_seconds == pytest.approx(0.05)
+    curve = cost_curve.measure(lambda n: None, lambda: None, [1, 2, 3, 4])
+    assert curve.seconds == pytest.approx((0.1, 0.1, 0.4, 0.4)) and curve.draft_seconds == pytest.approx(0.05)
 
 
 def test_the_key_follows_shapes_and_dtypes_not_values():

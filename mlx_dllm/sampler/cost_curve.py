@@ -92,8 +92,11 @@ def _timed(run: Callable[[], None]) -> float:
 
 def measure(verify: Callable[[int], None], draft: Callable[[], None], sizes: Sequence[int]) -> CostCurve:
     """Time `verify(n)` (one target forward over n tokens, evaluated) for each size and `draft()`. A forward over
-    more tokens never costs less: a dip (noise, or a busy moment at a smaller size) is raised to the one before."""
-    seconds = tuple(accumulate((_timed(lambda: verify(n)) for n in sizes), max))
+    more tokens never costs less, and other work only adds time: a size that measured slower than a larger one was
+    disturbed, and takes the larger one's time (raising the larger ones instead would let one busy moment inflate
+    the whole curve)."""
+    measured = [_timed(lambda: verify(n)) for n in sizes]
+    seconds = tuple(accumulate(reversed(measured), min))[::-1]
     return CostCurve(tuple(sizes), seconds, _timed(draft))
 
 
