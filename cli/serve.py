@@ -2,7 +2,7 @@
 
 import click
 
-from mlx_dllm.default_model import NAME, names_default
+from mlx_dllm.default_model import NAME
 from mlx_dllm.errors import DLLMError
 
 from .generate import choose_drafter
@@ -32,7 +32,7 @@ def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens,
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
     from mlx_dllm.loading import load_pair
     from mlx_dllm.server.app import Settings
-    from mlx_dllm.server.run import build, listen, uvicorn_server
+    from mlx_dllm.server.run import build, listen, model_names, uvicorn_server
     from mlx_dllm.server.worker import Loaded
 
     if api_key is not None and not api_key.strip():
@@ -43,9 +43,10 @@ def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens,
         click.echo(f"[WARNING] Listening on {host}: other machines can reach this server"
                    f"{'' if api_key else '; set --api-key'}.", err=True)
     path = NAME if model is None else model
+    names = model_names(path)
 
     def load():
-        return Loaded(*load_pair(path, draft), name="SmolLM2-135M-Instruct" if names_default(path) else path)
+        return Loaded(*load_pair(path, draft), name=names[0], aliases=tuple(names[1:]))
 
     try:
         app, worker = build(load, Settings(max_tokens, max_body_bytes, api_key), max_queue)

@@ -53,13 +53,14 @@ def tiny(tmp_path_factory):
 
 
 @contextmanager
-def serving(model, draft=None, max_queue=64, **settings):
-    """A server on a free port of 127.0.0.1 in this process; yields its /v1 URL."""
+def serving(model, draft=None, max_queue=64, names=("tiny",), **settings):
+    """A server on a free port of 127.0.0.1 in this process, serving the model under `names`; yields its /v1 URL."""
     sock = listen("127.0.0.1", 0)
 
     def load():
         loaded = mlx_dllm.load(str(model))
-        return Loaded(loaded[0], loaded[1], mlx_dllm.load(str(draft))[0] if draft else None, name="tiny")
+        return Loaded(loaded[0], loaded[1], mlx_dllm.load(str(draft))[0] if draft else None, name=names[0],
+                      aliases=tuple(names[1:]))
 
     app, worker = build(load, Settings(**settings), max_queue)
     server = uvicorn_server(app, "warning")

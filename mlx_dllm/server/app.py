@@ -18,6 +18,7 @@ from ..errors import DLLMError
 from .metrics import Metrics
 from .requests import parse
 from .responses import Reply, error
+from .tools import ToolCallParser, split_reply
 from .worker import Event, Handle, Loaded, QueueFull, Worker
 
 log = logging.getLogger("mlx_dllm.server")
@@ -107,7 +108,8 @@ def create_app(worker: Worker, loaded: Loaded, settings: Settings, metrics: Metr
             event = await next_event(handle, gone)  # the generation's own checks run before its first response
             if parsed.stream and event is not None and event.kind == "response":
                 gone.cancel()  # from here the streaming response notices a disconnect itself
-                return StreamingResponse(stream(handle, event, reply, parsed.include_usage),
+                parser = ToolCallParser(loaded.tokenizer, parsed.tools, True) if parsed.tools else None
+                return StreamingResponse(stream(handle, event, reply, parsed.include_usage, parser),
                                          media_type="text/event-stream")
             text, last = "", None
             while event is not None and event.kind == "response":
@@ -116,24 +118,41 @@ def create_app(worker: Worker, loaded: Loaded, settings: Settings, metrics: Metr
             if event is None:  # nobody reads this reply; the job stops at its next chunk
                 handle.cancel()
                 return error_response(400, "the client disconnected")
-            return failure(event) if event.kind == "error" else JSONResponse(reply.whole(text, last))
+            if event.kind == "error":
+                return failure(event)
+            if not parsed.tools:
+                return JSONResponse(reply.whole(text, last))
+            content, calls, parser = split_reply(loaded.tokenizer, parsed.tools, text)
+            return JSONResponse(reply.whole(content, last, calls, parser.finish_reason(last.finish_reason)))
         finally:
             gone.cancel()
 
-    async def stream(handle: Handle, first: Event, reply: Reply, include_usage: bool):
+    async def stream(handle: Handle, first: Event, reply: Reply, include_usage: bool,
+                     parser: Optional[ToolCallParser]):
+        def deltas(content, calls):
+            if content:
+                yield sse(reply.chunk(content))
+            if calls:  # a call goes out whole, once its end marker has arrived
+                yield sse(reply.chunk("", tool_calls=calls))
+
         try:
             if reply.chat:
                 yield sse(reply.chunk("", role=True))  # OpenAI's first chunk names the role
             event, last = first, None
             while event.kind == "response":
                 last = event.value
-                if last.text:
-                    yield sse(reply.chunk(last.text))
+                for body in deltas(*parser.add(last.text)) if parser else deltas(last.text, None):
+                    yield body
                 event = await handle.events.get()
             if event.kind == "error":
                 yield sse(error(*error_message(event.value)))
             else:
-                yield sse(reply.chunk("", finish_reason=last.finish_reason))
+                finish_reason = last.finish_reason
+                if parser:
+                    for body in deltas(*parser.finish()):
+                        yield body
+                    finish_reason = parser.finish_reason(finish_reason)
+                yield sse(reply.chunk("", finish_reason=finish_reason))
                 if include_usage:
                     yield sse(reply.usage_chunk(last))
             yield "data: [DONE]\n\n"
@@ -148,7 +167,8 @@ def create_app(worker: Worker, loaded: Loaded, settings: Settings, metrics: Metr
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
-            {"id": loaded.name, "object": "model", "created": created, "owned_by": "mlx-dllm"}]})
+            {"id": name, "object": "model", "created": created, "owned_by": "mlx-dllm"}
+            for name in dict.fromkeys((loaded.name, *loaded.aliases))]})
 
     async def health(request: Request):
         return JSONResponse({"status": "ok"})

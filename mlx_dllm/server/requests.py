@@ -4,14 +4,20 @@ Only the shape is checked here (which fields exist, which are ours); values go t
 checks are the CLI's, so a bad value gets the same one-line message from the server as from `generate`.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
+
+from mlx_lm.server import convert_chat
 
 from ..chat_template import template_ids
 from ..errors import DLLMError
 from ..sampler.arguments import whole_number
 from ..sampler.mode import served_options
+from .tools import history_tool_calls, parses_tool_calls, request_tools
 from .worker import Job
+
+log = logging.getLogger("mlx_dllm.server")
 
 # OpenAI name -> stream_generate keyword.
 SAMPLING = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
@@ -20,8 +26,9 @@ SAMPLING = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": 
 OURS = ("mode", "num_draft_tokens", *(option.name for option in served_options()))
 # OpenAI fields we take only at the value that means "off".
 OFF_ONLY = {"n": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
-            "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],),
-            "parallel_tool_calls": (True, False), "suffix": ("",)}
+            "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",)}
+# Chat only: the template's inputs, and mlx_lm.server's role_mapping for a model without a template.
+CHAT = ("chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls", "role_mapping")
 IGNORED = ("model", "user", "stream", "stream_options", "store", "metadata", "service_tier")
 
 
@@ -31,6 +38,7 @@ class Request:
     stream: bool
     include_usage: bool
     chat: bool
+    tools: Optional[List[Dict]] = None  # the reply is parsed for calls of these tools
 
 
 def parse(body: Any, chat: bool, tokenizer, max_tokens_limit: int) -> Request:
@@ -40,7 +48,7 @@ def parse(body: Any, chat: bool, tokenizer, max_tokens_limit: int) -> Request:
     prompt_field = "messages" if chat else "prompt"
     known = {prompt_field, "max_tokens", "max_completion_tokens", *SAMPLING, *OURS, *OFF_ONLY, *IGNORED}
     if chat:
-        known.add("chat_template_kwargs")
+        known.update(CHAT)
     unknown = sorted(set(body) - known)
     if unknown:
         raise DLLMError(f"unknown field {unknown[0]}")
@@ -53,14 +61,19 @@ def parse(body: Any, chat: bool, tokenizer, max_tokens_limit: int) -> Request:
     if not isinstance(stream, bool):
         raise DLLMError(f"stream must be true or false, got {stream!r}")
     include_usage = stream_usage(body.get("stream_options"), stream)
+    tools = None
     if chat:
-        prompt = chat_prompt(tokenizer, body["messages"], body.get("chat_template_kwargs"))
+        tools = request_tools(body.get("tools"))
+        parse_calls = parses_tool_calls(tools, body.get("tool_choice", "auto"), body.get("parallel_tool_calls", True))
+        prompt = chat_prompt(tokenizer, body["messages"], body.get("chat_template_kwargs"), tools,
+                             body.get("role_mapping"))
+        tools = tools if parse_calls and tokenizer.has_tool_calling else None
     else:
         prompt = completion_prompt(body["prompt"])
     options = {SAMPLING[name]: body[name] for name in SAMPLING if name in body}
     options.update({name: body[name] for name in OURS if name in body})
     options["max_tokens"] = requested_tokens(body, max_tokens_limit)
-    return Request(Job(prompt, options), stream, include_usage, chat)
+    return Request(Job(prompt, options), stream, include_usage, chat, tools)
 
 
 def requested_tokens(body: Dict, limit: int) -> int:
@@ -88,20 +101,38 @@ def stream_usage(stream_options, stream: bool) -> bool:
     return include
 
 
-def chat_prompt(tokenizer, messages, template_options) -> List[int]:
+def chat_prompt(tokenizer, messages, template_options, tools=None, role_mapping=None) -> List[int]:
+    """The chat template's ids with the tools, as mlx_lm.server renders them; without a template, its role-mapping
+    prompt (`convert_chat`) encoded as it encodes it."""
     if not isinstance(messages, list) or not messages:
         raise DLLMError("messages must be a non-empty list")
-    if not tokenizer.has_chat_template:
-        raise DLLMError("the model has no chat template: use /v1/completions")
+    messages = [message_dict(m, i) for i, m in enumerate(messages)]
     if template_options is not None and not isinstance(template_options, dict):
         raise DLLMError("chat_template_kwargs must be a JSON object")
-    return template_ids(tokenizer, [message_dict(m, i) for i, m in enumerate(messages)], template_options)
+    if role_mapping is not None and not (isinstance(role_mapping, dict)
+                                         and all(isinstance(v, str) for v in role_mapping.values())):
+        raise DLLMError("role_mapping must be a JSON object of strings")
+    if not tokenizer.has_chat_template:
+        if tools:
+            raise DLLMError("tools need a chat template to reach the model, and the model has none")
+        return list(tokenizer.encode(convert_chat(messages, role_mapping)))
+    if tools and not tokenizer.has_tool_calling:
+        log.warning("tools given, but mlx-lm finds no tool-call format in the model's chat template: "
+                    "its calls come back as text")
+    options = {**(template_options or {}), **({"tools": tools} if tools else {})}
+    return template_ids(tokenizer, messages, options)
 
 
-def message_dict(message, index: int) -> Dict[str, str]:
+# Beside role and content: what tool use needs, by role.
+MESSAGE_FIELDS = {"assistant": ("name", "tool_calls"), "tool": ("name", "tool_call_id")}
+
+
+def message_dict(message, index: int) -> Dict[str, Any]:
+    """One message as the template gets it; a null field is an absent one, as in the body."""
     where = f"messages[{index}]"
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise DLLMError(f"{where} must be an object with a role")
+    message = {key: value for key, value in message.items() if value is not None}
     content = message.get("content", "")
     if isinstance(content, list):  # OpenAI content parts: text only
         kinds = {part.get("type") if isinstance(part, dict) else None for part in content}
@@ -112,10 +143,20 @@ def message_dict(message, index: int) -> Dict[str, str]:
         content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise DLLMError(f"{where}.content must be a string or a list of text parts")
-    extra = sorted(set(message) - {"role", "content", "name"})
+    fields = MESSAGE_FIELDS.get(message["role"], ("name",))
+    extra = sorted(set(message) - {"role", "content", *fields})
     if extra:
-        raise DLLMError(f"{where}.{extra[0]} is not supported")
-    return {"role": message["role"], "content": content}
+        raise DLLMError(f"{where}.{extra[0]} is not supported" + (f" in a {message['role']} message" if
+                        extra[0] in ("tool_calls", "tool_call_id") else ""))
+    checked = {"role": message["role"], "content": content}
+    for name in ("name", "tool_call_id"):
+        if name in message:
+            if not isinstance(message[name], str):
+                raise DLLMError(f"{where}.{name} must be a string")
+            checked[name] = message[name]
+    if "tool_calls" in message:
+        checked["tool_calls"] = history_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+    return checked
 
 
 def completion_prompt(prompt) -> Optional[Any]:

@@ -2,7 +2,7 @@
 
 import time
 import uuid
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 
 class Reply:
@@ -17,17 +17,25 @@ class Reply:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
 
-    def whole(self, text: str, response) -> Dict:
+    def whole(self, text: str, response, tool_calls: Optional[List[Dict]] = None,
+              finish_reason: Optional[str] = None) -> Dict:
+        """`finish_reason`: where it is not the generation's own (a reply of tool calls)."""
+        finish_reason = finish_reason or response.finish_reason
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": response.finish_reason}
+            message = {"role": "assistant", "content": text}
+            if tool_calls:
+                message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+            choice = {"index": 0, "message": message, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": response.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**self._body(choice, chunk=False), "usage": usage(response), "mlx_dllm": stats(response)}
 
-    def chunk(self, text: str, finish_reason: Optional[str] = None, role: bool = False) -> Dict:
+    def chunk(self, text: str, finish_reason: Optional[str] = None, role: bool = False,
+              tool_calls: Optional[List[Dict]] = None) -> Dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}

@@ -1,8 +1,10 @@
 """Start the worker, build the app and serve it with uvicorn on a socket bound before anything loads."""
 
 import socket
-from typing import Callable
+from pathlib import Path
+from typing import Callable, List
 
+from ..default_model import HUB_REPO, NAME, names_default
 from ..errors import DLLMError
 from .app import Settings, create_app
 from .metrics import Metrics
@@ -20,6 +22,18 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as error:
         raise DLLMError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     return sock
+
+
+def model_names(path_or_repo: str) -> List[str]:
+    """The served model's names for /v1/models: as given to --model and, for a local folder, as mlx_lm.server
+    lists it (its absolute path) and by the folder's own name; the default model by its name, `default` and hub id."""
+    if names_default(path_or_repo):
+        return [HUB_REPO.rpartition("/")[2], NAME, HUB_REPO]
+    names = [path_or_repo]
+    folder = Path(path_or_repo)
+    if folder.is_dir():
+        names += [str(folder.resolve()), folder.resolve().name]
+    return list(dict.fromkeys(names))
 
 
 def build(load: Callable[[], Loaded], settings: Settings, max_queue: int):

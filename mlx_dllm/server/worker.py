@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ..errors import DLLMError
 
@@ -26,7 +26,8 @@ class Loaded:
     model: Any
     tokenizer: Any
     draft_model: Any = None
-    name: str = "mlx-dllm"
+    name: str = "mlx-dllm"  # the replies' model
+    aliases: Tuple[str, ...] = ()  # other names /v1/models lists for it
 
 
 @dataclass
