@@ -19,6 +19,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from ..errors import DLLMError
 from ..kernels import attention, masked_attention, patterns
 from .cache import WindowKVCache
+from .ragged import RaggedKVCache
 from .family import TINY_EOS_TOKEN_ID, TINY_MASK_TOKEN_ID, TINY_VOCAB, Family, Tiny
 
 DRAFT_ARCHITECTURES = ("DFlashDraftModel", "MuseGlimmerAssistantModel")
@@ -185,6 +186,8 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, context: mx.array, cache) -> mx.array:
         if isinstance(cache, AnchorBlocks):
             return self._anchor_blocks(x, context, cache.anchors)
+        if isinstance(cache, RaggedKVCache):
+            return self._ragged(x, context, cache)
         L, S = x.shape[1], context.shape[1]
         start = cache.offset  # absolute position of the first new context row
         queries = self.rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset=start + S)
@@ -217,6 +220,25 @@ class Attention(nn.Module):
         key_positions = mx.concatenate([mx.broadcast_to(mx.arange(N), (J, N)), query_positions], axis=1)
         visible = mx.concatenate([mx.arange(N)[None] < anchors[:, None], mx.ones((J, L), dtype=mx.bool_)], axis=1)
         mask = visible[:, None, :]  # [J, 1 (query), N + B]
+        if self.window is not None:
+            mask = mask & sliding_mask(query_positions, key_positions, self.window, self.causal)
+        return self._output(masked_attention(queries, keys, values, self.scale, mask[:, None]))
+
+    def _ragged(self, x: mx.array, context: mx.array, cache: RaggedKVCache) -> mx.array:
+        """A batch of rows of their own lengths (sampler/batch.py): row b's new context rows are
+        context[b, :cache.context_rows[b]] and its block x[b, :cache.block_rows[b]]; the rest is padding, which no
+        real row sees. As one row's forward: the context rows stay in the cache, the block does not."""
+        L = x.shape[1]
+        start = cache.offset  # [B]: each row's first new context position
+        block_start = start + mx.array(cache.context_rows)
+        queries = self.rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset=block_start)
+        block_keys, block_values = self._keys_values(x, block_start)
+        cache.write(*self._keys_values(context, start))
+        cache.advance(cache.context_rows)
+        keys, values = cache.write(block_keys, block_values)  # after each row's context, where the next one goes
+        query_positions = cache.offset[:, None] + mx.arange(L)  # [B, L]; a key's position is its index
+        key_positions = mx.broadcast_to(mx.arange(keys.shape[2]), (x.shape[0], keys.shape[2]))
+        mask = key_positions[:, None, :] < (cache.offset + mx.array(cache.block_rows))[:, None, None]
         if self.window is not None:
             mask = mask & sliding_mask(query_positions, key_positions, self.window, self.causal)
         return self._output(masked_attention(queries, keys, values, self.scale, mask[:, None]))

@@ -165,7 +165,7 @@ class CandidateSelector(nn.Module):
                 index = mx.argmax(scores, keepdims=True)
             else:
                 log_q = sampling.log_probs(scores[None])  # [1, K]
-                index = mx.random.categorical(log_q)
+                index = sampling.categorical(log_q)
                 distributions.append(mx.exp(log_q))
                 drawn.append(distributions[-1][0, index])
             chosen = candidates[position][index]

@@ -106,38 +106,66 @@ def check_finite(tokens: List[int]) -> None:
         raise DLLMError("the model's logits are not finite (NaN or Inf): its weights or activations overflowed")
 
 
+class KeyStream:
+    """One request's own random stream: the keys MLX's global stream would give after `mx.random.seed(seed)` (each
+    draw splits it), so a request decoded beside others (sampler/batch.py) draws what it would alone."""
+
+    def __init__(self, seed: int):
+        self.key = mx.random.key(seed)
+
+    def __call__(self) -> mx.array:
+        self.key, drawn = mx.random.split(self.key)
+        return drawn
+
+
 @dataclass(frozen=True)
 class Sampling:
     """An mlx-lm sampling configuration (`make_sampler`'s temp > 0, top_p, top_k, min_p) and, explicitly, the
-    distribution its sampler draws from, for speculative sampling's ratio test."""
+    distribution its sampler draws from, for speculative sampling's ratio test. Its draws come from `keys`, a
+    request's own stream, where given, else from MLX's global one."""
 
     temp: float
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    keys: Optional[KeyStream] = field(default=None, compare=False, repr=False)
 
     def sampler(self) -> Callable[[mx.array], mx.array]:
-        return make_sampler(temp=self.temp, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
+        if self.keys is None:
+            return make_sampler(temp=self.temp, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
+        # make_sampler's chain, drawing from the request's stream.
+        return lambda log_probs: self.categorical(self.filtered(log_probs) * (1.0 / self.temp))
 
-    def log_probs(self, logits: mx.array) -> mx.array:
-        """Rows [..., V] -> the normalised log-probabilities mlx-lm's sampler draws from (-inf where filtered).
-
-        `make_sampler` filters the untempered log-probabilities with mlx-lm's own functions, in its order (top_p,
-        then min_p, then top_k), then draws from softmax(filtered / temp); this applies the same functions in the
-        same order. A top_k of the row's width or more keeps every token (mlx-lm refuses it; it filters nothing)."""
-        x = logits.astype(mx.float32)
-        x = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    def filtered(self, log_probs: mx.array) -> mx.array:
+        """mlx-lm's filters of normalised log-probabilities, in `make_sampler`'s order (top_p, then min_p, then top_k;
+        -inf where filtered). A top_k of the row's width or more keeps every token (mlx-lm refuses it)."""
+        x = log_probs
         if 0 < self.top_p < 1.0:
             x = apply_top_p(x, self.top_p)
         if self.min_p != 0.0:
             x = apply_min_p(x, self.min_p)
         if 0 < self.top_k < x.shape[-1]:
             x = apply_top_k(x, self.top_k)
-        x = x * (1.0 / self.temp)
+        return x
+
+    def log_probs(self, logits: mx.array) -> mx.array:
+        """Rows [..., V] -> the normalised log-probabilities mlx-lm's sampler draws from (-inf where filtered):
+        `make_sampler` filters the untempered log-probabilities, then draws from softmax(filtered / temp)."""
+        x = logits.astype(mx.float32)
+        x = self.filtered(x - mx.logsumexp(x, axis=-1, keepdims=True)) * (1.0 / self.temp)
         return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
     def probs(self, logits: mx.array) -> mx.array:
         return mx.exp(self.log_probs(logits))
+
+    def categorical(self, logits: mx.array) -> mx.array:
+        return mx.random.categorical(logits, key=self._key())
+
+    def uniform(self, shape) -> mx.array:
+        return mx.random.uniform(shape=shape, key=self._key())
+
+    def _key(self) -> Optional[mx.array]:
+        return None if self.keys is None else self.keys()
 
 
 class TokenSelector:

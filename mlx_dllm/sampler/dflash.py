@@ -141,7 +141,7 @@ class DraftHead:
         if chooses_chain(self.draft):
             return Sampled(*self.draft.propose(hidden, anchor, self, sampling))
         log_q = sampling.log_probs(self.logits(hidden))  # [P, S]
-        indices = mx.random.categorical(log_q)
+        indices = sampling.categorical(log_q)
         q = mx.exp(log_q)
         chosen = mx.take_along_axis(q, indices[:, None], axis=-1)[:, 0]
         support = None if self.ids is None else mx.broadcast_to(self.ids, q.shape)
@@ -209,7 +209,7 @@ def ratio_test(logits: mx.array, proposal: Sampled, sampling: Sampling):
     count = proposal.tokens.shape[0]
     drafted = p[:count]
     p_chosen = mx.take_along_axis(drafted, proposal.tokens.astype(mx.int32)[:, None], axis=-1)[:, 0]
-    accept = mx.random.uniform(shape=(count,)) * proposal.chosen < p_chosen
+    accept = sampling.uniform((count,)) * proposal.chosen < p_chosen
     accepted = mx.cumprod(accept.astype(mx.int32)).sum()
     q = proposal.q
     if proposal.support is not None:
@@ -218,7 +218,7 @@ def ratio_test(logits: mx.array, proposal: Sampled, sampling: Sampling):
     total = residual.sum(axis=-1, keepdims=True)
     residual = mx.where(total > 0, residual / mx.maximum(total, 1e-30), drafted)
     row = mx.take(mx.concatenate([residual, p[count:]]), accepted, axis=0)
-    return accepted, mx.random.categorical(mx.log(row))
+    return accepted, sampling.categorical(mx.log(row))
 
 
 def generate_dflash(
@@ -321,26 +321,58 @@ class ChainVerify:
             return propose_block(self.draft, self.target, anchor, features, draft_cache, size, self.head)
         return sample_block(self.draft, self.target, anchor, features, draft_cache, size, self.head, sampling)
 
+    def choose(self, hidden: mx.array, anchor: int):
+        """The chain from the drafter's hidden states [P, H] of positions 1..P (a batch's row): drawn where the
+        selector's distribution is explicit, else the drafter's most probable path."""
+        sampling = self.select.distribution
+        return self.head(hidden, anchor) if sampling is None else self.head.sample(hidden, anchor, sampling)
+
     def __call__(self, anchor: int, proposal, cache, position: int) -> Verified:
-        sampled = isinstance(proposal, Sampled)
-        drafts = proposal.tokens if sampled else proposal
+        drafts = proposal.tokens if isinstance(proposal, Sampled) else proposal
         cache.mark()
         logits, features = self.target(mx.concatenate([mx.array([anchor]), drafts.astype(mx.int32)])[None], cache)
-        if sampled:
-            accepted, token = ratio_test(logits[0], proposal, self.select.distribution)
-            finite = mx.isfinite(mx.logsumexp(mx.take(logits[0], accepted, axis=0).astype(mx.float32)))
-            mx.eval(accepted, token, finite, drafts)
-            accepted, draft_tokens = accepted.item(), drafts.tolist()
-            # A row that is not finite is never accepted (its ratio is NaN); the front stops at the one it reaches.
-            committed = draft_tokens[:accepted] + [token.item() if finite.item() else NOT_FINITE]
-        else:
-            target_tokens = self.select(logits[0], drafts=drafts)
-            mx.eval(target_tokens, drafts)
-            draft_tokens, target_tokens = drafts.tolist(), target_tokens.tolist()
-            accepted = _accepted_prefix(draft_tokens, target_tokens)
-            committed = draft_tokens[:accepted] + [target_tokens[accepted]]
-        cache.keep(accepted + 1)
-        return Verified(committed, features[:, : accepted + 1], "chain", len(draft_tokens))
+        decision = self.decide(logits[0], proposal)
+        mx.eval(decision)
+        committed = decision.committed()
+        cache.keep(len(committed))
+        return Verified(committed, features[:, : len(committed)], "chain", drafts.shape[0])
+
+    def decide(self, logits: mx.array, proposal):
+        """The round's decision on the device, from the target's logits [P+1, V] at the anchor and the P proposals:
+        evaluated (a batch evaluates every row's at once) before its `committed` reads it."""
+        if isinstance(proposal, Sampled):
+            accepted, token = ratio_test(logits, proposal, self.select.distribution)
+            finite = mx.isfinite(mx.logsumexp(mx.take(logits, accepted, axis=0).astype(mx.float32)))
+            return RatioTested(accepted, token, finite, proposal.tokens)
+        return Matched(self.select(logits, drafts=proposal), proposal)
+
+
+class RatioTested(NamedTuple):
+    """A sampled chain's ratio test (`ratio_test`) and whether the row its token came from is finite."""
+
+    accepted: mx.array
+    token: mx.array
+    finite: mx.array
+    drafts: mx.array
+
+    def committed(self) -> List[int]:
+        """The accepted proposals and the token after them."""
+        accepted, drafts = self.accepted.item(), self.drafts.tolist()
+        # A row that is not finite is never accepted (its ratio is NaN); the front stops at the one it reaches.
+        return drafts[:accepted] + [self.token.item() if self.finite.item() else NOT_FINITE]
+
+
+class Matched(NamedTuple):
+    """A deterministic chain and the target's own token at each of its rows (and the one after)."""
+
+    targets: mx.array
+    drafts: mx.array
+
+    def committed(self) -> List[int]:
+        """The proposals that match the target's tokens, and the target's token after them."""
+        drafts, targets = self.drafts.tolist(), self.targets.tolist()
+        accepted = _accepted_prefix(drafts, targets)
+        return drafts[:accepted] + [targets[accepted]]
 
 
 class TreeVerify:
@@ -393,18 +425,24 @@ class TreeVerify:
         return Verified([tree.tokens[row] for row in path] + [bonus], features[:, mx.array(rows)], shape, len(tree) - 1)
 
 
-def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size):
-    """Prefill, then draft (or queue an AR step) -> verify -> accept -> roll back, one round per yield."""
+def prefill(target: Target, prompt: mx.array, select: TokenSelector, stats: Stats, step: int):
+    """(the prompt's cache, its features: every prompt row's, for the drafter's first forward (None where the target
+    captures none), the token the prompt's last logit selects)."""
     cache = target.make_cache()
-    draft_cache = draft_model.make_cache()
-    kept, (logits, last_features) = prefill_chunks(
-        lambda ids: target(ids[None], cache), prompt, prefill_step_size, cache, keep=lambda output: output[1]
-    )
-    features = mx.concatenate(kept + [last_features], axis=1)  # the drafter reads every prompt row
+    keep = (lambda output: output[1]) if target.capture_layer_ids else None
+    kept, (logits, last_features) = prefill_chunks(lambda ids: target(ids[None], cache), prompt, step, cache, keep)
+    features = None if last_features is None else mx.concatenate(kept + [last_features], axis=1)
     anchor = int(select(logits[:, -1]).item())
     select.commit([anchor])
     stats.mark_prefill()
     stats.forwards, stats.prefill_forwards, stats.prefill_tokens = 1, 1, 1
+    return cache, features, anchor
+
+
+def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size):
+    """Prefill, then draft (or queue an AR step) -> verify -> accept -> roll back, one round per yield."""
+    cache, features, anchor = prefill(target, prompt, select, stats, prefill_step_size)
+    draft_cache = draft_model.make_cache()
     generated, produced = [anchor], 1
 
     def draft(anchor: int, features: mx.array):
