@@ -83,8 +83,8 @@ class RowOracle:
             propose(verify, anchor, features, size, cache, draft_cache)
             return self.proposal(verify, size)
 
-        def oracle_choose(verify, hidden, anchor):
-            choose(verify, hidden, anchor)
+        def oracle_choose(verify, hidden, anchor, logits):
+            choose(verify, hidden, anchor, logits)
             return self.proposal(verify, hidden.shape[0] + 1)
 
         monkeypatch.setattr(ChainVerify, "propose", oracle_propose)

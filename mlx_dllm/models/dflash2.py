@@ -204,19 +204,19 @@ class Model(dflash.Model):
         self.model_type = "dflash2"
         self.candidate_selector = CandidateSelector(args)
 
-    def propose(self, hidden: mx.array, anchor: int, head, sampling=None):
+    def propose(self, hidden: mx.array, anchor: int, head, sampling=None, logits: Optional[mx.array] = None):
         """The selector's path over positions 1..P given their hidden states [P, H] and the anchor; `head` gives
-        the logits over the tokens it drafts from (`head.logits`) and their ids (`head.token_ids`). With `sampling`
-        the walk is drawn: see CandidateSelector."""
-        logits = self._logits(hidden, head)
+        the logits over the tokens it drafts from (`head.logits`, unless the caller gives them: `logits`) and their
+        ids (`head.token_ids`). With `sampling` the walk is drawn: see CandidateSelector."""
+        logits = self._logits(hidden, head, logits)
         return self.candidate_selector(hidden, logits, anchor, head.token_ids, sampling)
 
     def lattice(self, hidden: mx.array, anchor: int, head, width: int):
         """The selector's candidates and pair scores for a tree of paths through them (CandidateSelector.lattice)."""
         return self.candidate_selector.lattice(hidden, self._logits(hidden, head), anchor, head.token_ids, width)
 
-    def _logits(self, hidden: mx.array, head) -> mx.array:
-        logits = head.logits(hidden)
+    def _logits(self, hidden: mx.array, head, logits: Optional[mx.array] = None) -> mx.array:
+        logits = head.logits(hidden) if logits is None else logits
         rows, vocab, top_k = logits.shape[-1], self.args.vocab_size, self.args.selector_top_k
         if self.args.draft_vocab is None and rows > vocab:  # ids past the codebooks would read unrelated memory
             raise DLLMError(f"the target's head has {rows} tokens, the DFlash2 drafter's codebooks {vocab}")

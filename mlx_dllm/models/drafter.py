@@ -35,10 +35,11 @@ def is_drafter(model) -> bool:
 def chooses_chain(model) -> bool:
     """Whether the drafter chooses its block's chain itself, by a method beyond the interface above:
 
-        propose(hidden [P, H], anchor: int, head, sampling=None) -> token ids [P]
+        propose(hidden [P, H], anchor: int, head, sampling=None[, logits=...]) -> token ids [P]
 
     given the hidden states of positions 1..P and the anchor; `head.logits(hidden)` gives its logits over the tokens
-    it drafts from and `head.token_ids(indices)` their ids. DFlash2's candidate selector is one: its chain is a walk
+    it drafts from (a batch passes them as `logits`, from one head forward over every row) and
+    `head.token_ids(indices)` their ids. DFlash2's candidate selector is one: its chain is a walk
     that reads each chosen token, not the argmax at each position (which a drafter without `propose` proposes).
     With a `sampling` configuration (sampler.common.Sampling) it draws its chain instead and returns (token ids [P],
     the probability each was drawn with [P], each position's proposal distribution q [P, S], the token ids of q's

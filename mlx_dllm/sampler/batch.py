@@ -278,8 +278,9 @@ class BatchEngine:
         for layer in self.draft_cache:
             layer.prepare(fresh, sizes)
         hidden = self.draft(self.target.embed(block), context, self.draft_cache, start=1)
+        logits = self.head.logits(hidden)  # one head forward for every row: the head's weights are read once
         for i, (row, size) in enumerate(zip(drafting, sizes)):
-            row.proposal = row.verify.choose(hidden[i, : size - 1], row.anchor)
+            row.proposal = row.verify.choose(hidden[i, : size - 1], row.anchor, logits[i, : size - 1])
         mx.async_eval([row.proposal for row in drafting])  # the drafter runs while the caller streams the tokens
 
     def _emit(self, row: Row, generated: List[int]) -> Event:

@@ -129,23 +129,28 @@ class DraftHead:
     def token_ids(self, indices: mx.array) -> mx.array:
         return indices if self.ids is None else self.ids[indices]
 
-    def __call__(self, hidden: mx.array, anchor: int) -> mx.array:
-        """The chain after `anchor`: the drafter's own choice where it makes one (DFlash2), else each argmax."""
+    def __call__(self, hidden: mx.array, anchor: int, logits: Optional[mx.array] = None) -> mx.array:
+        """The chain after `anchor`: the drafter's own choice where it makes one (DFlash2), else each argmax.
+        `logits`: `self.logits(hidden)`, where the caller has them (a batch's rows, from one head forward)."""
         if chooses_chain(self.draft):
-            return self.draft.propose(hidden, anchor, self)
-        return self.token_ids(mx.argmax(self.logits(hidden), axis=-1))
+            return self._walk(hidden, anchor, None, logits)
+        return self.token_ids(mx.argmax(self.logits(hidden) if logits is None else logits, axis=-1))
 
-    def sample(self, hidden: mx.array, anchor: int, sampling: Sampling) -> Sampled:
+    def sample(self, hidden: mx.array, anchor: int, sampling: Sampling, logits: Optional[mx.array] = None) -> Sampled:
         """The chain after `anchor` drawn under `sampling`: the drafter's own walk where it makes one (DFlash2), else
         each position independently from the drafter's logits, filtered as the target's are."""
         if chooses_chain(self.draft):
-            return Sampled(*self.draft.propose(hidden, anchor, self, sampling))
-        log_q = sampling.log_probs(self.logits(hidden))  # [P, S]
+            return Sampled(*self._walk(hidden, anchor, sampling, logits))
+        log_q = sampling.log_probs(self.logits(hidden) if logits is None else logits)  # [P, S]
         indices = sampling.categorical(log_q)
         q = mx.exp(log_q)
         chosen = mx.take_along_axis(q, indices[:, None], axis=-1)[:, 0]
         support = None if self.ids is None else mx.broadcast_to(self.ids, q.shape)
         return Sampled(self.token_ids(indices), chosen, q, support)
+
+    def _walk(self, hidden: mx.array, anchor: int, sampling: Optional[Sampling], logits: Optional[mx.array]):
+        given = {} if logits is None else {"logits": logits}
+        return self.draft.propose(hidden, anchor, self, sampling, **given)
 
     def top(self, hidden: mx.array, width: int):
         """(token ids, log-probabilities), [positions, width] each, most probable first."""
@@ -321,11 +326,13 @@ class ChainVerify:
             return propose_block(self.draft, self.target, anchor, features, draft_cache, size, self.head)
         return sample_block(self.draft, self.target, anchor, features, draft_cache, size, self.head, sampling)
 
-    def choose(self, hidden: mx.array, anchor: int):
-        """The chain from the drafter's hidden states [P, H] of positions 1..P (a batch's row): drawn where the
-        selector's distribution is explicit, else the drafter's most probable path."""
+    def choose(self, hidden: mx.array, anchor: int, logits: Optional[mx.array] = None):
+        """The chain from the drafter's hidden states [P, H] of positions 1..P and its `logits` on them (a batch's
+        row): drawn where the selector's distribution is explicit, else the drafter's most probable path."""
         sampling = self.select.distribution
-        return self.head(hidden, anchor) if sampling is None else self.head.sample(hidden, anchor, sampling)
+        if sampling is None:
+            return self.head(hidden, anchor, logits)
+        return self.head.sample(hidden, anchor, sampling, logits)
 
     def __call__(self, anchor: int, proposal, cache, position: int) -> Verified:
         drafts = proposal.tokens if isinstance(proposal, Sampled) else proposal
