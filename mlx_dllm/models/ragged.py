@@ -11,12 +11,12 @@ holds as many rows as a full one.
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, _BaseCache
+from mlx_lm.models.cache import KVCache
 
 from .cache import WindowKVCache
 
 
-class RaggedKVCache(_BaseCache):
+class RaggedKVCache:
     """One layer's K/V for a batch of rows of their own lengths. mlx-lm models read `offset` (the rows' positions,
     [B]) for RoPE, `make_mask` and `update_and_fetch`; a speculative round marks before its verify and keeps each
     row's accepted count after it; a drafter writes context rows and a block (`write`, `advance`)."""

@@ -32,6 +32,7 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache
 
 from ..errors import DLLMError
+from ..kernels.attention import check_fits
 from ..models.cache import WindowKVCache
 from ..models.ragged import RaggedKVCache
 from ..models.target import Target
@@ -104,13 +105,14 @@ class Row:
 
 def ragged_caches(target: Target) -> List[RaggedKVCache]:
     """One ragged cache per layer cache of the target; layers that are not K/V are refused."""
-    for layer in target.make_cache():
+    layers = target.make_cache()
+    for layer in layers:
         if type(layer) not in (KVCache, WindowKVCache):
             raise DLLMError(
                 f"target '{target.family}' cannot be batched: its {type(layer).__name__} layers are not K/V caches "
                 "(recurrent state); serve its requests one at a time"
             )
-    return [RaggedKVCache() for _ in target.make_cache()]
+    return [RaggedKVCache() for _ in layers]
 
 
 class BatchEngine:
@@ -142,14 +144,18 @@ class BatchEngine:
         self.committed = 0
 
     def insert(self, prompt_ids: Sequence[int], max_tokens: int = 256, options: Optional[dict] = None) -> int:
-        """Queue a request; it joins at the next step with room. `options`: temp, top_p, top_k, min_p, seed, mode
-        ("ar" or "dflash"; default: dflash with a drafter), and for DFlash rows block_size and speculation ("chain")."""
+        """Queue a request (token ids, or text the tokenizer encodes as the front does); it joins at the next step
+        with room. `options`: temp, top_p, top_k, min_p, seed, mode ("ar" or "dflash"; default: dflash with a
+        drafter), and for DFlash rows block_size and speculation ("chain"). Stop strings are the caller's (the
+        tokens stream out as ids); the tokenizer's EOS ids end a row."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise DLLMError(f"unknown option {unknown[0]} for batched decoding (it takes {', '.join(OPTIONS)})")
         max_tokens = whole_number("max_tokens", max_tokens, 1)
-        prompt = encode_prompt(self.tokenizer, list(prompt_ids), self.vocab_rows)
+        prompt = encode_prompt(self.tokenizer, prompt_ids, self.vocab_rows)
+        heads = getattr(getattr(self.target.model, "args", None), "num_attention_heads", 1)
+        check_fits(heads, min(self.prefill_step_size, prompt.size), prompt.size)  # its prefill's last chunk
         select = self._selector(options)
         verify, block_size = self._verify(options, select)
         row = Row(next(self.uids), prompt, max_tokens, select, verify, block_size)
