@@ -4,6 +4,7 @@ import socket
 from typing import Callable
 
 from ..errors import DLLMError
+from ..sampler.prompt_cache import PromptCache
 from .app import Settings, create_app
 from .metrics import Metrics
 from .worker import Loaded, Worker
@@ -25,7 +26,9 @@ def listen(host: str, port: int) -> socket.socket:
 def build(load: Callable[[], Loaded], settings: Settings, max_queue: int):
     """(app, worker): the model is loaded, in the worker thread, when this returns."""
     metrics = Metrics()
-    worker = Worker(load, max_queue, metrics.finished)
+    size = settings.prompt_cache_size
+    prompt_cache = PromptCache(size, settings.prompt_cache_bytes) if size else None  # 0: no copies kept at all
+    worker = Worker(load, max_queue, metrics.finished, prompt_cache)
     return create_app(worker, worker.start(), settings, metrics), worker
 
 
