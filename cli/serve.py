@@ -10,6 +10,20 @@ from .generate import choose_drafter
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+class Size(click.ParamType):
+    """A byte count as mlx_lm.server's --prompt-cache-bytes reads it: digits, then nothing, M, MB, G or GB."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from mlx_lm.utils import _parse_size
+
+        try:
+            return _parse_size(str(value))
+        except (ArithmeticError, KeyError, ValueError):  # decimal.InvalidOperation is an ArithmeticError
+            self.fail(f"{value!r} is not a size such as 500000, 500M or 8GB", param, ctx)
+
+
 @click.command("serve")
 @click.option("--model", default=None,
               help="Model folder or hub repo id (default, or 'default': SmolLM2-135M-Instruct).")
@@ -26,9 +40,14 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
               help="Largest request body.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests that may wait for the model; more get 429.")
+@click.option("--prompt-cache-size", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Prompt states kept to resume requests that extend an earlier one (0: none).")
+@click.option("--prompt-cache-bytes", type=Size(), default=None,
+              help="Most bytes those states may take, e.g. 8GB (default: no limit).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens, max_body_bytes, max_queue, log_level):
+def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens, max_body_bytes, max_queue,
+                  prompt_cache_size, prompt_cache_bytes, log_level):
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
     from mlx_dllm.loading import load_pair
     from mlx_dllm.server.app import Settings
@@ -49,7 +68,8 @@ def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens,
         return Loaded(*load_pair(path, draft), name=names[0], aliases=tuple(names[1:]))
 
     try:
-        app, worker = build(load, Settings(max_tokens, max_body_bytes, api_key), max_queue)
+        settings = Settings(max_tokens, max_body_bytes, api_key, prompt_cache_size, prompt_cache_bytes)
+        app, worker = build(load, settings, max_queue)
         bound = sock.getsockname()
         click.echo(f"[INFO] Serving {path} on http://{bound[0]}:{bound[1]}/v1", err=True)
         try:

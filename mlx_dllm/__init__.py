@@ -16,6 +16,7 @@ _LAZY = {
     "generate": "sampler",
     "stream_generate": "sampler",
     "GenerationResponse": "sampler",
+    "PromptCache": "sampler",
     "convert": "convert",
 }
 
@@ -38,4 +39,5 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-__all__ = ["DLLMError", "GenerationResponse", "__version__", "convert", "generate", "load", "stream_generate"]
+__all__ = ["DLLMError", "GenerationResponse", "PromptCache", "__version__", "convert", "generate", "load",
+           "stream_generate"]

@@ -68,7 +68,9 @@ class WindowKVCache(_BaseCache):
         return 0 if self.keys is None else self.keys.shape[2]
 
     def is_trimmable(self):
-        return True
+        """Whether any trim is exact (mlx-lm's sense, which its prompt cache asks): while it has dropped no row, as
+        RotatingKVCache. Rolling back within the last update (`trim`, `keep_path`) needs no such check."""
+        return self.size() == self.offset
 
     def trim(self, n):
         n = min(n, self.offset)

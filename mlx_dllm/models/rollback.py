@@ -87,13 +87,14 @@ class SpeculativeCache(list):
 
 
 def speculative_cache(
-    model: nn.Module, layers: Optional[List] = None, family: Optional[str] = None
+    model: nn.Module, layers: Optional[List] = None, family: Optional[str] = None, caches: Optional[List] = None
 ) -> SpeculativeCache:
     """A prompt cache of `model` whose every layer can roll back a rejected block; families whose caches cannot
-    are refused by name, with the reason. `layers` defaults to `model.layers`, the list its forward runs."""
+    are refused by name, with the reason. `layers` defaults to `model.layers`, the list its forward runs; `caches`
+    (layer caches an earlier one held, e.g. from a prompt cache) to fresh ones."""
     layers = model.layers if layers is None else layers
     family = family or getattr(model, "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
-    caches = make_prompt_cache(model)
+    caches = make_prompt_cache(model) if caches is None else list(caches)
     recurrent = [c for c in caches if isinstance(c, ArraysCache)]
     mixers = recurrent_mixers(layers) if recurrent else []
     if len(mixers) != len(recurrent):

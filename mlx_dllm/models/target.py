@@ -167,6 +167,7 @@ class Target:
             outputs[last] = self._final_norm(outputs[last])
         return mx.concatenate([outputs[i] for i in self.capture_layer_ids], axis=-1)
 
-    def make_cache(self) -> SpeculativeCache:
-        """A prompt cache whose every layer can roll back a rejected block (`mark` before a verify, `keep` after)."""
-        return speculative_cache(self.model, self._running_layers, self.family)
+    def make_cache(self, caches: Optional[List] = None) -> SpeculativeCache:
+        """A prompt cache whose every layer can roll back a rejected block (`mark` before a verify, `keep` after):
+        fresh, or around the layer caches `caches` (a resumed state)."""
+        return speculative_cache(self.model, self._running_layers, self.family, caches)

@@ -3,5 +3,6 @@
 from .common import GenerationResponse
 from .diffusion import DiffusionSettings
 from .front import generate, stream_generate, summary
+from .prompt_cache import PromptCache
 
-__all__ = ["DiffusionSettings", "GenerationResponse", "generate", "stream_generate", "summary"]
+__all__ = ["DiffusionSettings", "GenerationResponse", "PromptCache", "generate", "stream_generate", "summary"]

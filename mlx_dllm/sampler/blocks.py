@@ -12,6 +12,7 @@ from .adaptive import BlockChoice, FixedBlock, linear_cost, quadratic_cost
 from .common import Stats, TokenSelector, prefill_chunks
 from .cost_curve import CONTEXT, CostCurve, cost_curve, curve_key, measure
 from .mode import Option
+from .prompt_cache import NO_REUSE, PromptState
 
 
 # Without max_position_embeddings in the config, no block may exceed this many tokens.
@@ -109,12 +110,14 @@ def block_policy(model: nn.Module, options: dict, layout: bool = False):
 
 
 def causal_prefill(
-    model: nn.Module, prompt: mx.array, select: TokenSelector, stats: Stats, step: int
+    model: nn.Module, prompt: mx.array, select: TokenSelector, stats: Stats, step: int,
+    prompt_state: PromptState = NO_REUSE,
 ) -> Tuple[List, int]:
-    """A fresh cache holding the prompt's causal K/V (it rolls back: `mark`, `keep`), and the token the prompt's
-    last logit selects."""
-    cache = speculative_cache(model)
-    _, logits = prefill_chunks(lambda ids: model(ids[None], cache), prompt, step, cache)
+    """A cache holding the prompt's causal K/V (it rolls back: `mark`, `keep`), fresh or resumed from `prompt_state`,
+    and the token the prompt's last logit selects."""
+    cache = speculative_cache(model, caches=prompt_state.resume())
+    _, logits = prefill_chunks(lambda ids: model(ids[None], cache), prompt[prompt_state.start :], step, cache)
+    prompt_state.prompt_end([*cache])
     token = int(select(logits[:, -1]).item())
     select.commit([token])
     stats.forwards, stats.prefill_forwards, stats.prefill_tokens = 1, 1, 1

@@ -28,6 +28,8 @@ class GenerationResponse:
     - `speculation`: the speculative rounds by what they verified, as shares ("ar": no drafted token, "chain",
       "tree"), and "mean_budget", the mean drafted tokens verified by the others (DFlash's, and self-speculation's
       block length - 1: the block each cycle chose).
+    - `cached_tokens`: prompt tokens resumed from a prompt cache instead of prefilled (counted in `prompt_tokens`,
+      not in `prompt_tps`).
     """
 
     text: str
@@ -47,6 +49,7 @@ class GenerationResponse:
     acceptance_length: Optional[float] = None
     canvases: int = 0
     speculation: Optional[Dict[str, float]] = None
+    cached_tokens: int = 0
 
 
 @dataclass

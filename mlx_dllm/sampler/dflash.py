@@ -35,6 +35,7 @@ from .arguments import whole_number
 from .common import NOT_FINITE, Sampling, Stats, TokenSelector, prefill_chunks
 from .cost_curve import CONTEXT, cost_curve, curve_key, measure
 from .mode import Mode, Option
+from .prompt_cache import NO_REUSE, DraftState, PromptState
 from .tree import Lattice, follow
 
 BLOCK_SIZE = Option("block_size", int, "draft block size (default: the drafter's)", minimum=2, label="block size")
@@ -236,6 +237,7 @@ def generate_dflash(
     max_tokens: int,
     prefill_step_size: int = 2048,
     options: Optional[dict] = None,
+    prompt_state: PromptState = NO_REUSE,
     **_,
 ) -> Iterator[List[int]]:
     """Yield the tokens committed by each round (the first yield is the prefill's token)."""
@@ -261,7 +263,9 @@ def generate_dflash(
         width = AUTO_WIDTH if trees_run_on(target) else 1  # else chains only: every tree of width 1 is a path
         curve = measured_costs(target, draft_model, head, block_size, budget + 1, width)
         verify = TreeVerify(draft_model, target, head, select, Adaptive(curve, budget), width)
-    yield from _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size)
+    yield from _decode(
+        target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size, prompt_state
+    )
 
 
 def trees_run_on(target: Target) -> bool:
@@ -319,6 +323,7 @@ class ChainVerify:
 
     def __init__(self, draft: Drafter, target: Target, head: DraftHead, select: TokenSelector):
         self.draft, self.target, self.head, self.select = draft, target, head, select
+        self.unread = None  # every round drafts: no row waits for the drafter
 
     def propose(self, anchor: int, features: mx.array, size: int, cache, draft_cache):
         sampling = self.select.distribution
@@ -432,13 +437,16 @@ class TreeVerify:
         return Verified([tree.tokens[row] for row in path] + [bonus], features[:, mx.array(rows)], shape, len(tree) - 1)
 
 
-def prefill(target: Target, prompt: mx.array, select: TokenSelector, stats: Stats, step: int):
-    """(the prompt's cache, its features: every prompt row's, for the drafter's first forward (None where the target
-    captures none), the token the prompt's last logit selects)."""
-    cache = target.make_cache()
+def prefill(target: Target, prompt: mx.array, select: TokenSelector, stats: Stats, step: int, cache=None,
+            unread: Optional[mx.array] = None):
+    """(the target's caches, the features of every row the drafter has not read: `unread` (a resumed state's), then
+    the prompt's (None where the target captures none), the token the prompt's last logit selects). `cache`: the
+    target's caches already holding what precedes `prompt` (a resumed state), else fresh ones."""
+    cache = target.make_cache() if cache is None else cache
     keep = (lambda output: output[1]) if target.capture_layer_ids else None
     kept, (logits, last_features) = prefill_chunks(lambda ids: target(ids[None], cache), prompt, step, cache, keep)
-    features = None if last_features is None else mx.concatenate(kept + [last_features], axis=1)
+    rows = [f for f in (unread, *kept, last_features) if f is not None]
+    features = mx.concatenate(rows, axis=1) if rows else None
     anchor = int(select(logits[:, -1]).item())
     select.commit([anchor])
     stats.mark_prefill()
@@ -446,11 +454,18 @@ def prefill(target: Target, prompt: mx.array, select: TokenSelector, stats: Stat
     return cache, features, anchor
 
 
-def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size):
-    """Prefill, then draft (or queue an AR step) -> verify -> accept -> roll back, one round per yield."""
-    cache, features, anchor = prefill(target, prompt, select, stats, prefill_step_size)
-    draft_cache = draft_model.make_cache()
+def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size,
+            prompt_state):
+    """Prefill, then draft (or queue an AR step) -> verify -> accept -> roll back, one round per yield. The state
+    resumed and left is the target's caches and the drafter's part (DraftState)."""
+    resumed = prompt_state.resume()
+    drafter = resumed[-1] if resumed else DraftState(draft_model.make_cache(), None)
+    cache, features, anchor = prefill(target, prompt[prompt_state.start :], select, stats, prefill_step_size,
+                                      target.make_cache(resumed[:-1]) if resumed else None, drafter.unread)
+    draft_cache = drafter.caches
+    prompt_state.prompt_end([*cache, DraftState(draft_cache, features)])
     generated, produced = [anchor], 1
+    committed = [anchor]  # the target holds all but the anchor, unless an AR step is queued
 
     def draft(anchor: int, features: mx.array):
         size = min(block_size, max_tokens - produced + 1)
@@ -459,23 +474,37 @@ def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, bloc
         return verify.propose(anchor, features, size, cache, draft_cache)
 
     proposal = draft(anchor, features)
-    while True:
-        if proposal is not None:
-            mx.async_eval(proposal)  # the drafter (or an AR step) runs while the front streams the last tokens
-        yield generated
+    try:
+        while True:
+            if proposal is not None:
+                mx.async_eval(proposal)  # the drafter (or an AR step) runs while the front streams the last tokens
+            yield generated
+            if proposal is None:
+                return
+            # The cache holds the prompt and every committed token but the anchor, which sits next.
+            outcome = verify(anchor, proposal, cache, prompt.shape[0] + produced - 1)
+            stats.forwards += 1
+            stats.draft_forwards += not isinstance(proposal, Step)
+            # A last round may verify one token past max_tokens: that token is neither emitted nor counted.
+            generated = outcome.committed[: max_tokens - produced]
+            select.commit(generated)
+            stats.count_round(outcome.kind, outcome.nodes, len(generated))
+            anchor = generated[-1]
+            produced += len(generated)
+            committed += generated
+            features = outcome.features
+            proposal = draft(anchor, features)
+    finally:
+        # Rows the drafter has not read: those a tree's AR steps kept back, those no draft read (the last round's),
+        # and a queued AR step's, which also put the anchor in the target's cache.
+        unread, held = [verify.unread], committed[:-1]
         if proposal is None:
-            return
-        # The cache holds the prompt and every committed token but the anchor, which sits next.
-        outcome = verify(anchor, proposal, cache, prompt.shape[0] + produced - 1)
-        stats.forwards += 1
-        stats.draft_forwards += not isinstance(proposal, Step)
-        # A last round may verify one token past max_tokens: that token is neither emitted nor counted.
-        generated = outcome.committed[: max_tokens - produced]
-        select.commit(generated)
-        stats.count_round(outcome.kind, outcome.nodes, len(generated))
-        anchor = generated[-1]
-        produced += len(generated)
-        proposal = draft(anchor, outcome.features)
+            unread.append(features)
+        elif isinstance(proposal, Step):
+            unread.append(proposal.features)
+            held = committed
+        unread = [rows for rows in unread if rows is not None]
+        prompt_state.leave(held, [*cache, DraftState(draft_cache, mx.concatenate(unread, axis=1) if unread else None)])
 
 
 MODE = Mode(

@@ -17,6 +17,7 @@ import mlx.nn as nn
 from ..errors import DLLMError
 from .common import NOT_FINITE, Stats, evaluate_chunk
 from .mode import Mode, Option
+from .prompt_cache import NO_REUSE, PromptState
 
 # Where knobs may sit in a generation_config.json besides the top level (release-candidate conversions).
 NESTED_SECTIONS = ("sampler_config", "linear_temperature_schedule_config", "diffusion_stopping_config")
@@ -195,6 +196,7 @@ def generate_diffusion(
     max_tokens: int,
     prefill_step_size: int = 2048,
     options: Optional[Dict] = None,
+    prompt_state: PromptState = NO_REUSE,
     **_,
 ) -> Iterator[List[int]]:
     """Yield one committed canvas at a time; the front stops at EOS or `max_tokens`."""
@@ -202,22 +204,27 @@ def generate_diffusion(
     noise = options.pop("noise", None) or RandomNoise()
     on_step = options.pop("on_step", None)
     settings = DiffusionSettings.resolve(getattr(model.args, "generation_config", None), options)
-    cache = model.make_cache()
+    cache = prompt_state.resume() or model.make_cache()
 
     def encode(ids: mx.array):
         model.encode(ids[None], cache)  # only the K/V are evaluated: the hidden states are never needed
         evaluate_chunk(cache)
 
-    for begin in range(0, prompt.shape[0], prefill_step_size):
+    for begin in range(prompt_state.start, prompt.shape[0], prefill_step_size):
         encode(prompt[begin : begin + prefill_step_size])
+    prompt_state.prompt_end(cache)
     stats.mark_prefill()
-    tokens = None
-    for canvas_index in range(-(-max_tokens // model.canvas_length)):  # integer ceil: any size of int
-        if tokens is not None:
-            encode(mx.array(tokens))  # commit the previous canvas; the last one is never encoded
-        tokens = denoise_canvas(model, cache, settings, noise, stats, on_step, canvas_index)
-        stats.canvases += 1
-        yield tokens
+    tokens, held = None, []  # held: the encoded canvases' tokens
+    try:
+        for canvas_index in range(-(-max_tokens // model.canvas_length)):  # integer ceil: any size of int
+            if tokens is not None:
+                encode(mx.array(tokens))  # commit the previous canvas; the last one is never encoded
+                held += tokens
+            tokens = denoise_canvas(model, cache, settings, noise, stats, on_step, canvas_index)
+            stats.canvases += 1
+            yield tokens
+    finally:
+        prompt_state.leave(held, cache)
 
 
 MODE = Mode(

@@ -23,6 +23,7 @@ from .arguments import (
 from .common import GenerationResponse, Sampling, Stats, TokenSelector, check_finite, check_sampling
 from .dflash import block_size_option
 from .mode import Mode, all_modes, modes_of
+from .prompt_cache import NO_REUSE, PromptCache
 from .stopping import StopStringStream
 
 CLEAR_CACHE_EVERY = 256  # tokens, as mlx-lm's generate_step
@@ -98,6 +99,7 @@ def stream_generate(
     prefill_step_size: int = 2048,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
+    prompt_cache: Optional[PromptCache] = None,
     **options,
 ) -> Iterator[GenerationResponse]:
     """Stream the generated text chunk by chunk; every response carries the running stats.
@@ -106,6 +108,8 @@ def stream_generate(
     wherever tokens come from AR logits (ar, and the verify of dflash, linear-spec and quadratic-spec).
     `num_draft_tokens` is mlx-lm's name for DFlash's `block_size` - 1. Text that could begin a `stop` string
     is held back until it is decided.
+    `prompt_cache` (a PromptCache) resumes the longest usable state an earlier call left for this prompt's prefix and
+    keeps this call's states for later ones (`cached_tokens` in the responses; see sampler/prompt_cache.py).
     `options` are the mode's own (see its `MODE` declaration; None means: the default); another mode's are
     refused: DiffusionGemma's denoising knobs (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`,
     `stability_threshold`, `confidence_threshold`, `on_step`); Nemotron-Labs-Diffusion's `block_length`,
@@ -136,6 +140,11 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     stats = Stats()
+    state = NO_REUSE
+    if prompt_cache is not None:
+        if not isinstance(prompt_cache, PromptCache):
+            raise DLLMError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
+        state = prompt_cache.begin(model, draft_model, chosen.name, prompt.tolist())
     strategy = chosen.run(
         model,
         prompt,
@@ -146,18 +155,21 @@ def stream_generate(
         prefill_step_size=prefill_step_size,
         eos_token_ids=eos_ids,
         options=options,
+        prompt_state=state,
     )
-    yield from _stream(model, tokenizer, strategy, stats, prompt.size, chosen, max_tokens, eos_ids, stops)
+    yield from _stream(model, tokenizer, strategy, stats, prompt.size, chosen, max_tokens, eos_ids, stops, state)
 
 
-def _stream(model, tokenizer, strategy, stats, prompt_size, mode, max_tokens, eos_ids, stops):
-    """Run the strategy on mlx-lm's generation stream under its wired limit; turn its tokens into responses."""
+def _stream(model, tokenizer, strategy, stats, prompt_size, mode, max_tokens, eos_ids, stops, state):
+    """Run the strategy on mlx-lm's generation stream under its wired limit; turn its tokens into responses.
+    The states it leaves go to the prompt cache unless it failed (a caller that stops reading is no failure)."""
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     text = StopStringStream(detokenizer, stops)
     mx.reset_peak_memory()
     start = time.perf_counter()
     committed = emitted = 0
+    failed = False
     try:
         with wired_limit(model, [generation_stream]):
             while True:
@@ -181,14 +193,23 @@ def _stream(model, tokenizer, strategy, stats, prompt_size, mode, max_tokens, eo
                 if text.stopped:
                     finish_reason = "stop"
                 emitted += len(released)
-                yield _response(segment, released, mode, prompt_size, start, stats, emitted, finish_reason)
+                yield _response(segment, released, mode, prompt_size, start, stats, emitted, finish_reason,
+                                state.start)
                 if finish_reason is not None:
                     return
+    except BaseException as error:
+        failed = not isinstance(error, GeneratorExit)  # an interrupt may leave a round half done
+        raise
     finally:
-        strategy.close()
+        with mx.stream(generation_stream):
+            strategy.close()  # a strategy leaves its state as it stops
+        if not failed:
+            state.store()
 
 
-def _response(segment, tokens, mode: Mode, prompt_size, start, stats, generated, finish_reason) -> GenerationResponse:
+def _response(
+    segment, tokens, mode: Mode, prompt_size, start, stats, generated, finish_reason, cached
+) -> GenerationResponse:
     now = time.perf_counter()
     prefill_done = stats.prefill_done or now
     decoded = max(generated - stats.prefill_tokens, 0)  # tokens the decoding forwards produced
@@ -198,7 +219,7 @@ def _response(segment, tokens, mode: Mode, prompt_size, start, stats, generated,
         tokens=tokens,
         from_draft=len(tokens) > 1,
         prompt_tokens=prompt_size,
-        prompt_tps=prompt_size / max(prefill_done - start, 1e-9),
+        prompt_tps=(prompt_size - cached) / max(prefill_done - start, 1e-9),  # the tokens it prefilled
         generation_tokens=generated,
         generation_tps=generated / max(now - prefill_done, 1e-9),
         peak_memory=mx.get_peak_memory() / 1e9,
@@ -210,6 +231,7 @@ def _response(segment, tokens, mode: Mode, prompt_size, start, stats, generated,
         acceptance_length=stats.acceptance_length if "acceptance_length" in mode.reports else None,
         canvases=stats.canvases,
         speculation=stats.speculation if "speculation" in mode.reports else None,
+        cached_tokens=cached,
     )
 
 

@@ -16,6 +16,7 @@ from ..errors import DLLMError
 from .blocks import BLOCK_LENGTH, THINKING, THRESHOLD, ThinkingBudget, block_policy, causal_prefill
 from .common import Stats, TokenSelector
 from .mode import Mode, Option
+from .prompt_cache import NO_REUSE, PromptState
 
 
 def draft_block(
@@ -56,6 +57,7 @@ def generate_linear_spec(
     max_tokens: int,
     prefill_step_size: int = 2048,
     options: Optional[dict] = None,
+    prompt_state: PromptState = NO_REUSE,
     **_,
 ) -> Iterator[List[int]]:
     """Yield the tokens each cycle commits (the first yield is the prefill's token). Each cycle's draft and
@@ -67,7 +69,7 @@ def generate_linear_spec(
     if lora and not model.has_lora:
         raise DLLMError("no drafter LoRA is loaded (the model folder has no linear_spec_lora/)")
     policy = block_policy(model, options)
-    cache, seed = causal_prefill(model, prompt, select, stats, prefill_step_size)
+    cache, seed = causal_prefill(model, prompt, select, stats, prefill_step_size, prompt_state)
 
     def queue_cycle(seed: int, produced: int):
         if produced >= max_tokens:
@@ -79,25 +81,32 @@ def generate_linear_spec(
         mx.async_eval(block, verified)
         return block, verified
 
-    produced = 1
+    produced, generated = 1, [seed]  # the cache holds all but the last (the next seed)
     cycle = queue_cycle(seed, produced)
-    yield [seed]
-    while cycle is not None:
-        block, verified = (part.tolist() for part in cycle)  # the cycle's one host sync
-        stats.forwards += 1
-        size, accepted = len(block), 0
-        while accepted < size - 1 and verified[accepted] == block[accepted + 1]:
-            accepted += 1
-        emitted = verified[: accepted + 1]  # the agreed drafts, then the causal pass's own next token
-        cache.keep(accepted + 1)
-        policy.observe(size, accepted)
-        stats.count_round("chain" if size > 1 else "ar", size - 1, accepted + 1)
-        produced += len(emitted)
-        if budget.force_at(produced - 1, emitted[:-1]):
-            emitted[-1] = budget.token  # the next seed: the model goes on after the end of thinking
-        select.commit(emitted)
-        cycle = queue_cycle(emitted[-1], produced)
-        yield emitted
+    try:
+        yield [seed]
+        while cycle is not None:
+            block, verified = (part.tolist() for part in cycle)  # the cycle's one host sync
+            cycle = None  # kept below
+            stats.forwards += 1
+            size, accepted = len(block), 0
+            while accepted < size - 1 and verified[accepted] == block[accepted + 1]:
+                accepted += 1
+            emitted = verified[: accepted + 1]  # the agreed drafts, then the causal pass's own next token
+            cache.keep(accepted + 1)
+            policy.observe(size, accepted)
+            stats.count_round("chain" if size > 1 else "ar", size - 1, accepted + 1)
+            produced += len(emitted)
+            if budget.force_at(produced - 1, emitted[:-1]):
+                emitted[-1] = budget.token  # the next seed: the model goes on after the end of thinking
+            select.commit(emitted)
+            generated += emitted
+            cycle = queue_cycle(emitted[-1], produced)
+            yield emitted
+    finally:
+        if cycle is not None:
+            cache.keep(0)  # the queued cycle commits nothing
+        prompt_state.leave(generated[:-1], [*cache])
 
 
 LORA = Option("lora", bool, "draft with the checkpoint's LoRA (default: when it has one)")

@@ -15,6 +15,7 @@ from .blocks import BLOCK_LENGTH, THINKING, THRESHOLD, ThinkingBudget, block_len
 from .common import Stats, TokenSelector, evaluate_chunk, make_token_selector
 from .diffusion import ON_STEP, StepState
 from .mode import Mode, Option
+from .prompt_cache import NO_REUSE, PromptState
 
 greedy = make_token_selector()
 
@@ -77,6 +78,7 @@ def generate_mask_diffusion(
     eos_token_ids=(),
     prefill_step_size: int = 2048,
     options: Optional[dict] = None,
+    prompt_state: PromptState = NO_REUSE,
     **_,
 ) -> Iterator[List[int]]:
     """Yield one committed block at a time (its first token is the seed the previous causal commit predicted)."""
@@ -89,7 +91,7 @@ def generate_mask_diffusion(
     causal = options.get("causal_context", True)
     pattern = "causal" if causal else "bidirectional"
     if causal:
-        cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size)
+        cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size, prompt_state)
         seed = [first]
     else:  # one pass: a chunked prompt could not see its later chunks
         cache, seed = model.make_cache(), []
@@ -98,20 +100,26 @@ def generate_mask_diffusion(
         stats.forwards, stats.prefill_forwards = 1, 1
         stats.mark_prefill()
     mask_id = model.args.mask_token_id
-    block = None
-    for block_index in range(-(-max_tokens // length)):
-        if block is not None:  # commit the previous block; the last one is never committed
-            logits = model(mx.array([block]), cache, pattern=pattern)
-            stats.forwards += 1
-            seed = [int(select(logits[:, -1]).item())] if causal else []
-        previous = block or []
-        block = seed + [mask_id] * (length - len(seed))
-        start = block_index * length
-        if budget.force_at(start + length - 1, previous + seed):  # the budget ends inside this block
-            block[max(budget.limit - start, 0)] = budget.token  # pre-committed before denoising
-        block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, on_step, select, block_index)
-        stats.canvases += 1
-        yield block
+    block, held = None, []  # held: the committed blocks' tokens
+    try:
+        for block_index in range(-(-max_tokens // length)):
+            if block is not None:  # commit the previous block; the last one is never committed
+                logits = model(mx.array([block]), cache, pattern=pattern)
+                held += block
+                stats.forwards += 1
+                seed = [int(select(logits[:, -1]).item())] if causal else []
+            previous = block or []
+            block = seed + [mask_id] * (length - len(seed))
+            start = block_index * length
+            if budget.force_at(start + length - 1, previous + seed):  # the budget ends inside this block
+                block[max(budget.limit - start, 0)] = budget.token  # pre-committed before denoising
+            block = denoise_block(model, cache, block, threshold, set(eos_token_ids), stats, on_step, select,
+                                  block_index)
+            stats.canvases += 1
+            yield block
+    finally:
+        if causal:  # a bidirectional prompt's state is no prefix state (sampler/prompt_cache.py)
+            prompt_state.leave(held, [*cache])
 
 
 CAUSAL_CONTEXT = Option("causal_context", bool, "a causal prompt and commits (off: LLaDA-style, bidirectional)")

@@ -19,6 +19,7 @@ from ..kernels import patterns
 from .blocks import BLOCK_LENGTH, THINKING, ThinkingBudget, block_policy, causal_prefill
 from .common import Stats, TokenSelector
 from .mode import Mode
+from .prompt_cache import NO_REUSE, PromptState
 
 
 def propose(model: nn.Module, hidden: mx.array, position: int) -> mx.array:
@@ -60,6 +61,7 @@ def generate_quadratic_spec(
     max_tokens: int,
     prefill_step_size: int = 2048,
     options: Optional[dict] = None,
+    prompt_state: PromptState = NO_REUSE,
     **_,
 ) -> Iterator[List[int]]:
     """Yield the prefill's token, then per forward the accepted drafts and the bonus token (1..B tokens).
@@ -69,39 +71,47 @@ def generate_quadratic_spec(
     budget = ThinkingBudget(options)
     mask_id = model.args.mask_token_id
     rows = policy.choose()
-    cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size)
+    cache, first = causal_prefill(model, prompt, select, stats, prefill_step_size, prompt_state)
     # The initial draft: d_0 from the causal prefill, d_1.. from masks denoised against the prompt.
     masks = model(mx.array([[mask_id] * rows]), cache, pattern="bidirectional", write_cache=False, head=False)[0]
     stats.draft_forwards += 1
     draft = mx.concatenate([mx.array([first], dtype=mx.int32), propose(model, masks[1:], prompt.shape[0] + 1)])
     real = rows  # the draft's tokens that the model drafted, before any mask-id padding
     produced = 1
+    generated = [first]  # the cache holds all but the last (the bonus, next cycle's d_0)
     step = layout_forward(model, cache, draft, select) if produced < max_tokens else None
-    yield [first]  # d_0 is the prefill's AR token: already certain
-    while step is not None:
-        committed, hidden, verified = step
-        drafted, verified = draft.tolist(), verified.tolist()  # the cycle's one host sync
-        stats.forwards += 1
-        rows, accepted = len(drafted), 1
-        while accepted < rows and verified[accepted - 1] == drafted[accepted]:
-            accepted += 1
-        cache.keep([i * (rows + 1) for i in range(accepted)])  # the accepted d tokens' K/V (causal, AR-exact)
-        chosen = hidden[accepted - 1, 2:]  # the masks after the bonus token, conditioned on the accepted prefix
-        bonus = verified[accepted - 1]
-        next_draft = propose(model, chosen, committed + accepted + 1)
-        policy.observe(real, min(accepted, real) - 1)  # d_0 is certain; padding is no draft of the model's
-        stats.count_round("chain", rows - 1, accepted)
-        if budget.force_at(produced + accepted - 1, drafted[:accepted]):
-            bonus, next_draft = budget.token, mx.concatenate([mx.array([bonus], dtype=mx.int32), next_draft[:-1]])
-        draft = mx.concatenate([mx.array([bonus], dtype=mx.int32), next_draft])
-        next_rows = policy.choose()
-        draft, real = resize(draft, next_rows, mask_id), min(rows, next_rows)
-        # The bonus token is certain now (it is next cycle's d_0, whose K/V that cycle writes): emit it.
-        emitted = drafted[1:accepted] + [bonus]
-        select.commit(emitted)
-        produced += len(emitted)
-        step = layout_forward(model, cache, draft, select) if produced < max_tokens else None
-        yield emitted
+    try:
+        yield [first]  # d_0 is the prefill's AR token: already certain
+        while step is not None:
+            committed, hidden, verified = step
+            step = None  # kept below
+            drafted, verified = draft.tolist(), verified.tolist()  # the cycle's one host sync
+            stats.forwards += 1
+            rows, accepted = len(drafted), 1
+            while accepted < rows and verified[accepted - 1] == drafted[accepted]:
+                accepted += 1
+            cache.keep([i * (rows + 1) for i in range(accepted)])  # the accepted d tokens' K/V (causal, AR-exact)
+            chosen = hidden[accepted - 1, 2:]  # the masks after the bonus token, conditioned on the accepted prefix
+            bonus = verified[accepted - 1]
+            next_draft = propose(model, chosen, committed + accepted + 1)
+            policy.observe(real, min(accepted, real) - 1)  # d_0 is certain; padding is no draft of the model's
+            stats.count_round("chain", rows - 1, accepted)
+            if budget.force_at(produced + accepted - 1, drafted[:accepted]):
+                bonus, next_draft = budget.token, mx.concatenate([mx.array([bonus], dtype=mx.int32), next_draft[:-1]])
+            draft = mx.concatenate([mx.array([bonus], dtype=mx.int32), next_draft])
+            next_rows = policy.choose()
+            draft, real = resize(draft, next_rows, mask_id), min(rows, next_rows)
+            # The bonus token is certain now (it is next cycle's d_0, whose K/V that cycle writes): emit it.
+            emitted = drafted[1:accepted] + [bonus]
+            select.commit(emitted)
+            generated += emitted
+            produced += len(emitted)
+            step = layout_forward(model, cache, draft, select) if produced < max_tokens else None
+            yield emitted
+    finally:
+        if step is not None:
+            cache.keep(0)  # the queued layout commits nothing
+        prompt_state.leave(generated[:-1], [*cache])
 
 
 MODE = Mode(

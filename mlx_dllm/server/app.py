@@ -29,6 +29,8 @@ class Settings:
     max_tokens: int = 512  # the default and the most a request may ask for
     max_body_bytes: int = 1 << 20
     api_key: Optional[str] = None
+    prompt_cache_size: int = 10  # states kept for reuse (mlx_lm.server's default); 0: none
+    prompt_cache_bytes: Optional[int] = None  # their most bytes (None: no limit)
 
 
 class BadRequest(Exception):

@@ -29,6 +29,7 @@ class Metrics:
             mode["cancelled"] += cancelled
             mode["errors"] += error is not None
             mode["prompt_tokens"] += response.prompt_tokens
+            mode["cached_tokens"] += response.cached_tokens
             mode["generation_tokens"] += response.generation_tokens
             mode["generation_seconds"] += response.generation_tokens / max(response.generation_tps, 1e-9)
             mode["forwards"] += response.forwards
@@ -46,6 +47,7 @@ class Metrics:
                     "cancelled": int(m["cancelled"]),
                     "errors": int(m["errors"]),
                     "prompt_tokens": int(m["prompt_tokens"]),
+                    "cached_tokens": int(m["cached_tokens"]),
                     "generation_tokens": int(m["generation_tokens"]),
                     "tokens_per_second": round(m["generation_tokens"] / m["generation_seconds"], 3)
                     if m["generation_seconds"] else None,

@@ -47,7 +47,8 @@ class Reply:
 
 def usage(response) -> Dict:
     return {"prompt_tokens": response.prompt_tokens, "completion_tokens": response.generation_tokens,
-            "total_tokens": response.prompt_tokens + response.generation_tokens}
+            "total_tokens": response.prompt_tokens + response.generation_tokens,
+            "prompt_tokens_details": {"cached_tokens": response.cached_tokens}}
 
 
 def stats(response) -> Dict:

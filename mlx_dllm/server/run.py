@@ -6,6 +6,7 @@ from typing import Callable, List
 
 from ..default_model import HUB_REPO, NAME, names_default
 from ..errors import DLLMError
+from ..sampler.prompt_cache import PromptCache
 from .app import Settings, create_app
 from .metrics import Metrics
 from .worker import Loaded, Worker
@@ -39,7 +40,9 @@ def model_names(path_or_repo: str) -> List[str]:
 def build(load: Callable[[], Loaded], settings: Settings, max_queue: int):
     """(app, worker): the model is loaded, in the worker thread, when this returns."""
     metrics = Metrics()
-    worker = Worker(load, max_queue, metrics.finished)
+    size = settings.prompt_cache_size
+    prompt_cache = PromptCache(size, settings.prompt_cache_bytes) if size else None  # 0: no copies kept at all
+    worker = Worker(load, max_queue, metrics.finished, prompt_cache)
     return create_app(worker, worker.start(), settings, metrics), worker
 
 

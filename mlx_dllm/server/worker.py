@@ -2,7 +2,8 @@
 
 Requests reach it through `submit`, which refuses at once when the queue is full. Each job streams its
 responses back to the event loop of the request that asked for it; a job whose client has gone (`cancel`)
-stops at its next chunk and frees the model for the next one.
+stops at its next chunk and frees the model for the next one. Every job resumes from and adds to the one prompt
+cache (sampler/prompt_cache.py), which only this thread touches.
 """
 
 import asyncio
@@ -62,8 +63,10 @@ class Handle:
 
 
 class Worker:
-    def __init__(self, load: Callable[[], Loaded], max_queue: int, on_finish: Callable = lambda *args: None):
+    def __init__(self, load: Callable[[], Loaded], max_queue: int, on_finish: Callable = lambda *args: None,
+                 prompt_cache=None):
         self._load = load
+        self._prompt_cache = prompt_cache
         self._jobs: "queue.Queue[Optional[Handle]]" = queue.Queue(maxsize=max_queue)
         self._on_finish = on_finish
         self._ready = threading.Event()
@@ -118,7 +121,8 @@ class Worker:
         try:
             job = handle.job
             responses = stream_generate(self.loaded.model, self.loaded.tokenizer, job.prompt,
-                                        draft_model=self.loaded.draft_model, **job.options)
+                                        draft_model=self.loaded.draft_model, prompt_cache=self._prompt_cache,
+                                        **job.options)
             try:
                 for last in responses:
                     handle.send(Event("response", last))
