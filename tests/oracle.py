@@ -38,3 +38,19 @@ def record_chain_proposals(monkeypatch):
 
     monkeypatch.setattr(dflash, "propose_block", recording)
     return proposals
+
+
+def tiny_pairs(tmp_path_factory):
+    """name -> (target, tokenizer, drafter) for the tiny DFlash and DFlash2 pairs, and name-folder -> the drafter's
+    folder; EOS never stops a run."""
+    import mlx_dllm
+    from mlx_dllm.benchmark.tiny import build_tiny
+
+    result = {}
+    for name in ("dflash", "dflash2"):
+        target, draft = build_tiny(name, tmp_path_factory.mktemp(name))
+        model, tokenizer = mlx_dllm.load(str(target))
+        tokenizer._eos_token_ids = set()
+        result[name] = (model, tokenizer, mlx_dllm.load(str(draft))[0])
+        result[f"{name}-folder"] = draft
+    return result

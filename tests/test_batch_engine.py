@@ -15,6 +15,7 @@ from mlx_dllm import DLLMError
 from mlx_dllm.benchmark.tiny import VOCAB, build_tiny
 from mlx_dllm.sampler.batch import BatchEngine
 from mlx_dllm.sampler.dflash import ChainVerify, Sampled
+from tests.oracle import tiny_pairs
 
 PATTERN = [7, 0, 3, 7, 1, 5, 2]  # correct proposals per round: all of a block of 8, none, part
 # (prompt, max_tokens, options): prompts of different lengths, AR and DFlash rows, blocks of 8 and 4.
@@ -34,14 +35,7 @@ SAMPLED = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """name -> (target, tokenizer, drafter) for the tiny DFlash and DFlash2 pairs; EOS never stops a run."""
-    result = {}
-    for name in ("dflash", "dflash2"):
-        target, draft = build_tiny(name, tmp_path_factory.mktemp(name))
-        model, tokenizer = mlx_dllm.load(str(target))
-        tokenizer._eos_token_ids = set()
-        result[name] = (model, tokenizer, mlx_dllm.load(str(draft))[0])
-    return result
+    return tiny_pairs(tmp_path_factory)
 
 
 def alone(model, tokenizer, draft, prompt, max_tokens, options):

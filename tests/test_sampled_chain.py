@@ -13,9 +13,10 @@ import pytest
 from mlx_lm.sample_utils import make_sampler
 
 import mlx_dllm
-from mlx_dllm.benchmark.tiny import VOCAB, build_tiny
+from mlx_dllm.benchmark.tiny import VOCAB
 from mlx_dllm.sampler import dflash as dflash_strategy
 from mlx_dllm.sampler.common import Sampling, TokenSelector, make_token_selector
+from tests.oracle import tiny_pairs
 
 PROMPT = [5, 17, 42, 9]
 CONFIGS = {"temp-1": Sampling(1.0), "temp-0.7-top_p-0.9": Sampling(0.7, top_p=0.9)}
@@ -101,15 +102,7 @@ def test_the_selector_names_its_distribution_only_where_it_is_explicit():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """name -> (target, tokenizer, drafter) for the tiny DFlash and DFlash2 pairs; EOS never stops a run."""
-    result = {}
-    for name in ("dflash", "dflash2"):
-        target, draft = build_tiny(name, tmp_path_factory.mktemp(name))
-        model, tokenizer = mlx_dllm.load(str(target))
-        tokenizer._eos_token_ids = set()
-        result[name] = (model, tokenizer, mlx_dllm.load(str(draft))[0])
-        result[f"{name}-folder"] = draft
-    return result
+    return tiny_pairs(tmp_path_factory)
 
 
 def run(model, tokenizer, prompt, max_tokens, **options):
