@@ -20,7 +20,7 @@ from tests.test_serve import BAD, MESSAGES, add_chat_template, client, long_prom
 from tests.test_serve_tools import ASK, CALLS, TOOLS, call_of, checkpoints, forcing  # noqa: F401 - a fixture
 
 CONCURRENCY = 4
-# (route, fields): prompts of different lengths, max_tokens, modes and block sizes; DFlash rows leave speculation at
+# (route, fields): prompts of different lengths, max_tokens, modes, block sizes and sampling; DFlash rows leave speculation at
 # its default (auto alone, a chain in the batch).
 REQUESTS = [
     ("text", dict(prompt="w5", max_tokens=7)),
@@ -30,6 +30,7 @@ REQUESTS = [
     ("text", dict(prompt="w100 w7 w64", max_tokens=18, extra_body={"block_size": 4})),
     ("chat", dict(messages=[{"role": "user", "content": "w8 w9"}], max_tokens=12,
                   extra_body={"num_draft_tokens": 2})),
+    ("text", dict(prompt="w11 w12", max_tokens=15, temperature=0.8, seed=3, extra_body={"mode": "ar"})),
 ]
 TREE = ("text", dict(prompt="w40 w41 w42", max_tokens=14, extra_body={"speculation": "tree"}))
 
@@ -133,8 +134,8 @@ def wait_until(condition, seconds=60):
 
 
 def test_concurrent_requests_streamed_or_not_answer_as_one_at_a_time(tiny, answers, spy):
-    """Eight requests queued at once fill the batch (four rows), the others join as rows finish; every answer,
-    streamed or not, is the one-at-a-time server's: text, finish reason and completion tokens."""
+    """Nine requests queued at once fill the batch (four rows), the others join as rows finish; every answer,
+    streamed or not, greedy or seeded, is the one-at-a-time server's: text, finish reason and completion tokens."""
     expected, stopping = answers
     requests = [*REQUESTS, *stopping]
     with serving(*tiny, decode_concurrency=CONCURRENCY) as url:
@@ -150,7 +151,7 @@ def test_concurrent_requests_streamed_or_not_answer_as_one_at_a_time(tiny, answe
             assert got == [expected[key(request)] for request in requests]
         assert spy.widest == CONCURRENCY and spy.alone == 0
         counted = metrics(url)["modes"]
-        assert counted["dflash"]["requests"] == 14 and counted["ar"]["requests"] == 2
+        assert counted["dflash"]["requests"] == 14 and counted["ar"]["requests"] == 4
         assert counted["dflash"]["cached_tokens"] == 0 and counted["dflash"]["acceptance_length"] >= 1
 
 
@@ -272,3 +273,41 @@ def test_a_row_whose_logits_are_not_finite_fails_alone(tiny, answers, monkeypatc
             got = [future.result() for future in futures[1:]]
     assert raised.value.response.json()["error"]["message"] == NOT_FINITE_MESSAGE
     assert got == [expected[key(request)] for request in others] and spy.alone == 0
+
+
+def test_the_multi_turn_replay_reports_each_turn(tiny):
+    """benchmarks/serve_load.py --multi-turn: one at a time, later turns resume the earlier ones' prompt states;
+    batched rows resume none."""
+    from benchmarks.serve_load import multi_turn
+
+    for concurrency, resumes in ((1, True), (2, False)):
+        with serving(*tiny, decode_concurrency=concurrency) as url:
+            result = multi_turn(url, ["w5 w6", "w7 w8 w9", "w10"], turns=3, chats=2, max_tokens=4, mode="ar",
+                                api_key=None)
+        assert len(result["ttft_s_per_turn"]) == 3 and all(t > 0 for t in result["ttft_s_per_turn"])
+        prompts, cached = result["prompt_tokens_per_turn"], result["cached_tokens_per_turn"]
+        assert prompts[0] < prompts[1] < prompts[2]
+        assert cached[0] < cached[1] < cached[2] if resumes else cached == [0, 0, 0]
+
+
+def test_the_cli_flag_reaches_the_server(tiny, monkeypatch):
+    from tests.test_cli import run
+
+    folder, _ = tiny
+    built = []
+
+    class Worker:
+        def stop(self):
+            pass
+
+    def build(load, settings, max_queue):  # no model loads: only the settings matter
+        built.append(settings)
+        return None, Worker()
+
+    monkeypatch.setattr("mlx_dllm.server.run.build", build)
+    monkeypatch.setattr("uvicorn.Server.run", lambda self, sockets: None)
+    assert run("serve", "--model", folder, "--port", 0, "--decode-concurrency", 3).exit_code == 0
+    assert run("serve", "--model", folder, "--port", 0).exit_code == 0
+    assert [settings.decode_concurrency for settings in built] == [3, 1]
+    refused = run("serve", "--model", folder, "--port", 0, "--decode-concurrency", 0)
+    assert refused.exit_code == 2 and "--decode-concurrency" in refused.stderr

@@ -9,7 +9,8 @@ A request the engine cannot batch runs alone through `stream_generate`, as with 
 finished; no request joins meanwhile, so requests still start in arrival order. That is one pinning
 speculation='tree' or 'auto' or a tree_budget, one with another mode's options, or any the engine's checks refuse
 (the front then answers it as today, its error included). A DFlash request that leaves speculation at its default
-(auto) verifies chains in the batch: lossless either way, so the text is the same.
+(auto) verifies chains in the batch: lossless either way, so its greedy text is the same (sampled, the same
+distribution with other draws; ar and chain rows draw what they would alone).
 
 Batched rows neither resume from nor add to the prompt cache (their states live in the batch's shared caches:
 `cached_tokens` is 0); requests run alone still do. A model whose modes are not ar/dflash (Nemotron, DiffusionGemma)
