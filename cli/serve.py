@@ -44,10 +44,12 @@ class Size(click.ParamType):
               help="Prompt states kept to resume requests that extend an earlier one (0: none).")
 @click.option("--prompt-cache-bytes", type=Size(), default=None,
               help="Most bytes those states may take, e.g. 8GB (default: no limit).")
+@click.option("--decode-concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Requests decoded together in one batch (ar and dflash chains; 1: one at a time).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens, max_body_bytes, max_queue,
-                  prompt_cache_size, prompt_cache_bytes, log_level):
+                  prompt_cache_size, prompt_cache_bytes, decode_concurrency, log_level):
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
     from mlx_dllm.loading import load_pair
     from mlx_dllm.server.app import Settings
@@ -68,7 +70,8 @@ def serve_command(model, draft_model, no_draft, host, port, api_key, max_tokens,
         return Loaded(*load_pair(path, draft), name=names[0], aliases=tuple(names[1:]))
 
     try:
-        settings = Settings(max_tokens, max_body_bytes, api_key, prompt_cache_size, prompt_cache_bytes)
+        settings = Settings(max_tokens, max_body_bytes, api_key, prompt_cache_size, prompt_cache_bytes,
+                            decode_concurrency)
         app, worker = build(load, settings, max_queue)
         bound = sock.getsockname()
         click.echo(f"[INFO] Serving {path} on http://{bound[0]}:{bound[1]}/v1", err=True)

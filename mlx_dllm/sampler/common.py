@@ -102,11 +102,12 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 # The id a selector gives a row whose logits are not finite (overflowed weights or activations): the front
 # stops there with one error line. MLX wraps a negative index, so a forward already queued with it stays safe.
 NOT_FINITE = -1
+NOT_FINITE_MESSAGE = "the model's logits are not finite (NaN or Inf): its weights or activations overflowed"
 
 
 def check_finite(tokens: List[int]) -> None:
     if NOT_FINITE in tokens:
-        raise DLLMError("the model's logits are not finite (NaN or Inf): its weights or activations overflowed")
+        raise DLLMError(NOT_FINITE_MESSAGE)
 
 
 class KeyStream:

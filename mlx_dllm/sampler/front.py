@@ -23,7 +23,7 @@ from .arguments import (
 from .common import GenerationResponse, Sampling, Stats, TokenSelector, check_finite, check_sampling
 from .dflash import block_size_option
 from .mode import Mode, all_modes, modes_of
-from .prompt_cache import NO_REUSE, PromptCache
+from .prompt_cache import NO_REUSE, PromptCache, PromptState
 from .stopping import StopStringStream
 
 CLEAR_CACHE_EVERY = 256  # tokens, as mlx-lm's generate_step
@@ -157,45 +157,27 @@ def stream_generate(
         options=options,
         prompt_state=state,
     )
-    yield from _stream(model, tokenizer, strategy, stats, prompt.size, chosen, max_tokens, eos_ids, stops, state)
+    responder = Responder(tokenizer, chosen, prompt.size, max_tokens, eos_ids, stops, state)
+    yield from _stream(model, strategy, stats, responder, state)
 
 
-def _stream(model, tokenizer, strategy, stats, prompt_size, mode, max_tokens, eos_ids, stops, state):
+def _stream(model, strategy, stats, responder, state):
     """Run the strategy on mlx-lm's generation stream under its wired limit; turn its tokens into responses.
     The states it leaves go to the prompt cache unless it failed (a caller that stops reading is no failure)."""
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    text = StopStringStream(detokenizer, stops)
     mx.reset_peak_memory()
-    start = time.perf_counter()
-    committed = emitted = 0
     failed = False
     try:
         with wired_limit(model, [generation_stream]):
             while True:
                 with mx.stream(generation_stream):
                     tokens = next(strategy, None)
-                finish_reason = None if tokens is not None else "length"  # a strategy ends only at max_tokens
-                before = committed
-                check_finite(tokens or ())
-                for token in tokens or ():
-                    if token in eos_ids:
-                        finish_reason = "stop"
-                        break
-                    text.add(token)
-                    committed += 1
-                    if committed >= max_tokens:
-                        finish_reason = "length"
-                        break
-                if committed // CLEAR_CACHE_EVERY > before // CLEAR_CACHE_EVERY:
+                before = responder.committed
+                # A strategy ends only at max_tokens.
+                response = responder.add(tokens or [], stats, None if tokens is not None else "length")
+                if responder.committed // CLEAR_CACHE_EVERY > before // CLEAR_CACHE_EVERY:
                     mx.clear_cache()
-                segment, released = text.release(final=finish_reason is not None)
-                if text.stopped:
-                    finish_reason = "stop"
-                emitted += len(released)
-                yield _response(segment, released, mode, prompt_size, start, stats, emitted, finish_reason,
-                                state.start)
-                if finish_reason is not None:
+                yield response
+                if response.finish_reason is not None:
                     return
     except BaseException as error:
         failed = not isinstance(error, GeneratorExit)  # an interrupt may leave a round half done
@@ -207,32 +189,63 @@ def _stream(model, tokenizer, strategy, stats, prompt_size, mode, max_tokens, eo
             state.store()
 
 
-def _response(
-    segment, tokens, mode: Mode, prompt_size, start, stats, generated, finish_reason, cached
-) -> GenerationResponse:
-    now = time.perf_counter()
-    prefill_done = stats.prefill_done or now
-    decoded = max(generated - stats.prefill_tokens, 0)  # tokens the decoding forwards produced
-    return GenerationResponse(
-        text=segment,
-        token=tokens[-1] if tokens else None,
-        tokens=tokens,
-        from_draft=len(tokens) > 1,
-        prompt_tokens=prompt_size,
-        prompt_tps=(prompt_size - cached) / max(prefill_done - start, 1e-9),  # the tokens it prefilled
-        generation_tokens=generated,
-        generation_tps=generated / max(now - prefill_done, 1e-9),
-        peak_memory=mx.get_peak_memory() / 1e9,
-        finish_reason=finish_reason,
-        mode=mode.name,
-        forwards=stats.decoding_forwards,
-        draft_forwards=stats.draft_forwards,
-        tokens_per_forward=decoded / max(stats.decoding_forwards, 1),
-        acceptance_length=stats.acceptance_length if "acceptance_length" in mode.reports else None,
-        canvases=stats.canvases,
-        speculation=stats.speculation if "speculation" in mode.reports else None,
-        cached_tokens=cached,
-    )
+class Responder:
+    """One request's committed tokens -> its responses, for the front and for each row of the server's batch: an EOS
+    id, max_tokens or a stop string ends it; the text is the tokenizer's streaming detokenizer's (one per request),
+    held back while a stop string could begin in it; every response carries the running stats."""
+
+    def __init__(self, tokenizer, mode: Mode, prompt_size: int, max_tokens: int, eos_ids, stops,
+                 prompt_state: PromptState = NO_REUSE):
+        self.text = StopStringStream(tokenizer.detokenizer, stops)  # mlx-lm hands each caller a fresh one
+        self.mode, self.prompt_size, self.max_tokens, self.eos_ids = mode, prompt_size, max_tokens, eos_ids
+        self.prompt_state = prompt_state  # its cached tokens are known once the strategy has resumed it
+        self.start = time.perf_counter()
+        self.committed = self.emitted = 0
+
+    def add(self, tokens: List[int], stats: Stats, finish_reason: Optional[str] = None) -> GenerationResponse:
+        """The response to one step's committed tokens. `finish_reason`: an end the caller already knows ("length":
+        the strategy is done; "stop": the caller ended at an EOS id it did not pass)."""
+        check_finite(tokens)
+        for token in tokens:
+            if token in self.eos_ids:
+                finish_reason = "stop"
+                break
+            self.text.add(token)
+            self.committed += 1
+            if self.committed >= self.max_tokens:
+                finish_reason = "length"
+                break
+        segment, released = self.text.release(final=finish_reason is not None)
+        if self.text.stopped:
+            finish_reason = "stop"
+        self.emitted += len(released)
+        return self._response(segment, released, stats, finish_reason)
+
+    def _response(self, segment, tokens, stats: Stats, finish_reason) -> GenerationResponse:
+        now = time.perf_counter()
+        prefill_done = stats.prefill_done or now
+        decoded = max(self.emitted - stats.prefill_tokens, 0)  # tokens the decoding forwards produced
+        mode, cached = self.mode, self.prompt_state.start
+        return GenerationResponse(
+            text=segment,
+            token=tokens[-1] if tokens else None,
+            tokens=tokens,
+            from_draft=len(tokens) > 1,
+            prompt_tokens=self.prompt_size,
+            prompt_tps=(self.prompt_size - cached) / max(prefill_done - self.start, 1e-9),  # tokens it prefilled
+            generation_tokens=self.emitted,
+            generation_tps=self.emitted / max(now - prefill_done, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish_reason,
+            mode=mode.name,
+            forwards=stats.decoding_forwards,
+            draft_forwards=stats.draft_forwards,
+            tokens_per_forward=decoded / max(stats.decoding_forwards, 1),
+            acceptance_length=stats.acceptance_length if "acceptance_length" in mode.reports else None,
+            canvases=stats.canvases,
+            speculation=stats.speculation if "speculation" in mode.reports else None,
+            cached_tokens=cached,
+        )
 
 
 def generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:

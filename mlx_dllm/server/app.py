@@ -31,6 +31,7 @@ class Settings:
     api_key: Optional[str] = None
     prompt_cache_size: int = 10  # states kept for reuse (mlx_lm.server's default); 0: none
     prompt_cache_bytes: Optional[int] = None  # their most bytes (None: no limit)
+    decode_concurrency: int = 1  # requests decoded together in one batch (1: one at a time)
 
 
 class BadRequest(Exception):

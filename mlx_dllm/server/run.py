@@ -42,7 +42,7 @@ def build(load: Callable[[], Loaded], settings: Settings, max_queue: int):
     metrics = Metrics()
     size = settings.prompt_cache_size
     prompt_cache = PromptCache(size, settings.prompt_cache_bytes) if size else None  # 0: no copies kept at all
-    worker = Worker(load, max_queue, metrics.finished, prompt_cache)
+    worker = Worker(load, max_queue, metrics.finished, prompt_cache, settings.decode_concurrency)
     return create_app(worker, worker.start(), settings, metrics), worker
 
 

@@ -1,9 +1,10 @@
-"""The one thread that owns the model: it loads it, then runs queued jobs one at a time, in order.
+"""The one thread that owns the model: it loads it, then runs queued jobs in order, one at a time, or with
+`decode_concurrency` N > 1 up to N together in one BatchEngine (server/batching.py).
 
 Requests reach it through `submit`, which refuses at once when the queue is full. Each job streams its
 responses back to the event loop of the request that asked for it; a job whose client has gone (`cancel`)
-stops at its next chunk and frees the model for the next one. Every job resumes from and adds to the one prompt
-cache (sampler/prompt_cache.py), which only this thread touches.
+stops at its next chunk and frees the model for the next one. Every job run alone resumes from and adds to the one
+prompt cache (sampler/prompt_cache.py), which only this thread touches.
 """
 
 import asyncio
@@ -64,9 +65,10 @@ class Handle:
 
 class Worker:
     def __init__(self, load: Callable[[], Loaded], max_queue: int, on_finish: Callable = lambda *args: None,
-                 prompt_cache=None):
+                 prompt_cache=None, decode_concurrency: int = 1):
         self._load = load
         self._prompt_cache = prompt_cache
+        self._concurrency = decode_concurrency
         self._jobs: "queue.Queue[Optional[Handle]]" = queue.Queue(maxsize=max_queue)
         self._on_finish = on_finish
         self._ready = threading.Event()
@@ -108,15 +110,28 @@ class Worker:
             return
         finally:
             self._ready.set()
+        batcher = self._batcher()
+        if batcher is not None:
+            batcher.run()
+            return
         while (handle := self._jobs.get()) is not None:
-            if handle.cancelled.is_set():  # its client left while it waited
-                self._on_finish(None, None, True)
-            else:
-                self._serve(handle)
+            self.serve(handle)
 
-    def _serve(self, handle: Handle) -> None:
+    def _batcher(self):
+        """The loop around one BatchEngine for decode_concurrency > 1, or None: one job at a time."""
+        if self._concurrency == 1:
+            return None
+        from .batching import make_batcher
+
+        return make_batcher(self.loaded, self._concurrency, self._jobs, self.serve, self._on_finish)
+
+    def serve(self, handle: Handle) -> None:
+        """Run one job by itself through `stream_generate` (none if its client left while it waited)."""
         from .. import stream_generate
 
+        if handle.cancelled.is_set():
+            self._on_finish(None, None, True)
+            return
         last, error = None, None
         try:
             job = handle.job
