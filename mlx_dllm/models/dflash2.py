@@ -133,11 +133,12 @@ class CandidateSelector(nn.Module):
         """Indices of the `top_k` largest logits of each row [..., V] -> [..., K] (in no particular order)."""
         return mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
 
-    def pair_scores(self, hidden: mx.array, predecessors: mx.array, candidates: mx.array) -> mx.array:
+    def pair_scores(self, queries: mx.array, predecessors: mx.array, candidates: mx.array) -> mx.array:
         """The pair term of each candidate after its predecessor: <pred(predecessor) * W hidden, succ(candidate)>.
-        hidden [..., H], predecessor token ids [...], candidate token ids [..., K] -> [..., K]. The walk scores one
-        position at a time; training (training/selector.py) scores every position after its true predecessor."""
-        pair = self.predecessor_codebook(predecessors) * self.hidden_projection(hidden)  # [..., R]
+        queries [..., R] (`hidden_projection` of the hidden states, projected once by the caller), predecessor token
+        ids [...], candidate token ids [..., K] -> [..., K]. The walk scores one position at a time; training
+        (training/selector.py) scores every position after its true predecessor."""
+        pair = self.predecessor_codebook(predecessors) * queries  # [..., R]
         return (self.successor_codebook(candidates) * pair[..., None, :]).sum(axis=-1)
 
     def __call__(
@@ -156,11 +157,12 @@ class CandidateSelector(nn.Module):
         the best, and the walk returns (token ids [P], the probability of each draw [P], each step's distribution
         q [P, K], its candidates' token ids [P, K])."""
         unary, candidates = self.top(logits, token_ids)
+        queries = self.hidden_projection(hidden)  # [P, R], once for the whole walk
         chosen = mx.array([anchor])
         path, drawn, distributions = [], [], []
         for position in range(hidden.shape[0]):
             row = slice(position, position + 1)
-            scores = unary[position] + self.pair_scores(hidden[row], chosen, candidates[row])[0]  # [K]
+            scores = unary[position] + self.pair_scores(queries[row], chosen, candidates[row])[0]  # [K]
             if sampling is None:
                 index = mx.argmax(scores, keepdims=True)
             else:
@@ -187,7 +189,8 @@ class CandidateSelector(nn.Module):
         unary, candidates = self.top(logits, token_ids)
         anchors = mx.full((1, self.top_k), anchor, dtype=candidates.dtype)
         parents = mx.concatenate([anchors, candidates[:-1]])  # [P, K]: position p's possible predecessors
-        pairs = self.pair_scores(hidden[:, None], parents, candidates[:, None])  # [P, K parents, K candidates]
+        queries = self.hidden_projection(hidden)[:, None]  # [P, 1, R]
+        pairs = self.pair_scores(queries, parents, candidates[:, None])  # [P, K parents, K candidates]
         scores = (unary[:, None] + pairs).astype(mx.float32)
         log_probs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
         ranked = mx.argsort(-log_probs, axis=-1)[..., : min(width, self.top_k)]

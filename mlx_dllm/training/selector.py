@@ -40,7 +40,8 @@ def selector_loss(
     """
     candidates = mx.stop_gradient(selector.candidates(logits))  # [J, P, K]: a choice, not differentiated
     unary = mx.take_along_axis(logits, candidates, axis=-1)
-    scores = unary + selector.pair_scores(hidden, predecessors, token_ids(candidates))
+    scores = unary + selector.pair_scores(selector.hidden_projection(hidden), predecessors,
+                                          token_ids(candidates))
     matches = (candidates == labels[..., None]) & valid.astype(mx.bool_)[..., None]
     hits = matches.any(axis=-1)
     index = mx.argmax(matches.astype(mx.int32), axis=-1)
