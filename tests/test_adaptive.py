@@ -9,7 +9,7 @@ import mlx.nn as nn
 import pytest
 
 from mlx_dllm.sampler import adaptive, cost_curve
-from mlx_dllm.sampler.adaptive import Adaptive, Calibration, best_budget, kind
+from mlx_dllm.sampler.adaptive import Adaptive, BatchWidth, Calibration, best_budget, chain_gains, kind
 from mlx_dllm.sampler.cost_curve import CostCurve
 from mlx_dllm.sampler.tree import Lattice
 
@@ -83,10 +83,10 @@ def test_a_good_drafter_gets_a_long_chain_and_a_split_one_a_tree():
 def test_rounds_that_commit_well_keep_drafting_and_reset_the_wait():
     policy = Adaptive(CPU, max_budget=32)
     lattice = confidences(0.9, 0.05, depths=7)
-    policy.wait = 16
+    policy.probes.wait = 16
     tree = policy.shape(0, lattice)
     policy.observe(tree, list(range(1, len(tree))))  # every node committed
-    assert policy.drafts() and policy.wait == adaptive.MIN_WAIT
+    assert policy.drafts() and policy.probes.wait == adaptive.MIN_WAIT
 
 
 def test_calibration_counts_only_nodes_the_target_judged():
@@ -105,6 +105,45 @@ class Tiny(nn.Module):
         super().__init__()
         self.layer = nn.Linear(width, width)
         self.layer.set_dtype(dtype)
+
+
+def test_a_chain_cut_after_k_drafts_gains_its_calibrated_prefix_chances():
+    calibration = Calibration()
+    assert chain_gains([0.9, 0.5, 0.2], calibration) == pytest.approx([1, 1.9, 2.35, 2.44])
+    for _ in range(40):
+        calibration.observe(0.95, False)  # the target never takes the drafter's surest tokens
+    assert chain_gains([0.95, 0.95], calibration) == pytest.approx([1, 1.045, 1.047], abs=1e-3)
+
+
+def batch_width(curve, rows: int, q: float, drafts: int = 7) -> int:
+    """The width BatchWidth chooses for `rows` adaptive rows whose drafter gives each draft probability q."""
+    gains = [chain_gains([q] * drafts, Calibration()) for _ in range(rows)]
+    return BatchWidth(curve, block_size=8).width(gains, others=0, floor=1, rows=rows, blocks=rows)
+
+
+def test_a_wider_batch_verifies_shorter_chains_where_forwards_cost_their_tokens():
+    assert batch_width(CPU, rows=1, q=0.95) == 8  # the whole chain
+    assert batch_width(CPU, rows=1, q=0.6) == 5
+    assert batch_width(CPU, rows=8, q=0.6) == 3  # 8 rows x 3 tokens: shorter chains pay for more rows
+    assert batch_width(CPU, rows=4, q=0.05) == 1  # a useless drafter: AR steps
+    assert batch_width(GPU, rows=8, q=0.9) == 8  # a flat verify: whole chains at any batch
+    assert batch_width(CPU, rows=8, q=0.9) < 8
+
+
+def test_the_other_rows_widths_are_a_floor_and_their_tokens_count():
+    policy = BatchWidth(CPU, block_size=8)
+    useless = [chain_gains([0.01] * 7, Calibration())]
+    assert policy.width(useless, others=1, floor=5, rows=2, blocks=2) == 5  # a pinned chain of 4 drafts sets it
+    assert policy.width([chain_gains([0.9] * 2, Calibration())], others=0, floor=1, rows=1, blocks=1) == 3
+
+
+def test_a_batch_whose_drafted_rounds_lose_to_ar_skips_the_drafter_then_probes():
+    policy = BatchWidth(CPU, block_size=8)
+    policy.observe(tokens=8, rows=8, width=3, blocks=8)  # one token a row at the cost of 3: slower than AR
+    assert [policy.drafts() for _ in range(3)] == [False, False, True]
+    fast = BatchWidth(GPU, block_size=8)
+    fast.observe(tokens=24, rows=8, width=4, blocks=8)
+    assert fast.drafts() and fast.ratio > 1
 
 
 def test_a_measured_curve_keeps_the_fastest_time_and_never_falls(monkeypatch):

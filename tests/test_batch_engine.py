@@ -1,6 +1,7 @@
 """Continuous batching (sampler/batch.py): every request's output is what `stream_generate` gives it alone, whatever
 rows run beside it, join after it or leave before it: greedy and seeded sampling, AR and DFlash rows mixed, DFlash
-and DFlash2 drafters, full-attention, sliding-window and MoE targets.
+and DFlash2 drafters, full-attention, sliding-window and MoE targets; adaptive rows at every width the batch
+chooses, through rounds that skip the drafter, greedy AR's tokens and, sampled, the target's distribution.
 
 `python -m tests.test_batch_engine` prints the aggregate tokens/s of a batch against the same requests one at a time
 on the tiny model (for information: no test times anything)."""
@@ -13,12 +14,17 @@ import pytest
 import mlx_dllm
 from mlx_dllm import DLLMError
 from mlx_dllm.benchmark.tiny import VOCAB, build_tiny
+from mlx_dllm.sampler import batch
+from mlx_dllm.sampler.adaptive import BatchWidth
 from mlx_dllm.sampler.batch import BatchEngine
-from mlx_dllm.sampler.dflash import ChainVerify, Sampled
+from mlx_dllm.sampler.cost_curve import CostCurve
+from mlx_dllm.sampler.dflash import ChainVerify, Matched, Sampled
 from tests.oracle import tiny_pairs
+from tests.test_hybrid_dflash import ks_uniform_p_value, randomized_pit
 
 PATTERN = [7, 0, 3, 7, 1, 5, 2]  # correct proposals per round: all of a block of 8, none, part
-# (prompt, max_tokens, options): prompts of different lengths, AR and DFlash rows, blocks of 8 and 4.
+# (prompt, max_tokens, options): prompts of different lengths, AR and DFlash rows, blocks of 8 and 4 (DFlash rows:
+# adaptive where greedy, which equals greedy AR at any width; chains where seeded, whose draws equal a chain's alone).
 GREEDY = [
     ([5, 17, 42, 9], 24, {}),
     ([3] * 11, 13, {"mode": "ar"}),
@@ -26,11 +32,18 @@ GREEDY = [
     ([9, 9, 8, 1, 2, 77, 31, 4, 4, 200], 9, {}),
 ]
 SAMPLED = [
-    ([5, 17, 42, 9], 24, {"temp": 1.0, "seed": 3}),
+    ([5, 17, 42, 9], 24, {"temp": 1.0, "seed": 3, "speculation": "chain"}),
     ([3] * 11, 13, {"mode": "ar", "temp": 0.8, "seed": 5}),
-    ([100, 7, 64], 21, {"block_size": 4, "temp": 0.7, "top_p": 0.9, "seed": 11}),
-    ([9, 9, 8, 1, 2, 77, 31], 16, {"temp": 1.0, "top_k": 20, "min_p": 0.05, "seed": 1}),
+    ([100, 7, 64], 21, {"block_size": 4, "temp": 0.7, "top_p": 0.9, "seed": 11, "speculation": "chain"}),
+    ([9, 9, 8, 1, 2, 77, 31], 16, {"temp": 1.0, "top_k": 20, "min_p": 0.05, "seed": 1, "speculation": "chain"}),
 ]
+# A machine where a verify of up to 64 tokens costs what one AR step does: adaptive rows verify whole chains.
+FLAT = CostCurve((1, 64), (0.010, 0.010), draft_seconds=0.002)
+
+
+def pinned(requests):
+    """The requests with their DFlash rows pinned to chains."""
+    return [(p, n, o if o.get("mode") == "ar" else {**o, "speculation": "chain"}) for p, n, o in requests]
 
 
 @pytest.fixture(scope="module")
@@ -64,33 +77,27 @@ def drain(engine, outputs=None, steps=None):
 
 
 class RowOracle:
-    """Each followed DFlash row's proposals (its first block's, `ChainVerify.propose`, and the batch's rounds',
-    `ChainVerify.choose`) replaced by its true greedy continuation for the first k positions of each block (k cycling
-    through PATTERN), then a wrong token, so rounds accept all, none or part of a block. The drafter still runs, so
-    its caches behave as in a real run."""
+    """Each followed DFlash row's proposals (its first block's and the batch's rounds', `BatchEngine._propose`)
+    replaced by its true greedy continuation for the first k positions of each block (k cycling through PATTERN),
+    then a wrong token, so rounds accept all, none or part of a block. The drafter still runs, so its caches behave
+    as in a real run."""
 
     def __init__(self, monkeypatch):
         self.rows, self.accepts = {}, []
-        propose, choose = ChainVerify.propose, ChainVerify.choose
+        propose = BatchEngine._propose
 
-        def oracle_propose(verify, anchor, features, size, cache, draft_cache):
-            propose(verify, anchor, features, size, cache, draft_cache)
-            return self.proposal(verify, size)
+        def oracle_propose(engine, row, hidden, logits):
+            propose(engine, row, hidden, logits)
+            if row.uid in self.rows:
+                row.proposal = self.proposal(row, hidden.shape[0] + 1)
 
-        def oracle_choose(verify, hidden, anchor, logits):
-            choose(verify, hidden, anchor, logits)
-            return self.proposal(verify, hidden.shape[0] + 1)
-
-        monkeypatch.setattr(ChainVerify, "propose", oracle_propose)
-        monkeypatch.setattr(ChainVerify, "choose", oracle_choose)
+        monkeypatch.setattr(BatchEngine, "_propose", oracle_propose)
 
     def follow(self, engine, uid, reference):
-        row = next(row for row in engine.waiting if row.uid == uid)
-        if row.verify is not None:
-            self.rows[id(row.verify)] = (row, reference)
+        self.rows[uid] = reference
 
-    def proposal(self, verify, size):
-        row, reference = self.rows[id(verify)]
+    def proposal(self, row, size):
+        reference = self.rows[row.uid]
         anchor = row.produced - 1  # the anchor's index in the generated tokens
         correct = PATTERN[len(self.accepts) % len(PATTERN)]
         self.accepts.append(min(correct + 1, size))
@@ -105,7 +112,7 @@ def test_greedy_rows_equal_greedy_ar_whatever_each_round_accepts(tiny, monkeypat
     references = [alone(model, tokenizer, None, prompt, max_tokens, {"mode": "ar"}) for prompt, max_tokens, _ in GREEDY]
     oracle = RowOracle(monkeypatch)
     engine = BatchEngine(model, tokenizer, draft_model=draft)
-    uids = [engine.insert(prompt, max_tokens, options) for prompt, max_tokens, options in GREEDY]
+    uids = [engine.insert(prompt, max_tokens, options) for prompt, max_tokens, options in pinned(GREEDY)]
     for uid, reference in zip(uids, references):
         oracle.follow(engine, uid, reference)
     outputs, last = drain(engine)
@@ -137,12 +144,12 @@ def test_the_batched_drafter_proposes_what_each_row_would_alone(tiny, monkeypatc
     model, tokenizer, draft = tiny[name]
     recorded = record_proposals(monkeypatch)
     expected = []
-    for prompt, max_tokens, options in GREEDY:
+    for prompt, max_tokens, options in pinned(GREEDY):
         tokens = alone(model, tokenizer, draft, prompt, max_tokens, options)
         expected.append((tokens, list(recorded.values())[-1] if options.get("mode") != "ar" else None))
         recorded.clear()
     engine = BatchEngine(model, tokenizer, draft_model=draft)
-    uids = [engine.insert(prompt, max_tokens, options) for prompt, max_tokens, options in GREEDY]
+    uids = [engine.insert(prompt, max_tokens, options) for prompt, max_tokens, options in pinned(GREEDY)]
     verifies = {row.uid: row.verify for row in engine.waiting}
     outputs, _ = drain(engine)
     for uid, (tokens, proposals) in zip(uids, expected):
@@ -162,6 +169,50 @@ def test_seeded_sampled_rows_equal_their_runs_alone(tiny, name):
     assert [outputs[uid] for uid in uids] == expected
     if name == "dflash":
         assert last[uids[0]].stats.acceptance_length > 1  # some rounds ratio-test proposals in
+
+
+def test_adaptive_rows_equal_greedy_ar_at_every_width_and_through_skipped_drafts(tiny, monkeypatch):
+    """Adaptive rows verify the width the batch chooses (forced here through 1..8 in turn) and rounds skip the
+    drafter (forced: two of every five), while their proposals are right for 0..7 tokens: the rows the drafter has
+    not read wait for its next forward, and every output is greedy AR's."""
+    model, tokenizer, draft = tiny["dflash"]
+    references = [alone(model, tokenizer, None, prompt, max_tokens, {"mode": "ar"}) for prompt, max_tokens, _ in GREEDY]
+    oracle = RowOracle(monkeypatch)
+    widths, drafts = iter(range(10**6)), iter(range(10**6))
+    monkeypatch.setattr(BatchWidth, "width", lambda self, gains, *rest: 1 + next(widths) % 8)
+    monkeypatch.setattr(BatchWidth, "drafts", lambda self: next(drafts) % 5 not in (1, 2))
+    engine = BatchEngine(model, tokenizer, draft_model=draft)
+    uids = [engine.insert(prompt, max_tokens, options) for prompt, max_tokens, options in GREEDY]
+    for uid, reference in zip(uids, references):
+        oracle.follow(engine, uid, reference)
+    outputs, last = drain(engine)
+    assert [outputs[uid] for uid in uids] == references
+    stats = last[uids[0]].stats
+    assert stats.rounds["ar"] > 0 and stats.draft_forwards < stats.forwards - 1  # skipped and width-1 rounds
+    assert max(stats.accept_lengths) > 2
+
+
+@pytest.mark.parametrize("name", ["dflash", "dflash2"])
+def test_sampled_adaptive_rows_follow_the_target_distribution(tiny, monkeypatch, name):
+    """Eight rows at a time at temperature 1, 3 tokens each: the second and third are drafted (whole chains: a flat
+    cost curve), matched against the target's draws, and each third token is checked against the target's own
+    distribution given the two before it. The control commits every draft without looking at the target's draws:
+    the test must tell it apart."""
+    model, tokenizer, draft = tiny[name]
+    monkeypatch.setattr(batch, "measured_costs", lambda *args: FLAT)
+    monkeypatch.setattr(tokenizer, "_eos_token_ids", set())
+    prompt = [5, 17, 42, 9]
+
+    def sample():
+        engine = BatchEngine(model, tokenizer, draft_model=draft)
+        uids = [engine.insert(prompt, 3, {"temp": 1.0, "seed": seed, "block_size": 3}) for seed in range(300)]
+        outputs, last = drain(engine)
+        assert all(last[uid].stats.draft_forwards == 1 for uid in uids)  # the third token's round was drafted
+        return [outputs[uid] for uid in uids]
+
+    assert ks_uniform_p_value(randomized_pit(model, prompt, sample())) > 1e-3
+    monkeypatch.setattr(Matched, "committed", lambda matched: matched.drafts.tolist() + [0])
+    assert ks_uniform_p_value(randomized_pit(model, prompt, sample())) < 1e-3
 
 
 def test_a_row_inserted_after_two_rounds_changes_no_output(tiny):
@@ -232,7 +283,7 @@ def test_sliding_window_and_moe_targets_batch(family, tmp_path):
     requests = [
         ([5, 17, 42, 9, 3, 3, 8, 1, 2, 9, 11], 24, {}),
         ([3] * 3, 20, {"mode": "ar"}),
-        ([100, 7, 64], 20, {"block_size": 4, "temp": 0.9, "seed": 4}),
+        ([100, 7, 64], 20, {"block_size": 4, "temp": 0.9, "seed": 4, "speculation": "chain"}),
     ]
     expected = [alone(model, tokenizer, draft, *request) for request in requests]
     engine = BatchEngine(model, tokenizer, draft_model=draft)
@@ -262,7 +313,8 @@ def test_recurrent_targets_are_refused_in_one_line(tiny):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"speculation": "tree"}, "verify chains: speculation='tree' and 'auto' run one request at a time"),
+        ({"speculation": "tree"}, "verify chains: speculation='tree' runs one request at a time"),
+        ({"tree_budget": 4}, "unknown option tree_budget for batched decoding"),
         ({"block_size": 9}, "block size must be between 2 and the drafter's trained 8"),
         ({"mode": "ar", "block_size": 4}, "block_size is for dflash rows"),
         ({"mode": "quadratic-spec"}, "batched rows run mode ar or dflash"),

@@ -15,6 +15,14 @@ tokens and seconds of drafted rounds give their rate; when it falls below AR's (
 next rounds skip the drafter, and one probe drafts again after `wait` of them (doubling while probes fail, up to
 MAX_WAIT; back to MIN_WAIT when one succeeds). A probe at worst costs one drafter forward.
 
+A continuous batch's width (`BatchWidth`, sampler/batch.py). Every row of a batch is verified in one forward,
+right-padded to the widest row, so a round costs verify(rows x width) seconds whatever each row drafted: the width is
+chosen once for the batch, and every drafting row verifies that many of its chain's tokens. A chain cut after k
+drafts commits in expectation 1 + the sum of its first k prefixes' calibrated chances (`chain_gains`); the round
+takes the width with the most expected tokens, summed over the rows, per (drafter + verify) second. On a CPU, where a
+forward's cost grows with its tokens, wider batches choose shorter chains and, past a few rows, AR; drafted rounds
+are judged against AR rounds of the same rows, and skip the drafter as one generation's do.
+
 Self-speculation's block (`BlockChoice`, Nemotron-Labs-Diffusion's linear and quadratic modes). The model drafts its
 own block, with no confidences to calibrate, so the policy learns per position: alpha_j, the chance that draft j is
 accepted when every draft before it was. A block of L tokens (L - 1 drafts) then commits in expectation
@@ -89,15 +97,14 @@ def kind(tree: DraftTree) -> str:
     return "chain" if list(tree.parents) == list(range(-1, len(tree) - 1)) else "tree"
 
 
-class Adaptive:
-    """The per-round choice of one generation: whether to draft, then how much of the drafter's tree to verify."""
+@dataclass
+class Probes:
+    """Rounds without the drafter while drafted rounds commit more slowly than AR: after a slow one the next `wait`
+    rounds skip the drafter, then one probes (drafts again); the wait doubles while probes stay slow, up to MAX_WAIT,
+    and is back to MIN_WAIT after one that is not."""
 
-    def __init__(self, curve: CostCurve, max_budget: int):
-        self.curve, self.max_budget = curve, max_budget
-        self.calibration = Calibration()
-        self.tokens = self.seconds = None  # running means over drafted rounds
-        self.wait, self.waiting = MIN_WAIT, 0
-        self._drafted: List[float] = []  # the drafter's probability of each row of the last chosen tree
+    wait: int = MIN_WAIT
+    waiting: int = 0
 
     def drafts(self) -> bool:
         """Whether this round runs the drafter (else it is an AR round)."""
@@ -105,6 +112,27 @@ class Adaptive:
             self.waiting -= 1
             return False
         return True
+
+    def judge(self, slower_than_ar: bool) -> None:
+        """After a drafted round: whether drafting, as measured so far, commits more slowly than AR."""
+        if slower_than_ar:
+            self.waiting, self.wait = self.wait, min(2 * self.wait, MAX_WAIT)
+        else:
+            self.wait = MIN_WAIT
+
+
+class Adaptive:
+    """The per-round choice of one generation: whether to draft, then how much of the drafter's tree to verify."""
+
+    def __init__(self, curve: CostCurve, max_budget: int):
+        self.curve, self.max_budget = curve, max_budget
+        self.calibration = Calibration()
+        self.tokens = self.seconds = None  # running means over drafted rounds
+        self.probes = Probes()
+        self._drafted: List[float] = []  # the drafter's probability of each row of the last chosen tree
+
+    def drafts(self) -> bool:
+        return self.probes.drafts()
 
     def shape(self, anchor: int, lattice: Lattice) -> DraftTree:
         """The tree this round verifies, from the drafter's candidates and their log-probabilities."""
@@ -131,10 +159,52 @@ class Adaptive:
         else:
             self.tokens += SMOOTHING * (tokens - self.tokens)
             self.seconds += SMOOTHING * (seconds - self.seconds)
-        if self.tokens / self.seconds < 1 / self.curve.verify(1):
-            self.waiting, self.wait = self.wait, min(2 * self.wait, MAX_WAIT)
-        else:
-            self.wait = MIN_WAIT
+        self.probes.judge(self.tokens / self.seconds < 1 / self.curve.verify(1))
+
+
+def chain_gains(confidences: Sequence[float], calibration: Calibration) -> List[float]:
+    """Expected committed tokens of a chain whose drafts had the drafter's probabilities `confidences`, verified up to
+    each of its drafts (index k: its first k; index 0: the target's own token alone)."""
+    gains, chance = [1.0], 1.0
+    for q in confidences:
+        chance *= calibration(q)
+        gains.append(gains[-1] + chance)
+    return gains
+
+
+class BatchWidth:
+    """Per round of a continuous batch (see the module's docstring): whether its adaptive rows draft, and the width
+    of the verify (1 + the drafts each of them verifies)."""
+
+    def __init__(self, curve: CostCurve, block_size: int):
+        self.curve, self.block_size = curve, block_size
+        self.probes = Probes()
+        self.ratio = None  # running mean of drafted rounds' rates over AR's with the same rows
+
+    def drafts(self) -> bool:
+        return self.probes.drafts()
+
+    def draft_seconds(self, blocks: int) -> float:
+        """One drafter forward over `blocks` rows' blocks: the measured one-block forward, scaled as the target's
+        forward scales with its tokens (both are the same kind of layers over every token, their weights read once)."""
+        one = self.curve.verify(self.block_size)
+        return self.curve.draft_seconds * self.curve.verify(blocks * self.block_size) / one
+
+    def width(self, gains: Sequence[Sequence[float]], others: float, floor: int, rows: int, blocks: int) -> int:
+        """The width with the most expected tokens per second: `gains` are the adaptive rows' (`chain_gains`, as long
+        as their chains allow), `others` the other rows' expected tokens, `floor` the width they need, `rows` the
+        batch's and `blocks` the drafter forward's rows."""
+        widths = range(floor, max(floor, *(len(g) for g in gains)) + 1)
+        tokens = [others + sum(g[min(w, len(g)) - 1] for g in gains) for w in widths]
+        seconds = [self.draft_seconds(blocks) + self.curve.verify(rows * w) for w in widths]
+        return widths[fastest(tokens, seconds)]
+
+    def observe(self, tokens: int, rows: int, width: int, blocks: int) -> None:
+        """After a drafted round that committed `tokens` over the batch's `rows`."""
+        rate = tokens / (self.draft_seconds(blocks) + self.curve.verify(rows * width))
+        ratio = rate * self.curve.verify(rows) / rows
+        self.ratio = ratio if self.ratio is None else self.ratio + SMOOTHING * (ratio - self.ratio)
+        self.probes.judge(self.ratio < 1)
 
 
 class Pinned:

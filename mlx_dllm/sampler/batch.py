@@ -11,14 +11,23 @@ block from its own new context rows (the kept positions' features) and at its ow
 the drafter's context caches are ragged as well. A new row is prefilled alone, drafts its first block alone (its
 context is its whole prompt), then joins the batch's caches.
 
-Each request decodes as `stream_generate` would alone with the same options (DFlash rows with
-speculation='chain'): greedy rows token for token; seeded sampled rows draw from their own streams
-(common.KeyStream), the draws `mx.random.seed(seed)` gives one request, in the same order, so they commit the same
-tokens wherever the batch's logits equal one request's (bit for bit on the CPU in float32; a GPU's matmuls may round
-a batch's rows differently in the last bits). Rows without a seed draw from MLX's global stream.
+Adaptive rows (speculation 'auto', the default, as alone): a round's cost is one forward over rows x width
+positions whatever each row drafted, so the batch chooses one width per round (adaptive.BatchWidth, from this
+machine's cost curve and each row's drafter confidences, calibrated by what the target accepted in that row) and each
+adaptive row verifies that many of its drafts; when drafted rounds commit more slowly than AR steps of the same rows,
+rounds skip the drafter (every DFlash row adaptive), and the rows the drafter has not read wait for its next forward.
+Their proposals are the drafter's deterministic path at every temperature, matched against the target's own draws
+(as auto's trees alone), so the width may depend on them: each committed token is the target's draw either way.
 
-Chains only: trees and speculation='auto' (which chooses from this machine's costs of one request's forwards) run
-one request at a time, as do recurrent targets, whose states cannot be rows of their own lengths.
+Each request's output is what `stream_generate` gives it alone: greedy rows token for token (adaptive ones equal
+greedy AR); rows pinning speculation='chain' and AR rows, seeded, draw from their own streams (common.KeyStream),
+the draws `mx.random.seed(seed)` gives one request, in the same order, so they commit the same tokens wherever the
+batch's logits equal one request's (bit for bit on the CPU in float32; a GPU's matmuls may round a batch's rows
+differently in the last bits); seeded adaptive rows follow the target's distribution, with other draws than alone
+(whose auto may verify trees). Rows without a seed draw from MLX's global stream.
+
+Chains only: trees (speculation='tree', a tree_budget) run one request at a time, as do recurrent targets, whose
+states cannot be rows of their own lengths.
 """
 
 import itertools
@@ -36,6 +45,7 @@ from ..kernels.attention import check_fits
 from ..models.cache import WindowKVCache
 from ..models.ragged import RaggedKVCache
 from ..models.target import Target
+from .adaptive import BatchWidth, Calibration, chain_gains
 from .arguments import (
     SEED_LIMIT,
     check_models,
@@ -46,7 +56,7 @@ from .arguments import (
     wrap_tokenizer,
 )
 from .common import NOT_FINITE, KeyStream, Sampling, Stats, TokenSelector, check_sampling
-from .dflash import BLOCK_SIZE, ChainVerify, DraftHead, Sampled, bind_target, prefill
+from .dflash import BLOCK_SIZE, ChainVerify, DraftHead, Sampled, bind_target, draft_hidden, measured_costs, prefill
 
 DEFAULT_MAX_ROWS = 8
 OPTIONS = ("temp", "top_p", "top_k", "min_p", "seed", "mode", "block_size", "speculation")
@@ -82,21 +92,30 @@ class Row:
     select: TokenSelector
     verify: Optional[ChainVerify]  # None: plain AR
     block_size: int
+    adaptive: bool = False  # verifies as many drafts as the batch's width (else its whole block)
     stats: Stats = field(default_factory=Stats)
     produced: int = 0  # tokens committed, the prefill's included
     anchor: int = 0  # the last committed token, the next verify's first position
-    proposal: Any = None  # the chain the next verify checks (DFlash rows), on the device
+    proposal: Any = None  # the chain the next verify checks (DFlash rows), on the device; None: nothing drafted
+    confidences: Any = None  # adaptive rows: the drafter's probability at each drafted position, on the device
+    judged: List[float] = field(default_factory=list)  # adaptive rows: those of the drafts verified this round
+    calibration: Calibration = field(default_factory=Calibration)
+    unread: Optional[mx.array] = None  # DFlash rows: features of committed positions the drafter has not read [S, F]
 
     def chain(self) -> mx.array:
-        if self.verify is None:
+        if self.proposal is None:
             return mx.zeros((0,), dtype=mx.int32)
         return self.proposal.tokens if isinstance(self.proposal, Sampled) else self.proposal
 
     def decide(self, logits: mx.array):
         """The round's decision from this row's verify logits [width, V] (its padding included)."""
-        if self.verify is None:
+        if self.proposal is None:
             return Stepped(self.select(logits[:1]))
         return self.verify.decide(logits[: self.chain().shape[0] + 1], self.proposal)
+
+    def read(self, features: mx.array) -> None:
+        """Add the features of positions this round kept to those the drafter reads next."""
+        self.unread = features if self.unread is None else mx.concatenate([self.unread, features])
 
     def next_block(self) -> int:
         """The next block's size: the drafter's, or what max_tokens leaves of it (as one request's rounds)."""
@@ -142,12 +161,13 @@ class BatchEngine:
         self.waiting: Deque[Row] = deque()
         self.uids = itertools.count()
         self.committed = 0
+        self.policy: Optional[BatchWidth] = None  # measured at the first adaptive row
 
     def insert(self, prompt_ids: Sequence[int], max_tokens: int = 256, options: Optional[dict] = None) -> int:
         """Queue a request (token ids, or text the tokenizer encodes as the front does); it joins at the next step
         with room. `options`: temp, top_p, top_k, min_p, seed, mode ("ar" or "dflash"; default: dflash with a
-        drafter), and for DFlash rows block_size and speculation ("chain"). Stop strings are the caller's (the
-        tokens stream out as ids); the tokenizer's EOS ids end a row."""
+        drafter), and for DFlash rows block_size and speculation ("auto", the default, or "chain"). Stop strings are
+        the caller's (the tokens stream out as ids); the tokenizer's EOS ids end a row."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
@@ -158,7 +178,8 @@ class BatchEngine:
         check_fits(heads, min(self.prefill_step_size, prompt.size), prompt.size)  # its prefill's last chunk
         select = self._selector(options)
         verify, block_size = self._verify(options, select)
-        row = Row(next(self.uids), prompt, max_tokens, select, verify, block_size)
+        adaptive = verify is not None and options.get("speculation") in (None, "auto")
+        row = Row(next(self.uids), prompt, max_tokens, select, verify, block_size, adaptive)
         self.waiting.append(row)
         return row.uid
 
@@ -210,10 +231,8 @@ class BatchEngine:
             return None, 0
         if self.draft is None:
             raise DLLMError("mode 'dflash' needs a draft model")
-        if options.get("speculation", "chain") not in (None, "chain"):
-            raise DLLMError(
-                "batched DFlash rows verify chains: speculation='tree' and 'auto' run one request at a time"
-            )
+        if options.get("speculation") not in (None, "auto", "chain"):
+            raise DLLMError("batched DFlash rows verify chains: speculation='tree' runs one request at a time")
         trained = self.draft.block_size
         block_size = trained if options.get("block_size") is None else BLOCK_SIZE.check(options["block_size"])
         if not 2 <= block_size <= trained:
@@ -229,9 +248,13 @@ class BatchEngine:
         if event.finished:
             return event
         if row.verify is not None:
+            if row.adaptive and self.policy is None:
+                largest = self.max_rows * self.draft.block_size
+                curve = measured_costs(self.target, self.draft, self.head, self.draft.block_size, largest, 1)
+                self.policy = BatchWidth(curve, self.draft.block_size)
             draft_cache = self.draft.make_cache()
-            row.proposal = row.verify.propose(row.anchor, features, row.next_block(), cache, draft_cache)
-            mx.async_eval(row.proposal)
+            hidden = draft_hidden(self.draft, self.target, row.anchor, features, draft_cache, row.next_block())
+            self._propose(row, hidden, self.head.logits(hidden))
             for ragged, layer in zip(self.draft_cache, draft_cache):
                 ragged.join(layer)
         for ragged, layer in zip(self.cache, cache):
@@ -242,6 +265,8 @@ class BatchEngine:
     def _round(self) -> List[Event]:
         """Verify every row in one forward, commit and keep each row's own share, then draft the DFlash rows' next
         blocks in one drafter forward."""
+        chosen = self._width()  # 0: no adaptive row drafted
+        blocks = sum(row.proposal is not None for row in self.rows)
         chains = [row.chain() for row in self.rows]
         width = 1 + max(chain.shape[0] for chain in chains)
         ids = mx.stack([padded_block(row.anchor, chain, width) for row, chain in zip(self.rows, chains)])
@@ -253,41 +278,78 @@ class BatchEngine:
         committed = [decision.committed() for decision in decisions]
         for layer in self.cache:
             layer.keep([len(tokens) for tokens in committed])
-        events, contexts = [], []
+        if chosen:
+            self.policy.observe(sum(len(tokens) for tokens in committed), len(self.rows), width, blocks)
+        events = []
         for i, (row, tokens, chain) in enumerate(zip(self.rows, committed, chains)):
             # A last round may verify past max_tokens: those tokens are neither emitted nor counted.
             generated = tokens[: row.max_tokens - row.produced]
             row.select.commit(generated)
             row.stats.forwards += 1
             if row.verify is not None:
-                row.stats.draft_forwards += 1
-                row.stats.count_round("chain", chain.shape[0], len(generated))
-                contexts.append(features[i, : len(tokens)])  # the drafter reads the kept positions next
+                row.stats.draft_forwards += row.proposal is not None
+                row.stats.count_round("chain" if chain.shape[0] else "ar", chain.shape[0], len(generated))
+                for j, q in enumerate(row.judged[: len(tokens)]):  # drafts the target judged: up to its first miss
+                    row.calibration.observe(q, j < len(tokens) - 1)
+                row.read(features[i, : len(tokens)])  # the drafter reads the kept positions next
             row.anchor, row.produced = generated[-1], row.produced + len(generated)
             events.append(self._emit(row, generated))
-        drafting = [i for i, row in enumerate(self.rows) if row.verify is not None]
-        finished = [i for i, event in enumerate(events) if event.finished]
-        self._leave(finished)
-        self._draft([context for i, context in zip(drafting, contexts) if i not in finished])
+        self._leave([i for i, event in enumerate(events) if event.finished])
+        self._draft()
         return events
 
-    def _draft(self, contexts: List[mx.array]) -> None:
-        """One drafter forward over every DFlash row: its new context rows `contexts[i]` [S_i, F] and its block."""
+    def _width(self) -> int:
+        """Cut the adaptive rows' chains to the batch's width for this round (BatchWidth): that width, or 0 where no
+        adaptive row drafted."""
+        adaptive = [row for row in self.rows if row.adaptive and row.proposal is not None]
+        for row in self.rows:
+            row.judged = []
+        if not adaptive:
+            return 0
+        confidences = [row.confidences.tolist() for row in adaptive]  # the host sync the choice needs
+        others = [row for row in self.rows if not (row.adaptive and row.proposal is not None)]
+        floor = 1 + max((row.chain().shape[0] for row in others), default=0)
+        gains = [chain_gains(drafted, row.calibration) for row, drafted in zip(adaptive, confidences)]
+        blocks = sum(row.proposal is not None for row in self.rows)
+        width = self.policy.width(gains, len(others), floor, len(self.rows), blocks)
+        for row, drafted in zip(adaptive, confidences):
+            row.proposal, row.judged = row.proposal[: width - 1], drafted[: width - 1]
+        return width
+
+    def _draft(self) -> None:
+        """One drafter forward over every DFlash row: the context rows it has not read and its block; or none, where
+        every DFlash row is adaptive and the policy skips the drafter this round (AR steps)."""
         drafting = [row for row in self.rows if row.verify is not None]
-        if not drafting:
+        for row in drafting:
+            row.proposal = None
+        if not drafting or (all(row.adaptive for row in drafting) and not self.policy.drafts()):
             return
         sizes = [row.next_block() for row in drafting]
-        fresh = [context.shape[0] for context in contexts]
+        fresh = [row.unread.shape[0] for row in drafting]
         longest, widest = max(fresh), max(sizes)
-        context = mx.stack([mx.pad(c, [(0, longest - c.shape[0]), (0, 0)]) for c in contexts])
+        context = mx.stack([mx.pad(row.unread, [(0, longest - n), (0, 0)]) for row, n in zip(drafting, fresh)])
         block = mx.array([[row.anchor] + [self.draft.mask_token_id] * (widest - 1) for row in drafting])
         for layer in self.draft_cache:
             layer.prepare(fresh, sizes)
         hidden = self.draft(self.target.embed(block), context, self.draft_cache, start=1)
         logits = self.head.logits(hidden)  # one head forward for every row: the head's weights are read once
         for i, (row, size) in enumerate(zip(drafting, sizes)):
-            row.proposal = row.verify.choose(hidden[i, : size - 1], row.anchor, logits[i, : size - 1])
-        mx.async_eval([row.proposal for row in drafting])  # the drafter runs while the caller streams the tokens
+            row.unread = None
+            self._propose(row, hidden[i, : size - 1], logits[i, : size - 1])
+
+    def _propose(self, row: Row, hidden: mx.array, logits: mx.array) -> None:
+        """The row's chain from the drafter's hidden states [P, H] and logits [P, S] after its anchor: an adaptive
+        row's deterministic path and the drafter's probability at each position (its most probable token's: a
+        DFlash2 path's tokens are chosen with their predecessors, and calibration maps either to the target's),
+        else its verify's choice. Queued: the drafter runs while the caller streams the tokens."""
+        if row.adaptive:
+            row.proposal = self.head(hidden, row.anchor, logits)
+            logits = logits.astype(mx.float32)
+            row.confidences = mx.exp(logits.max(axis=-1) - mx.logsumexp(logits, axis=-1))
+            mx.async_eval(row.proposal, row.confidences)
+        else:
+            row.proposal = row.verify.choose(hidden, row.anchor, logits)
+            mx.async_eval(row.proposal)
 
     def _emit(self, row: Row, generated: List[int]) -> Event:
         """The tokens a request shows, up to its first stop token, as the front's (which stops there)."""

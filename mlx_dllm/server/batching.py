@@ -7,9 +7,9 @@ dropped before the next round (`engine.cancel`) and the others go on undisturbed
 
 A request the engine cannot batch runs alone through `stream_generate`, as with N = 1, once the running rows have
 finished; no request joins meanwhile, so requests still start in arrival order. That is one pinning
-speculation='tree' or 'auto' or a tree_budget, one with another mode's options, or any the engine's checks refuse
-(the front then answers it as today, its error included). A DFlash request that leaves speculation at its default
-(auto) verifies chains in the batch: lossless either way, so its greedy text is the same (sampled, the same
+speculation='tree' or a tree_budget, one with another mode's options, or any the engine's checks refuse (the front
+then answers it as today, its error included). A DFlash request with speculation 'auto' (the default) is an adaptive
+row of the batch, verifying chains of the batch's width: its greedy text is the same as alone (sampled, the same
 distribution with other draws; ar and chain rows draw what they would alone).
 
 Batched rows neither resume from nor add to the prompt cache (their states live in the batch's shared caches:
