@@ -20,8 +20,8 @@ from tests.test_serve import BAD, MESSAGES, add_chat_template, client, long_prom
 from tests.test_serve_tools import ASK, CALLS, TOOLS, call_of, checkpoints, forcing  # noqa: F401 - a fixture
 
 CONCURRENCY = 4
-# (route, fields): prompts of different lengths, max_tokens, modes, block sizes and sampling; DFlash rows leave speculation at
-# its default (auto alone, a chain in the batch).
+# (route, fields): prompts of different lengths, max_tokens, modes, block sizes and sampling; DFlash rows leave
+# speculation at its default (auto alone, a chain in the batch).
 REQUESTS = [
     ("text", dict(prompt="w5", max_tokens=7)),
     ("text", dict(prompt="w20 w30 w40 w50 w60 w70 w80", max_tokens=24)),
@@ -288,6 +288,21 @@ def test_the_multi_turn_replay_reports_each_turn(tiny):
         prompts, cached = result["prompt_tokens_per_turn"], result["cached_tokens_per_turn"]
         assert prompts[0] < prompts[1] < prompts[2]
         assert cached[0] < cached[1] < cached[2] if resumes else cached == [0, 0, 0]
+
+
+def test_the_soak_loses_nothing_when_clients_leave(tiny):
+    """benchmarks/serve_load.py --disconnect: every request completes, errs cleanly or is left by us; the server
+    then still answers and every request it took has finished (one at a time and batched)."""
+    from benchmarks.serve_load import soak
+
+    for concurrency in (1, 3):
+        with serving(*tiny, decode_concurrency=concurrency) as url:
+            result = soak(url, ["w5 w6", "w7 w8 w9", "w10"], requests=16, concurrency=4, max_tokens=24, mode=None,
+                          api_key=None, disconnect=0.5, seed=1, timeout=60)
+        left = sum(result["disconnected"].values())
+        assert result["completed"] + sum(result["clean_errors"].values()) + left == 16, result
+        assert result["lost"] == 0 and result["healthy"] and result["unfinished_after"] == 0, result
+        assert left > 0 and result["completed"] > 0, result
 
 
 def test_the_cli_flag_reaches_the_server(tiny, monkeypatch):
