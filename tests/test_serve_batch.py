@@ -21,7 +21,7 @@ from tests.test_serve_tools import ASK, CALLS, TOOLS, call_of, checkpoints, forc
 
 CONCURRENCY = 4
 # (route, fields): prompts of different lengths, max_tokens, modes, block sizes and sampling; DFlash rows leave
-# speculation at its default (auto alone, a chain in the batch).
+# speculation at its default (auto alone, an adaptive chain in the batch).
 REQUESTS = [
     ("text", dict(prompt="w5", max_tokens=7)),
     ("text", dict(prompt="w20 w30 w40 w50 w60 w70 w80", max_tokens=24)),

@@ -265,8 +265,8 @@ class BatchEngine:
     def _round(self) -> List[Event]:
         """Verify every row in one forward, commit and keep each row's own share, then draft the DFlash rows' next
         blocks in one drafter forward."""
-        chosen = self._width()  # 0: no adaptive row drafted
-        blocks = sum(row.proposal is not None for row in self.rows)
+        blocks = sum(row.proposal is not None for row in self.rows)  # the drafter forward's rows
+        chosen = self._width(blocks)  # 0: no adaptive row drafted
         chains = [row.chain() for row in self.rows]
         width = 1 + max(chain.shape[0] for chain in chains)
         ids = mx.stack([padded_block(row.anchor, chain, width) for row, chain in zip(self.rows, chains)])
@@ -298,7 +298,7 @@ class BatchEngine:
         self._draft()
         return events
 
-    def _width(self) -> int:
+    def _width(self, blocks: int) -> int:
         """Cut the adaptive rows' chains to the batch's width for this round (BatchWidth): that width, or 0 where no
         adaptive row drafted."""
         adaptive = [row for row in self.rows if row.adaptive and row.proposal is not None]
@@ -310,7 +310,6 @@ class BatchEngine:
         others = [row for row in self.rows if not (row.adaptive and row.proposal is not None)]
         floor = 1 + max((row.chain().shape[0] for row in others), default=0)
         gains = [chain_gains(drafted, row.calibration) for row, drafted in zip(adaptive, confidences)]
-        blocks = sum(row.proposal is not None for row in self.rows)
         width = self.policy.width(gains, len(others), floor, len(self.rows), blocks)
         for row, drafted in zip(adaptive, confidences):
             row.proposal, row.judged = row.proposal[: width - 1], drafted[: width - 1]
