@@ -465,7 +465,8 @@ def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, bloc
     draft_cache = drafter.caches
     prompt_state.prompt_end([*cache, DraftState(draft_cache, features)])
     generated, produced = [anchor], 1
-    committed = [anchor]  # the target holds all but the anchor, unless an AR step is queued
+    committed = [anchor]  # the target holds all but the anchor, unless a round cut at max_tokens or an AR step kept it
+    anchor_held = False
 
     def draft(anchor: int, features: mx.array):
         size = min(block_size, max_tokens - produced + 1)
@@ -487,6 +488,7 @@ def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, bloc
             stats.draft_forwards += not isinstance(proposal, Step)
             # A last round may verify one token past max_tokens: that token is neither emitted nor counted.
             generated = outcome.committed[: max_tokens - produced]
+            anchor_held = len(generated) < len(outcome.committed)  # cut: the target kept the new anchor's row too
             select.commit(generated)
             stats.count_round(outcome.kind, outcome.nodes, len(generated))
             anchor = generated[-1]
@@ -497,12 +499,13 @@ def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, bloc
     finally:
         # Rows the drafter has not read: those a tree's AR steps kept back, those no draft read (the last round's),
         # and a queued AR step's, which also put the anchor in the target's cache.
-        unread, held = [verify.unread], committed[:-1]
+        unread = [verify.unread]
         if proposal is None:
             unread.append(features)
         elif isinstance(proposal, Step):
             unread.append(proposal.features)
-            held = committed
+            anchor_held = True
+        held = committed if anchor_held else committed[:-1]
         unread = [rows for rows in unread if rows is not None]
         prompt_state.leave(held, [*cache, DraftState(draft_cache, mx.concatenate(unread, axis=1) if unread else None)])
 
