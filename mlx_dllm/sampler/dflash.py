@@ -454,16 +454,26 @@ def prefill(target: Target, prompt: mx.array, select: TokenSelector, stats: Stat
     return cache, features, anchor
 
 
+def resumed_prefill(target: Target, draft: Drafter, prompt: mx.array, select: TokenSelector, stats: Stats, step: int,
+                    prompt_state: PromptState):
+    """Prefill what `prompt_state` does not resume of `prompt` after the state it resumes (else from scratch), and
+    hand it the prompt's end: (the target's caches, the drafter's part: its caches and the features of every row it
+    has not read, the token the prompt's last logit selects)."""
+    resumed = prompt_state.resume()
+    drafter = resumed[-1] if resumed else DraftState(draft.make_cache(), None)
+    cache, features, anchor = prefill(target, prompt[prompt_state.start :], select, stats, step,
+                                      target.make_cache(resumed[:-1]) if resumed else None, drafter.unread)
+    prompt_state.prompt_end([*cache, DraftState(drafter.caches, features)])
+    return cache, DraftState(drafter.caches, features), anchor
+
+
 def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size,
             prompt_state):
     """Prefill, then draft (or queue an AR step) -> verify -> accept -> roll back, one round per yield. The state
     resumed and left is the target's caches and the drafter's part (DraftState)."""
-    resumed = prompt_state.resume()
-    drafter = resumed[-1] if resumed else DraftState(draft_model.make_cache(), None)
-    cache, features, anchor = prefill(target, prompt[prompt_state.start :], select, stats, prefill_step_size,
-                                      target.make_cache(resumed[:-1]) if resumed else None, drafter.unread)
-    draft_cache = drafter.caches
-    prompt_state.prompt_end([*cache, DraftState(draft_cache, features)])
+    cache, drafter, anchor = resumed_prefill(target, draft_model, prompt, select, stats, prefill_step_size,
+                                             prompt_state)
+    features, draft_cache = drafter.unread, drafter.caches
     generated, produced = [anchor], 1
     committed = [anchor]  # the target holds all but the anchor, unless a round cut at max_tokens or an AR step kept it
     anchor_held = False
