@@ -1,7 +1,8 @@
 """Continuous batching (sampler/batch.py): every request's output is what `stream_generate` gives it alone, whatever
 rows run beside it, join after it or leave before it: greedy and seeded sampling, AR and DFlash rows mixed, DFlash
 and DFlash2 drafters, full-attention, sliding-window and MoE targets; adaptive rows at every width the batch
-chooses, through rounds that skip the drafter, greedy AR's tokens and, sampled, the target's distribution.
+chooses, through rounds that skip the drafter, greedy AR's tokens and, sampled, the target's distribution. With a
+prompt cache, batched turns resume what earlier turns left, batched or alone, and answer as they would cold.
 
 `python -m tests.test_batch_engine` prints the aggregate tokens/s of a batch against the same requests one at a time
 on the tiny model (for information: no test times anything)."""
@@ -9,16 +10,22 @@ on the tiny model (for information: no test times anything)."""
 import time
 
 import mlx.core as mx
+import numpy as np
 import pytest
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 import mlx_dllm
 from mlx_dllm import DLLMError
 from mlx_dllm.benchmark.tiny import VOCAB, build_tiny
+from mlx_dllm.models.ragged import RaggedKVCache
+from mlx_dllm.models.target import Target
 from mlx_dllm.sampler import batch
 from mlx_dllm.sampler.adaptive import BatchWidth
 from mlx_dllm.sampler.batch import BatchEngine
+from mlx_dllm.sampler.common import TokenSelector
 from mlx_dllm.sampler.cost_curve import CostCurve
 from mlx_dllm.sampler.dflash import ChainVerify, Matched, Sampled
+from mlx_dllm.sampler.prompt_cache import NO_REUSE, PromptCache
 from tests.oracle import tiny_pairs
 from tests.test_hybrid_dflash import ks_uniform_p_value, randomized_pit
 
@@ -78,12 +85,12 @@ def drain(engine, outputs=None, steps=None):
 
 class RowOracle:
     """Each followed DFlash row's proposals (its first block's and the batch's rounds', `BatchEngine._propose`)
-    replaced by its true greedy continuation for the first k positions of each block (k cycling through PATTERN),
+    replaced by its true greedy continuation for the first k positions of each block (k cycling through `pattern`),
     then a wrong token, so rounds accept all, none or part of a block. The drafter still runs, so its caches behave
     as in a real run."""
 
-    def __init__(self, monkeypatch):
-        self.rows, self.accepts = {}, []
+    def __init__(self, monkeypatch, pattern=PATTERN):
+        self.rows, self.accepts, self.pattern = {}, [], pattern
         propose = BatchEngine._propose
 
         def oracle_propose(engine, row, hidden, logits):
@@ -99,7 +106,7 @@ class RowOracle:
     def proposal(self, row, size):
         reference = self.rows[row.uid]
         anchor = row.produced - 1  # the anchor's index in the generated tokens
-        correct = PATTERN[len(self.accepts) % len(PATTERN)]
+        correct = self.pattern[len(self.accepts) % len(self.pattern)]
         self.accepts.append(min(correct + 1, size))
         truth = reference[anchor + 1 : anchor + size]
         return mx.array([t if j < correct else (t + 1) % VOCAB for j, t in enumerate(truth)])
@@ -329,6 +336,203 @@ def test_bad_options_are_refused_at_insert(tiny, options, message):
         engine.insert([1, 2], 4, options)
     with pytest.raises(DLLMError, match="needs a draft model"):
         BatchEngine(model, tokenizer).insert([1, 2], 4, {"mode": "dflash"})
+
+
+@pytest.fixture(scope="module")
+def sliding(tmp_path_factory):
+    """(target, tokenizer, drafter): a tiny llama whose even layers attend within windows of 8, and a drafter."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_dllm.benchmark.tiny import save_tokenizer
+    from tests.test_target_families import make_drafter, make_target
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    tokenizer._eos_token_ids = set()
+    return make_target("llama"), tokenizer, make_drafter()
+
+
+def pair(tiny, sliding, kind):
+    return tiny["dflash"] if kind == "kv" else sliding
+
+
+def held_keys(cache) -> np.ndarray:
+    """The keys a one-row cache holds, in position order (a window's: its last positions)."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mlx_dllm.models.cache import WindowKVCache, rotating_rows
+
+    if isinstance(cache, RotatingKVCache):
+        return np.array(rotating_rows(cache)[0])
+    return np.array(cache.keys if isinstance(cache, WindowKVCache) else cache.keys[..., : cache.offset, :])
+
+
+@pytest.mark.parametrize("kind, layers", [("kv", "ar"), ("sliding", "ar"), ("sliding", "speculative")])
+def test_a_row_taken_out_is_what_a_one_row_prefill_of_its_tokens_leaves(tiny, sliding, kind, layers):
+    """Rows of 11, 3 and 6 prompt tokens join, verify blocks of 3 and keep 3, 1 and 2 of them, then verify one more
+    each: each row taken out (as plain AR's caches, whose windows are mlx-lm's RotatingKVCache, or a speculative
+    target's, WindowKVCache) is the cache a one-row prefill of its tokens leaves (windows of 8: its last 8 rows), and
+    the next forwards on either give the same logits."""
+    model = pair(tiny, sliding, kind)[0]
+    fresh = (lambda: make_prompt_cache(model)) if layers == "ar" else Target(model).make_cache
+    held = [[5, 17, 42, 9, 3, 3, 8, 1, 2, 9, 11], [3, 3, 3], [100, 7, 64, 1, 2, 3]]
+    ragged = [RaggedKVCache() for _ in fresh()]
+    for prompt in held:
+        cache = fresh()
+        model(mx.array([prompt]), cache=cache)
+        for layer, row in zip(ragged, cache):
+            layer.join(row)
+    for ids, kept in [([[4, 5, 6], [7, 8, 9], [10, 11, 12]], [3, 1, 2]), ([[13], [14], [15]], [1, 1, 1])]:
+        for layer in ragged:
+            layer.mark()
+        model(mx.array(ids), cache=ragged)
+        for layer in ragged:
+            layer.keep(kept)
+        for tokens, row_ids, count in zip(held, ids, kept):
+            tokens += row_ids[:count]
+    for index, tokens in enumerate(held):
+        expected = fresh()
+        model(mx.array([tokens]), cache=expected)
+        taken = [layer.row(index, like) for layer, like in zip(ragged, fresh())]
+        windowed = 0
+        for got, want in zip(taken, expected):
+            rows = held_keys(got)
+            assert type(got) is type(want) and got.offset == want.offset == len(tokens)
+            assert rows.shape[2] == (len(tokens) if type(got) is KVCache else min(len(tokens), 8))
+            windowed += rows.shape[2] < len(tokens)
+            np.testing.assert_allclose(rows, held_keys(want)[..., -rows.shape[2] :, :], atol=1e-5)
+        assert windowed == (2 if kind == "sliding" and len(tokens) > 8 else 0)
+        for ids in ([[20, 21]], [[22]]):
+            np.testing.assert_allclose(model(mx.array(ids), cache=taken), model(mx.array(ids), cache=expected),
+                                       atol=1e-4)
+
+
+FOLLOW_UP = [44, 12, 8]  # a conversation's next user turn
+STATES = 32  # a prompt cache's size: room for every state these conversations leave
+# A conversation's first turn (prompt, max_tokens, options): DFlash chains (their drafts compared), AR, adaptive.
+TURNS = [
+    ([5, 17, 42, 9, 3, 3, 8, 1, 2, 9, 11], 13, {"speculation": "chain"}),
+    ([3] * 3, 9, {"mode": "ar"}),
+    ([100, 7, 64], 12, {"block_size": 4, "speculation": "chain"}),
+    ([9, 9, 8, 1, 2], 10, {}),
+]
+
+
+def mode_of(options, draft) -> str:
+    return options.get("mode") or ("ar" if draft is None else "dflash")
+
+
+def batched(model, tokenizer, draft, requests, cache=None, recorded=None):
+    """The requests decoded together, each with its prompt state from `cache` (None: none) as the server begins it:
+    [(tokens, cached tokens, the chains its row proposed: `record_proposals`' `recorded`, or None)]."""
+    engine = BatchEngine(model, tokenizer, draft_model=draft)
+    states = [NO_REUSE if cache is None else cache.begin(model, draft, mode_of(options, draft), prompt)
+              for prompt, _, options in requests]
+    uids = [engine.insert(*request, prompt_state=state) for request, state in zip(requests, states)]
+    verifies = [row.verify for row in engine.waiting]
+    if recorded is not None:
+        recorded.clear()  # another engine's verifies are gone: their ids may be reused
+    outputs, _ = drain(engine)
+    return [(outputs[uid], state.start, None if recorded is None or verify is None else recorded.get(id(verify)))
+            for uid, state, verify in zip(uids, states, verifies)]
+
+
+def lone(model, tokenizer, draft, prompt, max_tokens, options, cache=None):
+    """(tokens, cached tokens) of `stream_generate` alone (a DFlash request: a chain) under the server's key, whose
+    drafter is the server's whatever the mode."""
+    options = options if options.get("mode") == "ar" else {**options, "speculation": "chain"}
+    tokens, response = [], None
+    for response in mlx_dllm.stream_generate(model, tokenizer, prompt, max_tokens, draft_model=draft,
+                                             prompt_cache=cache, **options):
+        tokens += response.tokens
+    return tokens, response.cached_tokens
+
+
+def second_turns(requests, answers):
+    """Each conversation's second turn: its first prompt, the answer and FOLLOW_UP."""
+    return [(prompt + answer[0] + FOLLOW_UP, max_tokens, options)
+            for (prompt, max_tokens, options), answer in zip(requests, answers)]
+
+
+@pytest.mark.parametrize("pattern", [PATTERN, [7]], ids=["mixed", "whole-blocks"])
+@pytest.mark.parametrize("kind", ["kv", "sliding"])
+def test_batched_turns_resume_and_answer_as_without_reuse_and_alone(tiny, sliding, monkeypatch, kind, pattern):
+    """Conversations' first turns, batched (their proposals right for all, none or part of each block, or every
+    block whole, so a last round is cut at max_tokens), leave their states; their second turns, batched, resume them
+    (all of turn 1 but a last anchor the target did not hold) and answer what they answer batched without reuse and
+    alone, the chains proposing the same drafts (the drafter resumed with the rows it had read and the features it
+    had not)."""
+    model, tokenizer, draft = pair(tiny, sliding, kind)
+    monkeypatch.setattr(batch, "measured_costs", lambda *args: FLAT)
+    references = [lone(model, tokenizer, None, prompt, max_tokens, {"mode": "ar"})[0]
+                  for prompt, max_tokens, _ in TURNS]
+    oracle = RowOracle(monkeypatch, pattern)
+    oracle.rows = dict(enumerate(references))  # a fresh engine's uids count from 0
+    cache = PromptCache(STATES)
+    firsts = batched(model, tokenizer, draft, TURNS, cache)
+    oracle.rows = {}
+    assert [tokens for tokens, _, _ in firsts] == references and max(oracle.accepts) > 2
+    recorded = record_proposals(monkeypatch)
+    requests = second_turns(TURNS, firsts)
+    warm = batched(model, tokenizer, draft, requests, cache, recorded)
+    cold = batched(model, tokenizer, draft, requests, None, recorded)
+    alone_ = [lone(model, tokenizer, draft, *request) for request in requests]
+    assert [tokens for tokens, _, _ in warm] == [tokens for tokens, _, _ in cold] == [t for t, _ in alone_]
+    assert [drafts for _, _, drafts in warm] == [drafts for _, _, drafts in cold]
+    assert sum(drafts is not None for _, _, drafts in warm) == 2
+    for (prompt, _, options), (answer, _, _), (_, cached, _) in zip(TURNS, firsts, warm):
+        whole = len(prompt) + len(answer)  # turn 1's prompt and answer
+        if mode_of(options, draft) == "ar":
+            assert cached == whole - 1  # the last token's forward never ran
+        else:  # a last round cut at max_tokens kept the last token's row too: always, where every block is whole
+            assert cached == whole if pattern == [7] else cached in (whole - 1, whole)
+    assert all(cached == 0 for _, cached, _ in cold)
+
+
+@pytest.mark.parametrize("kind", ["kv", "sliding"])
+def test_batched_and_lone_runs_resume_each_others_states(tiny, sliding, monkeypatch, kind):
+    """A lone run resumes what a batched row left and a batched row what a lone run left (the server's key: the
+    model, its drafter and the mode), answering what it answers cold."""
+    model, tokenizer, draft = pair(tiny, sliding, kind)
+    monkeypatch.setattr(batch, "measured_costs", lambda *args: FLAT)
+    cache = PromptCache(STATES)
+    requests = second_turns(TURNS, batched(model, tokenizer, draft, TURNS, cache))
+    cold = [lone(model, tokenizer, draft, *request)[0] for request in requests]
+    warm = [lone(model, tokenizer, draft, *request, cache=cache) for request in requests]
+    assert [tokens for tokens, _ in warm] == cold
+    assert all(cached >= len(prompt) - len(FOLLOW_UP) - 1 for (prompt, _, _), (_, cached) in zip(requests, warm))
+    cache = PromptCache(STATES)
+    requests = second_turns(TURNS, [lone(model, tokenizer, draft, *request, cache=cache) for request in TURNS])
+    cold = [lone(model, tokenizer, draft, *request)[0] for request in requests]
+    warm = batched(model, tokenizer, draft, requests, cache)
+    assert [tokens for tokens, _, _ in warm] == cold
+    assert all(cached >= len(prompt) - len(FOLLOW_UP) - 1 for (prompt, _, _), (_, cached, _) in zip(requests, warm))
+
+
+def test_cancelled_and_failed_rows_leave_nothing_and_a_finished_one_its_state(tiny):
+    """A row cancelled mid-way and one whose logits go non-finite after four tokens store nothing, not even their
+    prompts' states; a row ended by `finish` (a stop string the server found) leaves its state, which the next turn
+    resumes."""
+    model, tokenizer, draft = tiny["dflash"]
+    cache = PromptCache(STATES)
+    requests = [([5, 17, 42, 9], 30, {"speculation": "chain"}), ([3] * 11, 30, {"mode": "ar"}),
+                ([100, 7, 64], 30, {"block_size": 4})]
+    engine = BatchEngine(model, tokenizer, draft_model=draft)
+    uids = [engine.insert(*request, prompt_state=cache.begin(model, draft, mode_of(request[2], draft), request[0]))
+            for request in requests]
+    engine.waiting[1].select = TokenSelector(processors=[lambda history, logits: logits * float("nan")
+                                                         if history.size >= 4 else logits])
+    outputs, _ = drain(engine, steps=3)
+    assert engine.cancel(uids[0])
+    outputs, last = drain(engine, outputs, steps=4)
+    assert last[uids[1]].finished == "error" and len(cache) == 0
+    assert engine.finish(uids[2]) and not engine.finish(uids[2]) and len(cache) > 0
+    prompt, max_tokens, options = requests[2]
+    follow_up = (prompt + outputs[uids[2]] + FOLLOW_UP, 6, options)
+    ((tokens, cached, _),) = batched(model, tokenizer, draft, [follow_up], cache)
+    assert tokens == lone(model, tokenizer, draft, *follow_up)[0]
+    assert cached >= len(prompt) + len(outputs[uids[2]]) - 1
 
 
 def measure_throughput(rows: int = 4, max_tokens: int = 64) -> None:

@@ -14,10 +14,11 @@ from mlx_dllm.benchmark.tiny import build_tiny, save_tokenizer
 from mlx_dllm.chat_template import template_ids
 from mlx_dllm.sampler import dflash as dflash_strategy
 from mlx_dllm.sampler.prompt_cache import PromptCache
+from tests.oracle import Oracle
 from tests.test_cli import assert_user_error
 from tests.test_cli import run as run_cli
 from tests.test_serve import CASES, MESSAGES, add_chat_template, client, serving
-from tests.test_target_families import make_drafter, make_target
+from tests.test_target_families import VOCAB, make_drafter, make_target
 from tests.test_tree_dflash import FLAT, machine, run
 
 TARGETS = {"kv": "qwen3", "sliding": "llama", "recurrent": "nemotron_h"}
@@ -116,6 +117,25 @@ def test_dflash_stopped_early_leaves_its_state_where_it_stopped(tokenizer, monke
     assert warm[0] == cold[0] == repeat[0]
     assert warm[1].cached_tokens >= len(PROMPT) + len(first) - 1
     same_drafts(drafts)
+
+
+@pytest.mark.parametrize("max_tokens", [4, 7])
+def test_a_last_round_cut_at_max_tokens_leaves_what_its_target_holds(tokenizer, monkeypatch, max_tokens):
+    """Every draft right: each round accepts its whole block of 4, so the last one commits a token past max_tokens,
+    which is cut, while the target keeps the row of the last token emitted. The state left holds it (all of turn 1),
+    and turn 2 resumes it and answers as cold."""
+    model, draft = make_target("qwen3"), make_drafter()
+    reference = run(model, tokenizer, PROMPT, max_tokens, mode="ar")[0]
+    propose_block = dflash_strategy.propose_block
+    monkeypatch.setattr(dflash_strategy, "propose_block", Oracle(propose_block, reference, len(PROMPT), [7], VOCAB))
+    cache, chain = PromptCache(), {"draft_model": draft, "speculation": "chain"}
+    first, response = run(model, tokenizer, PROMPT, max_tokens, block_size=4, prompt_cache=cache, **chain)
+    assert first == reference and response.acceptance_length > 2
+    monkeypatch.setattr(dflash_strategy, "propose_block", propose_block)
+    second = PROMPT + first + FOLLOW_UP
+    warm, cold = run(model, tokenizer, second, MAX_TOKENS, prompt_cache=cache, **chain), \
+        run(model, tokenizer, second, MAX_TOKENS, **chain)
+    assert warm[0] == cold[0] and warm[1].cached_tokens == len(PROMPT) + len(first)
 
 
 @pytest.fixture(scope="module")

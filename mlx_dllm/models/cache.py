@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import _BaseCache
+from mlx_lm.models.cache import RotatingKVCache, _BaseCache
 
 from ..kernels import patterns
 
@@ -101,3 +101,9 @@ class WindowKVCache(_BaseCache):
     @property
     def nbytes(self):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def rotating_rows(cache: RotatingKVCache):
+    """(keys, values) an mlx-lm RotatingKVCache holds, in temporal order: its ring turned back (mlx-lm 0.32's
+    `_temporal_order`, which its own updates use)."""
+    return cache._temporal_order(cache.keys), cache._temporal_order(cache.values)

@@ -5,15 +5,16 @@ left-pads instead, so every row writes at one shared index). Nothing is ever shi
 count, rolls back a rejected block by forgetting its tail, joins with its own length and leaves without moving the
 others. Past its length a row's buffer is stale (rejected or padded rows), and the mask hides it; attention reads
 up to the longest row. A sliding window is a mask over positions here: every row is kept, so a windowed layer
-holds as many rows as a full one.
+holds as many rows as a full one. A row joins from, and is taken out as (`row`), the one-row cache a request alone
+holds: KVCache, WindowKVCache, or mlx-lm's RotatingKVCache (plain AR's windows).
 """
 
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from .cache import WindowKVCache
+from .cache import WindowKVCache, rotating_rows
 
 
 class RaggedKVCache:
@@ -90,7 +91,8 @@ class RaggedKVCache:
 
     # Rows joining and leaving.
     def join(self, row) -> None:
-        """Append one request's cache (a KVCache or WindowKVCache of batch 1, holding its prompt) as the last row."""
+        """Append one request's cache (a one-row KVCache, WindowKVCache or RotatingKVCache, holding its prompt) as the
+        last row."""
         length, start, keys, values = _row_contents(row)
         batch = len(self.lengths)
         capacity = max(0 if self.keys is None else self.keys.shape[2], -(-length // self.step) * self.step)
@@ -118,6 +120,21 @@ class RaggedKVCache:
             self.keys, self.values = self.keys[index, :, :capacity], self.values[index, :, :capacity]
         self._set_lengths(lengths)
 
+    def row(self, index: int, like):
+        """Row `index` as the one-row cache a request alone would hold after the same positions, filled into `like` (an
+        empty cache of the layer's kind, from the model's `make_cache`) and returned: every position for a KVCache, a
+        window's last ones for a WindowKVCache or RotatingKVCache."""
+        length = self.lengths[index]
+        window = _window(like)
+        start = 0 if window is None else max(length - window, 0)
+        # Copies: a slice would keep the batch's whole buffer alive in the prompt cache.
+        keys, values = (mx.array(buffer[index : index + 1, :, start:length, :]) for buffer in (self.keys, self.values))
+        if isinstance(like, RotatingKVCache):
+            like.state = keys, values, length, 0, like.max_size, length - start  # the ring starts at its oldest row
+        else:
+            like.keys, like.values, like.offset = keys, values, length
+        return like
+
     @property
     def state(self):
         return self.keys, self.values
@@ -133,11 +150,21 @@ class RaggedKVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
-def _row_contents(cache):
-    """(length, first position stored, keys, values) of a one-row cache: KVCache holds every position, WindowKVCache
-    its last ones, in order."""
+def _window(cache) -> Optional[int]:
+    """The rows a one-row cache keeps: its window, or None for a KVCache, which keeps every position."""
     if isinstance(cache, WindowKVCache):
-        return cache.offset, cache.offset - cache.keys.shape[2], cache.keys, cache.values
+        return cache.window
+    if isinstance(cache, RotatingKVCache) and cache.keep == 0:
+        return cache.max_size
     if type(cache) is KVCache:
+        return None
+    raise TypeError(f"a {type(cache).__name__} cannot be a row of a ragged batch")
+
+
+def _row_contents(cache):
+    """(length, first position stored, keys, values) of a one-row cache: KVCache holds every position, a window its
+    last ones, in order."""
+    if _window(cache) is None:
         return cache.offset, 0, cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
-    raise TypeError(f"a {type(cache).__name__} cannot join a ragged batch")
+    keys, values = rotating_rows(cache) if isinstance(cache, RotatingKVCache) else (cache.keys, cache.values)
+    return cache.offset, cache.offset - keys.shape[2], keys, values

@@ -11,6 +11,12 @@ block from its own new context rows (the kept positions' features) and at its ow
 the drafter's context caches are ragged as well. A new row is prefilled alone, drafts its first block alone (its
 context is its whole prompt), then joins the batch's caches.
 
+Prompt-cache reuse (`insert(prompt_state=...)`, sampler/prompt_cache.py) is a lone run's: a new row resumes the state
+an earlier request left for its prompt's prefix and prefills only the rest, and a row that finishes cleanly (a stop
+token, max_tokens, or `finish`) leaves its own: its rows of the batch's caches taken out as the one-row caches it
+would hold alone, under a lone run's key, so batched and lone requests resume each other's states. A cancelled or
+failed row leaves nothing.
+
 Adaptive rows (speculation 'auto', the default, as alone): a round's cost is one forward over rows x width
 positions whatever each row drafted, so the batch chooses one width per round (adaptive.BatchWidth, from this
 machine's cost curve and each row's drafter confidences, calibrated by what the target accepted in that row) and each
@@ -38,7 +44,7 @@ from typing import Any, Deque, List, NamedTuple, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..errors import DLLMError
 from ..kernels.attention import check_fits
@@ -56,7 +62,18 @@ from .arguments import (
     wrap_tokenizer,
 )
 from .common import NOT_FINITE, KeyStream, Sampling, Stats, TokenSelector, check_sampling
-from .dflash import BLOCK_SIZE, ChainVerify, DraftHead, Sampled, bind_target, draft_hidden, measured_costs, prefill
+from .dflash import (
+    BLOCK_SIZE,
+    ChainVerify,
+    DraftHead,
+    Sampled,
+    bind_target,
+    draft_hidden,
+    measured_costs,
+    prefill,
+    resumed_prefill,
+)
+from .prompt_cache import NO_REUSE, DraftState, PromptState
 
 DEFAULT_MAX_ROWS = 8
 OPTIONS = ("temp", "top_p", "top_k", "min_p", "seed", "mode", "block_size", "speculation")
@@ -101,6 +118,8 @@ class Row:
     judged: List[float] = field(default_factory=list)  # adaptive rows: those of the drafts verified this round
     calibration: Calibration = field(default_factory=Calibration)
     unread: Optional[mx.array] = None  # DFlash rows: features of committed positions the drafter has not read [S, F]
+    prompt_state: PromptState = NO_REUSE
+    held: List[int] = field(default_factory=list)  # the tokens after the prompt that the target's caches hold
 
     def chain(self) -> mx.array:
         if self.proposal is None:
@@ -163,11 +182,14 @@ class BatchEngine:
         self.committed = 0
         self.policy: Optional[BatchWidth] = None  # measured at the first adaptive row
 
-    def insert(self, prompt_ids: Sequence[int], max_tokens: int = 256, options: Optional[dict] = None) -> int:
+    def insert(self, prompt_ids: Sequence[int], max_tokens: int = 256, options: Optional[dict] = None,
+               prompt_state: PromptState = NO_REUSE) -> int:
         """Queue a request (token ids, or text the tokenizer encodes as the front does); it joins at the next step
         with room. `options`: temp, top_p, top_k, min_p, seed, mode ("ar" or "dflash"; default: dflash with a
         drafter), and for DFlash rows block_size and speculation ("auto", the default, or "chain"). Stop strings are
-        the caller's (the tokens stream out as ids); the tokenizer's EOS ids end a row."""
+        the caller's (the tokens stream out as ids); the tokenizer's EOS ids end a row. `prompt_state`: the request's
+        link to a prompt cache (`PromptCache.begin` with this engine's model and drafter and the row's mode, as a
+        lone run's), whose state it resumes and to which it leaves its own once it finishes cleanly."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
@@ -179,21 +201,19 @@ class BatchEngine:
         select = self._selector(options)
         verify, block_size = self._verify(options, select)
         adaptive = verify is not None and options.get("speculation") in (None, "auto")
-        row = Row(next(self.uids), prompt, max_tokens, select, verify, block_size, adaptive)
+        row = Row(next(self.uids), prompt, max_tokens, select, verify, block_size, adaptive, prompt_state=prompt_state)
         self.waiting.append(row)
         return row.uid
 
     def cancel(self, uid: int) -> bool:
-        """Drop a request at once, waiting or running; the others go on undisturbed. False: unknown, or done."""
-        for index, row in enumerate(self.waiting):
-            if row.uid == uid:
-                del self.waiting[index]
-                return True
-        for index, row in enumerate(self.rows):
-            if row.uid == uid:
-                self._leave([index])
-                return True
-        return False
+        """Drop a request at once, waiting or running, keeping nothing of it; the others go on undisturbed. False:
+        unknown, or done."""
+        return self._drop(uid, keep=False)
+
+    def finish(self, uid: int) -> bool:
+        """End a request as if it had finished (at a stop string its caller found): a running one leaves its state to
+        its prompt cache as a finished row does. False: unknown, or done."""
+        return self._drop(uid, keep=True)
 
     def step(self) -> List[Event]:
         """One round for every running request, then the waiting ones that fit are prefilled (their first token)."""
@@ -240,27 +260,44 @@ class BatchEngine:
         return ChainVerify(self.draft, self.target, self.head, select), block_size
 
     def _admit(self, row: Row) -> Event:
-        """Prefill a request alone, draft its first block alone, then add its caches to the batch's."""
-        target = self.plain if row.verify is None else self.target
-        cache, features, row.anchor = prefill(target, row.prompt, row.select, row.stats, self.prefill_step_size)
+        """Prefill a request alone after the state it resumes, draft its first block alone, then add its caches to
+        the batch's."""
+        cache, drafter = self._prefill(row)
         row.produced = 1
         event = self._emit(row, [row.anchor])
         if event.finished:
+            if event.finished != "error":
+                self._store(row, [*cache] if drafter is None else [*cache, drafter])
             return event
-        if row.verify is not None:
+        if drafter is not None:
             if row.adaptive and self.policy is None:
                 largest = self.max_rows * self.draft.block_size
                 curve = measured_costs(self.target, self.draft, self.head, self.draft.block_size, largest, 1)
                 self.policy = BatchWidth(curve, self.draft.block_size)
-            draft_cache = self.draft.make_cache()
-            hidden = draft_hidden(self.draft, self.target, row.anchor, features, draft_cache, row.next_block())
+            hidden = draft_hidden(self.draft, self.target, row.anchor, drafter.unread, drafter.caches,
+                                  row.next_block())
             self._propose(row, hidden, self.head.logits(hidden))
-            for ragged, layer in zip(self.draft_cache, draft_cache):
+            for ragged, layer in zip(self.draft_cache, drafter.caches):
                 ragged.join(layer)
         for ragged, layer in zip(self.cache, cache):
             ragged.join(layer)
         self.rows.append(row)
         return event
+
+    def _prefill(self, row: Row):
+        """The row's prompt prefilled alone after the state its prompt state resumes, which gets the prompt's end, as
+        alone (ar.py's caches; dflash's, `resumed_prefill`): (the target's layer caches, the drafter's part
+        (DraftState), None for an AR row); the row's anchor is the prefill's token."""
+        state = row.prompt_state
+        if row.verify is not None:
+            cache, drafter, row.anchor = resumed_prefill(self.target, self.draft, row.prompt, row.select, row.stats,
+                                                         self.prefill_step_size, state)
+            return cache, drafter
+        cache = state.resume() or make_prompt_cache(self.plain.model)
+        cache, _, row.anchor = prefill(self.plain, row.prompt[state.start :], row.select, row.stats,
+                                       self.prefill_step_size, cache)
+        state.prompt_end(cache)
+        return cache, None
 
     def _round(self) -> List[Event]:
         """Verify every row in one forward, commit and keep each row's own share, then draft the DFlash rows' next
@@ -292,9 +329,14 @@ class BatchEngine:
                 for j, q in enumerate(row.judged[: len(tokens)]):  # drafts the target judged: up to its first miss
                     row.calibration.observe(q, j < len(tokens) - 1)
                 row.read(features[i, : len(tokens)])  # the drafter reads the kept positions next
+            row.held += [row.anchor] + tokens[:-1]  # the kept positions: the anchor and the accepted drafts
             row.anchor, row.produced = generated[-1], row.produced + len(generated)
             events.append(self._emit(row, generated))
-        self._leave([i for i, event in enumerate(events) if event.finished])
+        ended = [i for i, event in enumerate(events) if event.finished]
+        for i in ended:
+            if events[i].finished != "error":
+                self._keep_state(i)
+        self._leave(ended)
         self._draft()
         return events
 
@@ -361,6 +403,42 @@ class BatchEngine:
         if finished is None and row.produced >= row.max_tokens:
             finished = "length"
         return Event(row.uid, tokens, finished, row.stats)
+
+    def _drop(self, uid: int, keep: bool) -> bool:
+        """Remove a request, waiting or running (its state kept first where `keep`); False: unknown, or done."""
+        for index, row in enumerate(self.waiting):
+            if row.uid == uid:
+                del self.waiting[index]
+                return True
+        for index, row in enumerate(self.rows):
+            if row.uid == uid:
+                if keep:
+                    self._keep_state(index)
+                self._leave([index])
+                return True
+        return False
+
+    def _keep_state(self, index: int) -> None:
+        """Leave the state of the row at `index` to its prompt cache: its rows of the batch's caches taken out as the
+        one-row caches it would hold alone (ar.py's layer caches; a DFlash row's target caches and the drafter's part,
+        with the features the drafter has not read), holding its prompt and `held`."""
+        row = self.rows[index]
+        if row.prompt_state.cache is None:
+            return  # nothing would keep it
+        like = make_prompt_cache(self.plain.model) if row.verify is None else self.target.make_cache()
+        entry = [ragged.row(index, layer) for ragged, layer in zip(self.cache, like)]
+        if row.verify is not None:
+            rank = sum(other.verify is not None for other in self.rows[:index])  # its row of the drafter's caches
+            drafter = [ragged.row(rank, layer) for ragged, layer in zip(self.draft_cache, self.draft.make_cache())]
+            entry.append(DraftState(drafter, None if row.unread is None else row.unread[None]))
+        self._store(row, entry)
+
+    @staticmethod
+    def _store(row: Row, entry: List) -> None:
+        """Hand a row's state (holding its prompt and `held`) to its prompt cache, as the front does for a call that
+        did not fail."""
+        row.prompt_state.leave(row.held, entry)
+        row.prompt_state.store()
 
     def _leave(self, indices: Sequence[int]) -> None:
         """Remove the rows at `indices` from the batch and its caches."""

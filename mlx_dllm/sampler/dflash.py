@@ -454,18 +454,29 @@ def prefill(target: Target, prompt: mx.array, select: TokenSelector, stats: Stat
     return cache, features, anchor
 
 
+def resumed_prefill(target: Target, draft: Drafter, prompt: mx.array, select: TokenSelector, stats: Stats, step: int,
+                    prompt_state: PromptState):
+    """Prefill what `prompt_state` does not resume of `prompt` after the state it resumes (else from scratch), and
+    hand it the prompt's end: (the target's caches, the drafter's part: its caches and the features of every row it
+    has not read, the token the prompt's last logit selects)."""
+    resumed = prompt_state.resume()
+    drafter = resumed[-1] if resumed else DraftState(draft.make_cache(), None)
+    cache, features, anchor = prefill(target, prompt[prompt_state.start :], select, stats, step,
+                                      target.make_cache(resumed[:-1]) if resumed else None, drafter.unread)
+    prompt_state.prompt_end([*cache, DraftState(drafter.caches, features)])
+    return cache, DraftState(drafter.caches, features), anchor
+
+
 def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, block_size, prefill_step_size,
             prompt_state):
     """Prefill, then draft (or queue an AR step) -> verify -> accept -> roll back, one round per yield. The state
     resumed and left is the target's caches and the drafter's part (DraftState)."""
-    resumed = prompt_state.resume()
-    drafter = resumed[-1] if resumed else DraftState(draft_model.make_cache(), None)
-    cache, features, anchor = prefill(target, prompt[prompt_state.start :], select, stats, prefill_step_size,
-                                      target.make_cache(resumed[:-1]) if resumed else None, drafter.unread)
-    draft_cache = drafter.caches
-    prompt_state.prompt_end([*cache, DraftState(draft_cache, features)])
+    cache, drafter, anchor = resumed_prefill(target, draft_model, prompt, select, stats, prefill_step_size,
+                                             prompt_state)
+    features, draft_cache = drafter.unread, drafter.caches
     generated, produced = [anchor], 1
-    committed = [anchor]  # the target holds all but the anchor, unless an AR step is queued
+    committed = [anchor]  # the target holds all but the anchor, unless a round cut at max_tokens or an AR step kept it
+    anchor_held = False
 
     def draft(anchor: int, features: mx.array):
         size = min(block_size, max_tokens - produced + 1)
@@ -487,6 +498,7 @@ def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, bloc
             stats.draft_forwards += not isinstance(proposal, Step)
             # A last round may verify one token past max_tokens: that token is neither emitted nor counted.
             generated = outcome.committed[: max_tokens - produced]
+            anchor_held = len(generated) < len(outcome.committed)  # cut: the target kept the new anchor's row too
             select.commit(generated)
             stats.count_round(outcome.kind, outcome.nodes, len(generated))
             anchor = generated[-1]
@@ -497,12 +509,13 @@ def _decode(target, draft_model, verify, prompt, select, stats, max_tokens, bloc
     finally:
         # Rows the drafter has not read: those a tree's AR steps kept back, those no draft read (the last round's),
         # and a queued AR step's, which also put the anchor in the target's cache.
-        unread, held = [verify.unread], committed[:-1]
+        unread = [verify.unread]
         if proposal is None:
             unread.append(features)
         elif isinstance(proposal, Step):
             unread.append(proposal.features)
-            held = committed
+            anchor_held = True
+        held = committed if anchor_held else committed[:-1]
         unread = [rows for rows in unread if rows is not None]
         prompt_state.leave(held, [*cache, DraftState(draft_cache, mx.concatenate(unread, axis=1) if unread else None)])
 

@@ -20,6 +20,9 @@ What a mode keeps (its strategy takes a `PromptState` as `prompt_state`):
 - Nemotron's diffusion with causal_context=False runs without reuse: it encodes the prompt bidirectionally, so the
   state of a prefix is not a prefix of the prompt's state.
 
+Batched ar and dflash rows (sampler/batch.py, `insert(prompt_state=...)`) resume and leave these same states under the
+same keys: a row's state is taken out of the batch's caches as the one-row caches its mode holds alone.
+
 The last prompt token is always prefilled: its logits choose the first token, and an entry holds no logits. A
 repeated prompt thus finds a K/V entry trimmed by a token or two, and none where the entry is untrimmable.
 A prefill draws no random numbers, so a resumed call draws what a cold one draws: greedy or seeded, it generates the

@@ -12,9 +12,11 @@ then answers it as today, its error included). A DFlash request with speculation
 row of the batch, verifying chains of the batch's width: its greedy text is the same as alone (sampled, the same
 distribution with other draws; ar and chain rows draw what they would alone).
 
-Batched rows neither resume from nor add to the prompt cache (their states live in the batch's shared caches:
-`cached_tokens` is 0); requests run alone still do. A model whose modes are not ar/dflash (Nemotron, DiffusionGemma)
-and a recurrent target, which the engine refuses, run every request alone.
+Batched rows use the worker's prompt cache as requests run alone do, under the same keys: a row resumes the state an
+earlier request (batched or alone) left for its prompt's prefix, its usage counting the cached tokens, and leaves its
+own when it finishes (at a stop token, max_tokens or a stop string; a row that fails or whose client has gone leaves
+nothing). A model whose modes are not ar/dflash (Nemotron, DiffusionGemma) and a recurrent target, which the engine
+refuses, run every request alone.
 """
 
 import logging
@@ -31,6 +33,7 @@ from ..sampler.common import NOT_FINITE_MESSAGE, GenerationResponse
 from ..sampler.dflash import block_size_option
 from ..sampler.front import Responder
 from ..sampler.mode import TARGET_MODES, modes_of
+from ..sampler.prompt_cache import NO_REUSE, PromptCache
 from .worker import Event, Handle, Loaded
 
 log = logging.getLogger("mlx_dllm.server")
@@ -46,13 +49,13 @@ class Row:
 
 
 def make_batcher(loaded: Loaded, max_rows: int, jobs: queue.Queue, serve_alone: Callable[[Handle], None],
-                 on_finish: Callable) -> Optional["Batcher"]:
+                 on_finish: Callable, prompt_cache: Optional[PromptCache] = None) -> Optional["Batcher"]:
     """The batch loop, or None (with a warning) for a model whose requests cannot be batched."""
     if set(modes_of(loaded.model)) != set(TARGET_MODES):
         log.warning("--decode-concurrency: this model's modes are not batched; its requests run one at a time")
         return None
     try:
-        return Batcher(loaded, max_rows, jobs, serve_alone, on_finish)
+        return Batcher(loaded, max_rows, jobs, serve_alone, on_finish, prompt_cache)
     except DLLMError as refused:  # a recurrent target
         log.warning("--decode-concurrency: %s", refused)
         return None
@@ -60,8 +63,8 @@ def make_batcher(loaded: Loaded, max_rows: int, jobs: queue.Queue, serve_alone: 
 
 class Batcher:
     def __init__(self, loaded: Loaded, max_rows: int, jobs: queue.Queue, serve_alone: Callable[[Handle], None],
-                 on_finish: Callable):
-        self.loaded, self.max_rows = loaded, max_rows
+                 on_finish: Callable, prompt_cache: Optional[PromptCache] = None):
+        self.loaded, self.max_rows, self.prompt_cache = loaded, max_rows, prompt_cache
         self.jobs, self.serve_alone, self.on_finish = jobs, serve_alone, on_finish
         self.modes = modes_of(loaded.model)
         self.engine = self.new_engine()
@@ -114,10 +117,13 @@ class Batcher:
         block_size = block_size_option(options.pop("block_size", None), options.pop("num_draft_tokens", None))
         if block_size is not None:
             options["block_size"] = block_size
-        ids = encode_prompt(engine.tokenizer, prompt, engine.vocab_rows)
-        uid = engine.insert(ids.tolist(), max_tokens, options)
-        mode = self.modes[options.get("mode") or ("ar" if engine.draft is None else "dflash")]
-        return uid, Responder(engine.tokenizer, mode, ids.size, max_tokens, engine.eos_ids, stops)
+        ids = encode_prompt(engine.tokenizer, prompt, engine.vocab_rows).tolist()
+        mode = options.get("mode") or ("ar" if engine.draft is None else "dflash")
+        state = NO_REUSE
+        if self.prompt_cache is not None:  # a lone run's key: the same model, drafter and mode
+            state = self.prompt_cache.begin(self.loaded.model, self.loaded.draft_model, mode, ids)
+        uid = engine.insert(ids, max_tokens, options, state)
+        return uid, Responder(engine.tokenizer, self.modes[mode], len(ids), max_tokens, engine.eos_ids, stops, state)
 
     def _drop_cancelled(self) -> None:
         for uid in [uid for uid, row in self.rows.items() if row.handle.cancelled.is_set()]:
@@ -153,9 +159,14 @@ class Batcher:
         self._end(event.uid, error)
 
     def _end(self, uid: int, error: Optional[BaseException] = None) -> None:
-        """The request is done: out of the batch (a stop string or a failure leaves its row running), counted, told."""
+        """The request is done: out of the batch (a stop string, a failure or a cancel leaves its row running; only a
+        stop string's keeps its state), counted, told."""
         row = self.rows.pop(uid)
-        self.engine.cancel(uid)
+        cancelled = row.handle.cancelled.is_set()
+        if error is None and not cancelled:
+            self.engine.finish(uid)
+        else:
+            self.engine.cancel(uid)
         # Counted before the client hears the end: its reply's own cleanup must not read as a cancel.
-        self.on_finish(row.last, error, row.handle.cancelled.is_set())
+        self.on_finish(row.last, error, cancelled)
         row.handle.send(Event("error", error) if error is not None else Event("done"))

@@ -3,8 +3,8 @@
 
 Requests reach it through `submit`, which refuses at once when the queue is full. Each job streams its
 responses back to the event loop of the request that asked for it; a job whose client has gone (`cancel`)
-stops at its next chunk and frees the model for the next one. Every job run alone resumes from and adds to the one
-prompt cache (sampler/prompt_cache.py), which only this thread touches.
+stops at its next chunk and frees the model for the next one. Every job, run alone or batched, resumes from and adds
+to the one prompt cache (sampler/prompt_cache.py), which only this thread touches.
 """
 
 import asyncio
@@ -123,7 +123,7 @@ class Worker:
             return None
         from .batching import make_batcher
 
-        return make_batcher(self.loaded, self._concurrency, self._jobs, self.serve, self._on_finish)
+        return make_batcher(self.loaded, self._concurrency, self._jobs, self.serve, self._on_finish, self._prompt_cache)
 
     def serve(self, handle: Handle) -> None:
         """Run one job by itself through `stream_generate` (none if its client left while it waited)."""
