@@ -434,8 +434,11 @@ def batched(model, tokenizer, draft, requests, cache=None, recorded=None):
     if recorded is not None:
         recorded.clear()  # another engine's verifies are gone: their ids may be reused
     outputs, _ = drain(engine)
-    return [(outputs[uid], state.start, None if recorded is None or verify is None else recorded.get(id(verify)))
-            for uid, state, verify in zip(uids, states, verifies)]
+    results = [(outputs[uid], state.start, None if recorded is None or verify is None else recorded.get(id(verify)))
+               for uid, state, verify in zip(uids, states, verifies)]
+    if recorded is not None:
+        recorded.clear()  # these verifies go too: a later one with a reused id must not add to their chains
+    return results
 
 
 def lone(model, tokenizer, draft, prompt, max_tokens, options, cache=None):
