@@ -326,9 +326,13 @@ def test_serve_cli_refuses_a_port_in_use_and_warns_off_localhost(tiny, monkeypat
     assert_user_error(run("serve", "--model", folder / "missing", "--port", 0), "missing")
 
 
-def test_the_load_check_counts_what_it_sent(tiny):
+def test_the_load_check_counts_what_it_sent(tiny, monkeypatch):
     from benchmarks.serve_load import load_check
+    from mlx_dllm.sampler import dflash
+    from mlx_dllm.sampler.cost_curve import CostCurve
 
+    # A flat verify: auto drafts, where the tiny model's measured curve may have it run AR steps only.
+    monkeypatch.setattr(dflash, "measured_costs", lambda *args: CostCurve((1, 32), (0.01, 0.01), 0.002))
     folder, draft = tiny["dflash"]
     with serving(folder, draft) as url:
         result = load_check(url, ["w5 w6", "w7 w8 w9"], requests=6, concurrency=3, max_tokens=4, mode="dflash",
