@@ -162,14 +162,19 @@ class Adaptive:
         self.probes.judge(self.tokens / self.seconds < 1 / self.curve.verify(1))
 
 
+def chain_tokens(chances: Sequence[float]) -> List[float]:
+    """Expected committed tokens of a chain verified up to each of its drafts (index k: its first k; index 0: the
+    target's own token alone), `chances[j]` being draft j's chance of acceptance once every draft before it was."""
+    tokens, chance = [1.0], 1.0
+    for alpha in chances:
+        chance *= alpha
+        tokens.append(tokens[-1] + chance)
+    return tokens
+
+
 def chain_gains(confidences: Sequence[float], calibration: Calibration) -> List[float]:
-    """Expected committed tokens of a chain whose drafts had the drafter's probabilities `confidences`, verified up to
-    each of its drafts (index k: its first k; index 0: the target's own token alone)."""
-    gains, chance = [1.0], 1.0
-    for q in confidences:
-        chance *= calibration(q)
-        gains.append(gains[-1] + chance)
-    return gains
+    """`chain_tokens` of a chain whose drafts had the drafter's probabilities `confidences`, calibrated."""
+    return chain_tokens([calibration(q) for q in confidences])
 
 
 class BatchWidth:
@@ -268,11 +273,7 @@ class BlockChoice:
 
     def expected_tokens(self) -> List[float]:
         """Expected committed tokens of a block of each length 1..largest (index length - 1)."""
-        tokens, chance = [1.0], 1.0
-        for alpha in self.acceptances():
-            chance *= alpha
-            tokens.append(tokens[-1] + chance)
-        return tokens
+        return chain_tokens(self.acceptances())
 
     def best(self, smallest: int) -> int:
         lengths = range(smallest, self.largest + 1)
